@@ -1,0 +1,266 @@
+"""Fixtures: a real PostgreSQL server for the session, and throwaway projects.
+
+The server is started in a temporary directory and removed afterwards (see
+dev/pgserver.py for how its binaries are found).  To use an existing server
+instead, set UNIPHANT_TEST_PGHOST (a host name or socket directory),
+UNIPHANT_TEST_PGPORT, UNIPHANT_TEST_PGUSER (a superuser) and, if needed,
+UNIPHANT_TEST_PGPASSWORD: the tests then work in databases they create and drop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Callable, Dict, List, Optional
+
+import pg8000.dbapi
+import pytest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(REPO, "dev"))
+import pgserver  # noqa: E402
+
+PROBE = '''\
+"""A worker whose behaviour its config key `mode` picks."""
+import os, sys, time
+from uniphant import alive, main
+
+def work(config, logger, connection):
+    mode = config.get("mode", "tick")
+    if mode == "raise":
+        raise RuntimeError("boom from the worker")
+    if mode == "sleep":
+        time.sleep(float(config.get("sleep", "3600")))
+    if mode == "spin":
+        while alive(config, connection):
+            pass
+        return
+    if mode == "fork" and not os.path.exists("child.pid"):
+        child = os.fork()
+        if child == 0:
+            time.sleep(3600)
+            os._exit(0)
+        with open("child.pid", "w") as f:
+            f.write(str(child))
+    if mode == "query":
+        cursor = connection.cursor()
+        cursor.execute("SELECT %s::text", (config["worker_id"],))
+        logger.info("query answered %s", cursor.fetchone()[0])
+    logger.info("tick")
+
+if __name__ == "__main__":
+    main(work)
+'''
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition"):
+    """Poll condition until it is truthy; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Database:
+    """The test database, and the environment that points a worker at it."""
+
+    def __init__(self, env: Dict[str, str], connect: Callable[..., object]) -> None:
+        self.env = env
+        self._connect = connect
+        self.conn = connect()
+
+    def connect(self, **kwargs):
+        return self._connect(**kwargs)
+
+    def rows(self, sql: str, *params) -> List[tuple]:
+        cursor = self.conn.cursor()
+        cursor.execute(sql, params)
+        return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+
+    def value(self, sql: str, *params):
+        rows = self.rows(sql, *params)
+        return rows[0][0] if rows else None
+
+    def process(self, worker_id: str) -> Optional[tuple]:
+        rows = self.rows("SELECT id, host_id, pid, worker_type FROM processes WHERE worker_id = %s::uuid",
+                         worker_id)
+        return rows[0] if rows else None
+
+
+def _external_env() -> Optional[Dict[str, str]]:
+    if not os.environ.get("UNIPHANT_TEST_PGHOST"):
+        return None
+    return {key: os.environ.get(f"UNIPHANT_TEST_{key}", "")
+            for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD")}
+
+
+def _connector(env: Dict[str, str], database: str) -> Callable[..., object]:
+    def connect(**kwargs):
+        host = env["PGHOST"]
+        port = int(env.get("PGPORT") or 5432)
+        where = ({"unix_sock": f"{host}/.s.PGSQL.{port}"} if host.startswith("/")
+                 else {"host": host, "port": port})
+        params = dict(user=env["PGUSER"], password=env.get("PGPASSWORD") or None,
+                      database=database, **where)
+        params.update(kwargs)
+        conn = pg8000.dbapi.connect(**params)
+        conn.autocommit = True
+        return conn
+    return connect
+
+
+class Cluster:
+    """A server the session may create databases in."""
+
+    def __init__(self, server: Optional[pgserver.Server], env: Dict[str, str]) -> None:
+        self.server = server
+        self.env = env
+
+    def database(self, name: str, schema: bool = True) -> Database:
+        admin = _connector(self.env, "postgres")()
+        try:
+            admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
+            admin.cursor().execute(f'CREATE DATABASE "{name}"')
+        finally:
+            admin.close()
+        connect = _connector(self.env, name)
+        if schema:
+            pgserver.load_sql(connect(), os.path.join(REPO, "schema.sql"))
+        env = dict(self.env, PGDATABASE=name)
+        return Database({k: v for k, v in env.items() if v}, connect)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    external = _external_env()
+    if external:
+        yield Cluster(None, external)
+        return
+    server = pgserver.Server().init().start()
+    try:
+        yield Cluster(server, server.env())
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def db(cluster) -> Database:
+    name = f"uniphant_test_{os.getpid()}"
+    database = cluster.database(name)
+    yield database
+    database.conn.close()
+
+
+@pytest.fixture
+def private_server():
+    """A server of this test's own, which it may stop and start."""
+    server = pgserver.Server().init().start()
+    server.create_database("uniphant")
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+class Project:
+    """A project root with workers/, a HOME of its own, and helpers to run workers."""
+
+    def __init__(self, root: str, home: str, env: Dict[str, str]) -> None:
+        self.root = root
+        self.home = home
+        self.env = env
+        self.children: List[subprocess.Popen] = []
+        self.write("workers/test/probe.py", PROBE)
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.root, relative)
+
+    def write(self, relative: str, text: str, mode: Optional[int] = None, base: Optional[str] = None) -> str:
+        path = os.path.join(base or self.root, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        if mode is not None:
+            os.chmod(path, mode)
+        return path
+
+    def command(self, worker_id: str, *args: str, script: str = "workers/test/probe.py") -> List[str]:
+        return [sys.executable, script, worker_id, *args]
+
+    def run(self, worker_id: str, *args: str, script: str = "workers/test/probe.py",
+            timeout: float = 60, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(worker_id, *args, script=script), cwd=self.root,
+                              env=dict(self.env, **(env or {})), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def popen(self, worker_id: str, *args: str, script: str = "workers/test/probe.py",
+              env: Optional[Dict[str, str]] = None, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        child = subprocess.Popen(self.command(worker_id, *args, script=script), cwd=self.root,
+                                 env=dict(self.env, **(env or {})), text=True,
+                                 stdin=subprocess.DEVNULL, **kwargs)
+        self.children.append(child)
+        return child
+
+    def log(self, worker_id: str, worker_type: str = "test.probe") -> str:
+        try:
+            with open(self.path(f"log/{worker_type}/{worker_id}.log"), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def running_pid(self, worker_id: str, worker_type: str = "test.probe") -> Optional[int]:
+        import uniphant
+
+        return uniphant.get_pid_for_running_process(self.path(f"pid/{worker_type}/{worker_id}.pid"))
+
+    def cleanup(self) -> None:
+        """Kill whatever a test left running: daemons (by their PID files) and children."""
+        import uniphant
+
+        for directory, _, files in os.walk(self.path("pid")):
+            for name in files:
+                pid = uniphant.get_pid_for_running_process(os.path.join(directory, name))
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.communicate()
+
+
+def worker_env(database_env: Dict[str, str], home: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(database_env)
+    env.update(HOME=home, PYTHONPATH=REPO)
+    return env
+
+
+@pytest.fixture
+def project(tmp_path, db):
+    home = tmp_path / "home"
+    home.mkdir()
+    root = tmp_path / "project"
+    root.mkdir()
+    proj = Project(str(root), str(home), worker_env(db.env, str(home)))
+    yield proj
+    proj.cleanup()
+
+
+@pytest.fixture
+def worker_id() -> str:
+    return str(uuid.uuid4())
+
+
+def copy_examples(project: Project) -> None:
+    shutil.copytree(os.path.join(REPO, "workers", "examples"), project.path("workers/examples"))
