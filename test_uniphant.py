@@ -435,3 +435,366 @@ def test_example_jobs_drains_the_queue(project, db, worker_id):
     wait_for(lambda: db.value("SELECT count(*) FROM jobs WHERE done_at IS NULL") == 0,
              what="the queue to drain")
     assert project.run(worker_id, "stop", script=script).returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# Faults: crashes, outages, races and hostile input (pytest -m faults)
+# ---------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().split(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_project(tmp_path, name: str, server, conf: str = "") -> "object":
+    from conftest import Project, worker_env
+    home = tmp_path / f"{name}_home"
+    home.mkdir(exist_ok=True)
+    project = Project(str(tmp_path / name), str(home), worker_env(server.env("uniphant"), str(home)))
+    if conf:
+        project.write("uniphant.conf", conf)
+    return project
+
+
+@pytest.mark.faults
+def test_workers_survive_a_database_restart(private_server, tmp_path):
+    project = server_project(tmp_path, "restart", private_server, "interval=0.1\n")
+    admin = private_server.connect("uniphant")
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(5)]
+        pids = [start_daemon(project, w) for w in ids]
+        rows_before = sorted(admin.run("SELECT id, worker_id, pid FROM processes") if False else
+                             _rows(admin, "SELECT id::text, worker_id::text, pid FROM processes"))
+        admin.close()
+        private_server.stop("fast")
+        private_server.start()
+        admin = private_server.connect("uniphant")
+        for w in ids:
+            wait_for(lambda: "database connection restored" in project.log(w), what=f"{w} to reconnect")
+        time.sleep(0.5)  # a few intervals of work after the recovery
+        assert sorted(_rows(admin, "SELECT id::text, worker_id::text, pid FROM processes")) == rows_before
+        for w, pid in zip(ids, pids):
+            log = project.log(w)
+            assert log.count("lost the database connection") == 1, log
+            assert log.count("database connection restored") == 1, log
+            assert log.rsplit("database connection restored", 1)[1].count("tick") >= 1, log
+            assert not gone(pid)
+    finally:
+        admin.close()
+        project.cleanup()
+
+
+def _rows(conn, sql, *params):
+    cursor = conn.cursor()
+    cursor.execute(sql, params)
+    return [tuple(r) for r in cursor.fetchall()]
+
+
+@pytest.mark.faults
+def test_workers_wait_out_a_30_second_outage_without_spinning(private_server, tmp_path):
+    project = server_project(tmp_path, "outage", private_server, "interval=0.1\n")
+    try:
+        kept, deleted = str(uuid.uuid4()), str(uuid.uuid4())
+        kept_pid, deleted_pid = start_daemon(project, kept), start_daemon(project, deleted)
+        cpu_before = cpu_seconds(kept_pid)
+        private_server.stop("fast")
+        time.sleep(10)
+        # Back for an operator only (on another port), who deletes one worker's row.
+        private_server.start(port=private_server.port + 1 if private_server.port < 65535 else 1024)
+        operator = pg8000_connect(private_server, private_server.port + 1)
+        operator.cursor().execute("DELETE FROM processes WHERE worker_id = %s::uuid", (deleted,))
+        operator.close()
+        private_server.stop("fast")
+        time.sleep(20)
+        assert cpu_seconds(kept_pid) - cpu_before < 1.0
+        log_size = len(project.log(kept))
+        private_server.start()
+        wait_for(lambda: "database connection restored" in project.log(kept), what="the reconnect")
+        wait_for(lambda: gone(deleted_pid), what="the worker whose row was deleted to exit")
+        assert "stopping: its process row is gone" in project.log(deleted)
+        assert not gone(kept_pid)
+        assert log_size < 2000, project.log(kept)
+    finally:
+        project.cleanup()
+
+
+def pg8000_connect(server, port):
+    import pg8000.dbapi
+    conn = pg8000.dbapi.connect(user="postgres", database="uniphant",
+                                unix_sock=f"{server.dir}/.s.PGSQL.{port}")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.mark.faults
+def test_start_gives_up_on_a_silent_server_within_the_connect_timeout(project, worker_id):
+    import socket
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)  # accepts connections into the backlog, never answers
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        result = project.run(worker_id, "start", env={
+            "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGCONNECT_TIMEOUT": "2"})
+        elapsed = time.monotonic() - started
+    assert_clean_error(result, 1, f"127.0.0.1:{port}", "timed out after 2 s")
+    assert elapsed < 5
+    assert project.run(worker_id, "status").returncode == 3
+
+
+@pytest.fixture
+def password_role(db):
+    role = f"pw_{uuid.uuid4().hex[:8]}"
+    password = "Secr3t-" + uuid.uuid4().hex
+    db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
+            f"register_process(uuid, uuid, text, integer, interval), keepalive(), disconnect() "
+            f"TO {role}")
+    yield role, password
+    db.rows("DELETE FROM processes WHERE role = %s", role)
+    db.rows(f"DROP OWNED BY {role}")
+    db.rows(f"DROP ROLE {role}")
+
+
+def tcp_env(db, role):
+    return {"PGHOST": "127.0.0.1", "PGPORT": db.env["PGPORT"], "PGUSER": role}
+
+
+@pytest.mark.faults
+def test_wrong_password_is_a_clear_error_that_never_shows_the_password(project, db, worker_id, password_role):
+    role, password = password_role
+    project.write("workers/uniphant.conf", "log_level=DEBUG\n")
+    secrets = os.path.join(project.home, ".uniphant", "secrets")
+    wrong = password + "-wrong"
+    project.write("secrets.conf", f"PGPASSWORD={wrong}\n", mode=0o600, base=secrets)
+    for args in (["start"], ["start", "-f"]):
+        result = project.run(worker_id, *args, env=tcp_env(db, role))
+        assert_clean_error(result, 1, f'password authentication failed for user "{role}"')
+        assert wrong not in result.stdout + result.stderr + project.log(worker_id)
+
+
+@pytest.mark.faults
+def test_missing_database_is_a_clear_error(project, worker_id):
+    result = project.run(worker_id, "start", env={"PGDATABASE": "no_such_db"})
+    assert_clean_error(result, 1, 'database "no_such_db" does not exist')
+
+
+@pytest.mark.faults
+def test_password_is_found_in_pgpass(project, db, worker_id, password_role):
+    role, password = password_role
+    project.write(".pgpass", f"127.0.0.1:{db.env['PGPORT']}:*:{role}:{password}\n", mode=0o600,
+                  base=project.home)
+    pid = start_daemon(project, worker_id, env=tcp_env(db, role))
+    assert db.process(worker_id)[2] == pid
+
+
+@pytest.mark.faults
+def test_least_privilege_role_runs_a_worker(project, db, worker_id, password_role):
+    role, password = password_role
+    env = dict(tcp_env(db, role), PGPASSWORD=password)
+    project.write("workers/test/uniphant.conf", "mode=query\n")
+    pid = start_daemon(project, worker_id, env=env)
+    assert db.value("SELECT role FROM processes WHERE worker_id = %s::uuid", worker_id) == role
+    wait_for(lambda: "tick" in project.log(worker_id), what="a tick")
+    assert project.run(worker_id, "stop", env=env).returncode == 0
+    assert gone(pid) and db.process(worker_id) is None
+
+
+@pytest.mark.faults
+def test_another_role_cannot_heartbeat_or_remove_a_process_row(project, db, worker_id, password_role):
+    role, password = password_role
+    pid = start_daemon(project, worker_id)  # registered by the superuser's session
+    process_id = str(db.process(worker_id)[0])
+    impostor = db.connect(user=role, password=password, host="127.0.0.1",
+                          port=int(db.env["PGPORT"]), unix_sock=None, application_name=process_id)
+    try:
+        cursor = impostor.cursor()
+        cursor.execute("SELECT keepalive()")
+        assert cursor.fetchone()[0] is False
+        cursor.execute("SELECT disconnect()")
+    finally:
+        impostor.close()
+    assert db.process(worker_id)[2] == pid
+
+
+@pytest.mark.faults
+def test_fresh_row_of_another_host_is_refused_then_taken_over_once_stale(project, db, worker_id, tmp_path):
+    project.write("uniphant.conf", "stale_after=1\n")
+    pid = start_daemon(project, worker_id)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: gone(pid), what="the killed daemon")
+    other = type(project)(str(tmp_path / "other_host"), project.home, project.env)
+    other.write("uniphant.conf", "stale_after=1\n")
+    try:
+        refused = other.run(worker_id, "start")
+        assert_clean_error(refused, 1, f"PID {pid}", os.uname().nodename)
+        wait_for(lambda: other.run(worker_id, "start").returncode == 0, what="the take-over")
+        assert db.process(worker_id)[2] == other.running_pid(worker_id)
+    finally:
+        other.cleanup()
+
+
+@pytest.mark.faults
+def test_slow_worker_with_a_live_session_is_not_taken_over(project, db, worker_id, tmp_path):
+    project.write("uniphant.conf", "stale_after=0.5\n")
+    project.write("workers/test/uniphant.conf", "mode=sleep\n")
+    pid = start_daemon(project, worker_id)
+    wait_for(lambda: db.value("SELECT heartbeat_at < now() - interval '1 second' FROM processes "
+                              "WHERE worker_id = %s::uuid", worker_id), what="a stale heartbeat")
+    other = type(project)(str(tmp_path / "other_host"), project.home, project.env)
+    other.write("uniphant.conf", "stale_after=0.5\n")
+    try:
+        assert_clean_error(other.run(worker_id, "start"), 1, "already running", f"PID {pid}")
+        assert db.process(worker_id)[2] == pid and not gone(pid)
+    finally:
+        other.cleanup()
+
+
+@pytest.mark.faults
+def test_stop_kills_a_worker_that_ignores_sigterm_and_removes_its_row(project, db, worker_id):
+    project.write("workers/test/uniphant.conf", "mode=sleep\nstop_timeout=0.5\n")
+    pid = start_daemon(project, worker_id)
+    result = project.run(worker_id, "stop")
+    assert result.returncode == 0
+    assert "sent SIGKILL" in result.stderr
+    assert gone(pid)
+    assert db.process(worker_id) is None
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("content", ["", "garbage\n", "1\n", "{self}\n", "99999999\n"])
+def test_pid_file_without_a_lock_is_never_signalled(project, worker_id, content):
+    pid_file = project.write(f"pid/test.probe/{worker_id}.pid", content.format(self=os.getpid()))
+    assert project.run(worker_id, "status").returncode == 3
+    assert project.run(worker_id, "stop").returncode == 1
+    pid = start_daemon(project, worker_id)
+    assert project.running_pid(worker_id) == pid
+    assert open(pid_file).read().split()[0] == str(pid)
+
+
+@pytest.mark.faults
+def test_child_forked_by_the_worker_does_not_hold_the_lock(project, worker_id):
+    project.write("workers/test/uniphant.conf", "mode=fork\n")
+    pid = start_daemon(project, worker_id)
+    child_pid = int(wait_for(lambda: os.path.exists(project.path("workers/test/child.pid"))
+                             and open(project.path("workers/test/child.pid")).read(), what="the child"))
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: gone(pid), what="the worker")
+        assert not gone(child_pid)
+        assert project.run(worker_id, "status").returncode == 3
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write("log", "a file where the log directory goes\n"), "must be a directory"),
+    (lambda p: os.symlink(p.home, p.path("pid")), "must be a directory, not a symlink"),
+    (lambda p, w="{w}": None, None),
+])
+def test_unusable_log_or_pid_path_fails_before_starting(project, db, worker_id, make, message):
+    if message is None:  # the log file itself is a symlink to elsewhere
+        os.makedirs(project.path("log/test.probe"))
+        os.symlink("/etc/hostname", project.path(f"log/test.probe/{worker_id}.log"))
+        message = "it is a symlink"
+    else:
+        make(project)
+    for args in (["start"], ["start", "-f"]):
+        result = project.run(worker_id, *args)
+        assert_clean_error(result, 1, message)
+        assert db.process(worker_id) is None
+    assert project.running_pid(worker_id) is None
+
+
+@pytest.mark.faults
+def test_twenty_concurrent_starts_run_exactly_one(project, db, worker_id):
+    children = [project.popen(worker_id, "start") for _ in range(20)]
+    results = [(c.wait(timeout=60), c.communicate()) for c in children]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0] + [1] * 19, results
+    assert all("already running" in err for code, (out, err) in results if code == 1)
+    pid = project.running_pid(worker_id)
+    assert db.rows("SELECT pid FROM processes WHERE worker_id = %s::uuid", worker_id) == [(pid,)]
+
+
+@pytest.mark.faults
+def test_same_worker_from_two_hosts_at_once_runs_once(project, db, worker_id, tmp_path):
+    other = type(project)(str(tmp_path / "other_host"), project.home, project.env)
+    try:
+        children = [p.popen(worker_id, "start") for p in (project, other)]
+        results = [(c.wait(timeout=60), c.communicate()[1]) for c in children]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        assert any("already running" in err for code, err in results if code == 1)
+        running = [p.running_pid(worker_id) for p in (project, other)]
+        wait_for(lambda: [p.running_pid(worker_id) for p in (project, other)].count(None) == 1,
+                 what="the refused daemon to exit")
+        pid = next(p for p in (project.running_pid(worker_id), other.running_pid(worker_id)) if p)
+        assert db.rows("SELECT pid FROM processes WHERE worker_id = %s::uuid", worker_id) == [(pid,)]
+    finally:
+        other.cleanup()
+
+
+def consistent(project, db, worker_id) -> bool:
+    """Either one process holds the lock and owns the row, or neither exists."""
+    pid = project.running_pid(worker_id)
+    rows = db.rows("SELECT pid FROM processes WHERE worker_id = %s::uuid", worker_id)
+    strays = subprocess.run(["pgrep", "-f", worker_id], capture_output=True, text=True).stdout.split()
+    return rows == ([(pid,)] if pid else []) and {int(p) for p in strays} <= ({pid} if pid else set())
+
+
+@pytest.mark.faults
+def test_stop_racing_start_leaves_no_orphans(project, db, worker_id):
+    for _ in range(3):
+        children = [project.popen(worker_id, "start"), project.popen(worker_id, "stop")]
+        for child in children:
+            child.communicate(timeout=60)
+        wait_for(lambda: consistent(project, db, worker_id), what="one process with its row, or none")
+    project.run(worker_id, "stop")
+    assert project.running_pid(worker_id) is None
+    wait_for(lambda: consistent(project, db, worker_id), what="no process and no row")
+
+
+@pytest.mark.faults
+def test_two_restarts_in_parallel_leave_one_process(project, db, worker_id):
+    start_daemon(project, worker_id)
+    children = [project.popen(worker_id, "restart") for _ in range(2)]
+    codes = sorted(child.wait(timeout=60) for child in children)
+    assert codes[0] == 0
+    assert project.running_pid(worker_id) is not None
+    wait_for(lambda: consistent(project, db, worker_id), what="one process with its row")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("content, error", [
+    (b"key=\x00value\n", "contains a NUL byte"),
+    (b"ok=1\nkey=\xff\xfe\n", "not valid UTF-8"),
+    (bytes(range(256)) * 4, "contains a NUL byte"),
+    (b"ok=1\n" + b"x" * 10_000_000 + b"\n", "expected key=value"),
+    (b"\xef\xbb\xbfmode=tick\r\nlog_level=INFO\r\n", None),
+    (b"big=" + b"v" * 10_000_000 + b"\n", None),
+], ids=["nul", "bad-utf8", "binary", "10MB-line", "bom-crlf", "10MB-value"])
+def test_hostile_config_parses_or_fails_with_file_and_line(project, worker_id, content, error):
+    with open(project.path("workers/test/uniphant.conf"), "wb") as f:
+        f.write(content)
+    result = project.run(worker_id, "status")
+    if error is None:
+        assert result.returncode == 3, result.stderr
+    else:
+        assert_clean_error(result, 2, project.path("workers/test/uniphant.conf") + ":", error)
+        assert len(result.stderr) < 500
+
+
+@pytest.mark.faults
+def test_secret_values_never_reach_the_log(project, db, worker_id):
+    secrets = os.path.join(project.home, ".uniphant", "secrets")
+    project.write("workers/test/secrets.conf", "api_key=TOPSECRET-42\n", mode=0o600, base=secrets)
+    project.write("workers/test/uniphant.conf", "log_level=DEBUG\ninterval=0.05\n")
+    start_daemon(project, worker_id)
+    wait_for(lambda: project.log(worker_id).count("tick") >= 3, what="some ticks")
+    db.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            str(db.process(worker_id)[0]))
+    wait_for(lambda: "restored" in project.log(worker_id), what="a reconnect")
+    project.run(worker_id, "stop")
+    assert "TOPSECRET-42" not in project.log(worker_id)

@@ -134,9 +134,11 @@ class Server:
                     "log_min_messages = warning\n")
         return self
 
-    def start(self) -> "Server":
+    def start(self, port: Optional[int] = None) -> "Server":
+        """Start the server; on another port than its own, clients of this one cannot reach it."""
+        options = ["-o", f"-p {port}"] if port else []
         self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"),
-                  "-w", "-t", "60", "start")
+                  "-w", "-t", "60", *options, "start")
         return self
 
     def stop(self, mode: str = "fast") -> None:
