@@ -197,8 +197,9 @@ def test_concurrent_first_starts_agree_on_one_host_id(project):
 
 @pytest.mark.parametrize("args, message", [
     (["not-a-uuid", "status"], "worker_id must be a UUID"),
-    ([str(uuid.uuid4()), "launch"], "invalid choice"),
-    ([str(uuid.uuid4())], "required"),
+    ([str(uuid.uuid4()), "launch"], "invalid command 'launch'"),
+    ([str(uuid.uuid4())], "expected a worker_id and a command"),
+    ([str(uuid.uuid4()), "start", "--daemon"], "unrecognized option '--daemon'"),
 ])
 def test_bad_arguments_exit_2_with_usage(project, args, message):
     result = subprocess.run([sys.executable, "workers/test/probe.py", *args], cwd=project.root,

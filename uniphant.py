@@ -32,29 +32,30 @@ The database objects are in ``schema.sql``.  See README.md for the rest.
 
 from __future__ import annotations
 
-import argparse
+# Only what every command needs is imported here: `status` and `stop` must
+# start fast.  logging, socket, random and pg8000 are imported where used.
 import errno
 import fcntl
-import logging
 import os
-import pwd
-import random
 import select
 import signal
-import socket
 import struct
 import sys
 import time
-import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    import socket
+    from typing import Any, Callable, Dict, List, Optional, Tuple
+
+    Config = Dict[str, Any]
+    WorkerFunction = Callable[[Config, logging.Logger, Any], None]
 
 __all__ = [
     "main", "alive", "connect_to_database", "setup_config", "setup_logging",
     "register_host", "register_process", "keepalive", "disconnect",
 ]
-
-Config = Dict[str, Any]
-WorkerFunction = Callable[[Config, logging.Logger, Any], None]
 
 # Exit codes of the command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -280,8 +281,8 @@ def setup_config() -> Config:
     config.update(RUNTIME_DEFAULTS)
     config.update(read_config_files(config))
     config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
-    config["process_id"] = str(uuid.uuid4())
-    config["host_name"] = socket.gethostname()
+    config["process_id"] = _new_uuid()
+    config["host_name"] = os.uname().nodename
     return config
 
 
@@ -289,12 +290,27 @@ def setup_config() -> Config:
 # Host identity
 # ---------------------------------------------------------------------------
 
+def _canonical_uuid(text: str) -> Optional[str]:
+    """text as a lower-case hyphenated UUID, in any form uuid.UUID() accepts; else None."""
+    digits = text.strip().lower()
+    if digits.startswith("urn:uuid:"):
+        digits = digits[9:]
+    digits = digits.strip("{}").replace("-", "")
+    if len(digits) != 32 or not all(c in "0123456789abcdef" for c in digits):
+        return None
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def _new_uuid() -> str:
+    """A random (version 4) UUID, without the import cost of the uuid module."""
+    octets = bytearray(os.urandom(16))
+    octets[6] = octets[6] & 0x0F | 0x40
+    octets[8] = octets[8] & 0x3F | 0x80
+    return _canonical_uuid(octets.hex())
+
+
 def is_valid_uuid(text: Any) -> bool:
-    try:
-        uuid.UUID(str(text))
-    except ValueError:
-        return False
-    return True
+    return _canonical_uuid(str(text)) is not None
 
 
 def _read_host_id(host_id_file: str) -> Optional[str]:
@@ -303,9 +319,10 @@ def _read_host_id(host_id_file: str) -> Optional[str]:
             text = f.read().strip()
     except FileNotFoundError:
         return None
-    if not is_valid_uuid(text):
+    host_id = _canonical_uuid(text)
+    if host_id is None:
         raise UniphantError(f"{host_id_file} does not hold a UUID; remove it to make a new host id")
-    return str(uuid.UUID(text))
+    return host_id
 
 
 def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
@@ -318,7 +335,7 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
         fcntl.lockf(fd, fcntl.LOCK_EX)
         host_id = _read_host_id(host_id_file)  # a concurrent first start may have won
         if host_id is None:
-            host_id = str(uuid.uuid4())
+            host_id = _new_uuid()
             temporary = f"{host_id_file}.{os.getpid()}"
             with open(temporary, "w", encoding="utf-8") as f:
                 f.write(host_id + "\n")
@@ -367,6 +384,8 @@ def _prepare_paths(config: Config) -> None:
 
 def setup_logging(config: Config) -> logging.Logger:
     """The worker's logger: root_dir/log/<worker_type>/<worker_id>.log, and stdout in the foreground."""
+    import logging
+
     _real_dir(config["root_dir"], "log", config["worker_type"])
     logger = logging.getLogger(f"uniphant.{config['worker_type']}")
     logger.setLevel(config["log_level"])
@@ -526,6 +545,8 @@ def _ssl_context(mode: str):
 
 def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float]) -> _Wire:
     """A connected socket, with SSL negotiated as PGSSLMODE asks (sockets never use SSL)."""
+    import socket
+
     if host.startswith("/"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -558,6 +579,8 @@ def connect_to_database(config: Config):
     Tries each host of PGHOST in turn; raises ConnectError with one line naming
     where it tried and why it failed.
     """
+    import pwd
+
     import pg8000.dbapi
 
     user = _pg_setting(config, "PGUSER") or pwd.getpwuid(os.geteuid()).pw_name
@@ -574,21 +597,9 @@ def connect_to_database(config: Config):
             connection = pg8000.dbapi.connect(
                 user=user, database=database, password=password, sock=wire,
                 ssl_context=False, application_name=config["process_id"])
-        except pg8000.dbapi.DatabaseError as e:
-            fields = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
-            code, message = fields.get("C", ""), fields.get("M", str(e))
-            failures.append(f"{where}: {message}")
-            if code.startswith("28") or code == "3D000":
-                raise ConnectError(f"could not connect to PostgreSQL at {where}: {message}",
-                                   permanent=True) from None
-            continue
-        except (OSError, pg8000.dbapi.InterfaceError) as e:
-            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
-            if isinstance(cause, socket.timeout):
-                reason = f"timed out after {timeout:g} s"
-            else:
-                reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-            if "password" in reason:
+        except (OSError, pg8000.dbapi.Error) as e:
+            reason, permanent = _connect_failure(e, timeout)
+            if permanent:
                 raise ConnectError(f"could not connect to PostgreSQL at {where}: {reason}",
                                    permanent=True) from None
             failures.append(f"{where}: {reason}")
@@ -599,6 +610,31 @@ def connect_to_database(config: Config):
     raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
 
 
+def _sql_error(error: BaseException) -> Tuple[str, str]:
+    """(SQLSTATE, message) of a pg8000 DatabaseError."""
+    fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
+    return fields.get("C", ""), fields.get("M", str(error))
+
+
+def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[str, bool]:
+    """Why a connection attempt failed, and whether retrying cannot help."""
+    import socket
+
+    import pg8000.dbapi
+
+    # pg8000 says goodbye to a server that refused it; when that write fails,
+    # the server's answer is only the context of the write's error.
+    for answer in (error, error.__context__):
+        if isinstance(answer, pg8000.dbapi.DatabaseError):
+            code, message = _sql_error(answer)
+            return message, code.startswith("28") or code == "3D000"
+    cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+    if isinstance(cause, socket.timeout):
+        return f"timed out after {timeout:g} s", False
+    reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    return reason, "password" in reason  # pg8000: the server asked for one and none was given
+
+
 def _wire_of(connection) -> Optional[_Wire]:
     # pg8000 keeps the socket it was given as _usock; only ours are _Wires.
     wire = getattr(connection, "_usock", None)
@@ -607,7 +643,7 @@ def _wire_of(connection) -> Optional[_Wire]:
 
 def _channel(config: Config) -> str:
     """The channel a deleted process row is announced on (schema.sql: processes_notify_stop)."""
-    return "uniphant_" + uuid.UUID(config["process_id"]).hex
+    return "uniphant_" + config["process_id"].replace("-", "")
 
 
 def _scalar(connection, sql: str, params: tuple = ()) -> Any:
@@ -620,8 +656,7 @@ def _scalar(connection, sql: str, params: tuple = ()) -> Any:
         row = cursor.fetchone() if cursor.description else None
         return row[0] if row else None
     except pg8000.dbapi.DatabaseError as e:
-        fields = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
-        code, message = fields.get("C", ""), fields.get("M", str(e))
+        code, message = _sql_error(e)
         if code == "UN001":
             raise UniphantError(message) from None
         hint = "; is schema.sql loaded?" if code in ("42883", "42P01") else ""
@@ -861,7 +896,7 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
         _detach(config, ready_w)
         code = _daemon_main(config, worker_function, pid_file, ready_w)
     finally:
-        logging.shutdown()
+        sys.modules["logging"].shutdown()
         os._exit(code)
 
 
@@ -998,6 +1033,8 @@ def _reconnect(config: Config, logger: logging.Logger, error: BaseException):
 
     Waits with capped, jittered backoff; logs the loss and the recovery once each.
     """
+    import random
+
     global _next_heartbeat
     logger.warning("lost the database connection (%s); reconnecting",
                    str(error) or type(error).__name__)
@@ -1031,6 +1068,8 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     A lost connection is not a failure: the loop reconnects and resumes if the
     row is still there.  An exception from the worker function is: exit 1.
     """
+    import logging
+
     logger = logging.getLogger(f"uniphant.{config['worker_type']}")
     _watch_for_wakeups(config)
     logger.info("worker %s started: process %s, PID %d, host %s",
@@ -1081,18 +1120,51 @@ def _leave(connection, logger: logging.Logger) -> None:
 # The command line
 # ---------------------------------------------------------------------------
 
-def _parse_arguments(prog: str, argv: List[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Run, stop or query one uniphant worker process.")
-    parser.add_argument("worker_id", help="the worker's UUID")
-    parser.add_argument("command", choices=("start", "restart", "stop", "status"))
-    parser.add_argument("-f", "--foreground", action="store_true",
-                        help="run in the foreground, logging to stdout too")
-    args = parser.parse_args(argv)
-    if not is_valid_uuid(args.worker_id):
-        parser.error(f"worker_id must be a UUID, got {_shorten(args.worker_id)}")
-    args.worker_id = str(uuid.UUID(args.worker_id))
-    return args
+COMMANDS = ("start", "restart", "stop", "status")
+
+_HELP = """Run, stop or query one uniphant worker process.
+
+positional arguments:
+  worker_id         the worker's UUID
+  command           start, restart, stop or status
+
+options:
+  -h, --help        show this help message and exit
+  -f, --foreground  run in the foreground, logging to stdout too"""
+
+
+class UsageError(ConfigError):
+    """A bad command line: the usage goes with the message."""
+
+
+def _usage(prog: str) -> str:
+    return f"usage: {prog} [-h] [-f] worker_id {{{','.join(COMMANDS)}}}"
+
+
+def _parse_arguments(prog: str, argv: List[str]) -> Tuple[str, str, bool]:
+    """(worker_id, command, foreground) from the command line.
+
+    Hand-made rather than argparse, whose import would double the time `status` takes.
+    """
+    positional, foreground = [], False
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(f"{_usage(prog)}\n\n{_HELP}")
+            sys.exit(EXIT_OK)
+        elif arg in ("-f", "--foreground"):
+            foreground = True
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"unrecognized option {_shorten(arg)}")
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise UsageError(f"expected a worker_id and a command, got {len(positional)} arguments")
+    worker_id, command = _canonical_uuid(positional[0]), positional[1]
+    if worker_id is None:
+        raise UsageError(f"worker_id must be a UUID, got {_shorten(positional[0])}")
+    if command not in COMMANDS:
+        raise UsageError(f"invalid command {_shorten(command)} (choose from {', '.join(COMMANDS)})")
+    return worker_id, command, foreground
 
 
 def _describe(config: Config) -> str:
@@ -1161,24 +1233,27 @@ def main(worker_function: WorkerFunction) -> None:
     """The command line of a worker script: <worker_id> {start,restart,stop,status} [-f]."""
     signal.signal(signal.SIGTERM, signal_handler)
     signal.signal(signal.SIGINT, signal_handler)
+    prog = os.path.basename(sys.argv[0])
     try:
         config = setup_config()
-        args = _parse_arguments(os.path.basename(sys.argv[0]), sys.argv[1:])
-        config.update(worker_id=args.worker_id, foreground=args.foreground,
-                      parent_pid=os.getppid() if args.foreground else None)
+        worker_id, command, foreground = _parse_arguments(prog, sys.argv[1:])
+        config.update(worker_id=worker_id, foreground=foreground,
+                      parent_pid=os.getppid() if foreground else None)
         pid_file = get_pid_file_path(config)
-        if args.command == "status":
+        if command == "status":
             code = _status(config, pid_file)
-        elif args.command == "stop":
+        elif command == "stop":
             code = _stop(config, pid_file)
         else:
-            if args.command == "restart" and get_pid_for_running_process(pid_file) is not None:
+            if command == "restart" and get_pid_for_running_process(pid_file) is not None:
                 _stop(config, pid_file)
             code = _start(config, worker_function, pid_file)
     except UniphantError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if isinstance(e, UsageError):
+            print(_usage(prog), file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         code = e.exit_code
     except OSError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         code = EXIT_FAILURE
     sys.exit(code)
