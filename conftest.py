@@ -37,8 +37,10 @@ def work(config, logger, connection):
     if mode == "sleep":
         time.sleep(float(config.get("sleep", "3600")))
     if mode == "spin":
+        calls = 0
         while alive(config, connection):
-            pass
+            calls += 1
+        logger.info("alive() calls: %d", calls)
         return
     if mode == "fork" and not os.path.exists("child.pid"):
         child = os.fork()

@@ -799,3 +799,60 @@ def test_secret_values_never_reach_the_log(project, db, worker_id):
     wait_for(lambda: "restored" in project.log(worker_id), what="a reconnect")
     project.run(worker_id, "stop")
     assert "TOPSECRET-42" not in project.log(worker_id)
+
+
+# ---------------------------------------------------------------------------
+# What the speed rests on (the numbers are the benchmark's: bench/lifecycle.py)
+# ---------------------------------------------------------------------------
+
+def test_signal_interrupts_the_wait_between_calls(project, db, worker_id):
+    project.write("workers/test/uniphant.conf", "interval=3600\n")
+    child = project.popen(worker_id, "start", "-f")
+    wait_for(lambda: "tick" in project.log(worker_id), what="the first call")
+    child.terminate()
+    child.communicate(timeout=10)  # long before the hour is up
+    assert child.returncode == 0
+
+
+def test_deleted_row_wakes_the_worker_before_its_next_heartbeat(project, db, worker_id):
+    # Heartbeats come every stale_after / 3 = 20 minutes here: only the notification can wake it.
+    project.write("workers/test/uniphant.conf", "interval=3600\nstale_after=3600\n")
+    child = project.popen(worker_id, "start", "-f")
+    wait_for(lambda: "tick" in project.log(worker_id), what="the first call")
+    db.rows("DELETE FROM processes WHERE worker_id = %s::uuid", worker_id)
+    out, _ = child.communicate(timeout=10)
+    assert "stopping: its process row was deleted" in out
+
+
+def test_alive_in_a_tight_loop_does_not_write_per_call(cluster, tmp_path, worker_id):
+    from conftest import Project, worker_env
+    database = cluster.database("uniphant_heartbeats")
+    database.rows("CREATE TABLE updates (at timestamptz)")
+    database.rows("CREATE FUNCTION count_update() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN INSERT INTO updates VALUES (now()); RETURN NULL; END $$")
+    database.rows("CREATE TRIGGER count_update AFTER UPDATE ON processes "
+                  "FOR EACH ROW EXECUTE FUNCTION count_update()")
+    (tmp_path / "home").mkdir()
+    project = Project(str(tmp_path / "project"), str(tmp_path / "home"),
+                      worker_env(database.env, str(tmp_path / "home")))
+    project.write("workers/test/uniphant.conf", "mode=spin\n")
+    try:
+        child = project.popen(worker_id, "start", "-f")
+        wait_for(lambda: database.process(worker_id), what="the process row")
+        time.sleep(2.5)  # the span being measured, not a wait for a condition
+        database.rows("DELETE FROM processes WHERE worker_id = %s::uuid", worker_id)
+        child.communicate(timeout=10)
+        calls = int(project.log(worker_id).split("alive() calls: ")[1].split()[0])
+        assert calls > 10_000
+        assert database.value("SELECT count(*) FROM updates") <= 4  # one a second, and the first
+    finally:
+        project.cleanup()
+
+
+@pytest.mark.parametrize("command", ["status", "stop"])
+def test_status_and_stop_import_no_database_driver(project, worker_id, command):
+    result = subprocess.run([sys.executable, "-X", "importtime", "workers/test/probe.py", worker_id, command],
+                            cwd=project.root, env=project.env, capture_output=True, text=True)
+    assert result.returncode in (1, 3)
+    assert "uniphant" in result.stderr  # the import log is there
+    assert "pg8000" not in result.stderr

@@ -1068,10 +1068,14 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     A lost connection is not a failure: the loop reconnects and resumes if the
     row is still there.  An exception from the worker function is: exit 1.
     """
+    import gc
     import logging
 
     logger = logging.getLogger(f"uniphant.{config['worker_type']}")
     _watch_for_wakeups(config)
+    # What exists now (pg8000's many modules above all) lives until exit: spare
+    # the collector from walking it, which also makes exit some 30 ms faster.
+    gc.freeze()
     logger.info("worker %s started: process %s, PID %d, host %s",
                 config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
     status = EXIT_OK
