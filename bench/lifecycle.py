@@ -295,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nuniphant lifecycle benchmark: {runs} runs; {machine['cpu']}, {machine['cores']} cores, "
           f"Python {machine['python']}, PostgreSQL {machine['postgresql']}\n")
     print(f"| {'measure':<54} | {'median':>8} | {'min':>8} | {'max':>8} | {'bound':>8} |")
-    print(f"|{'-' * 56}|{'-' * 10}:|{'-' * 10}:|{'-' * 10}:|{'-' * 10}:|")
+    print(f"|{'-' * 56}|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|")
     results = []
     for name, samples, unit, bound in rows:
         median = statistics.median(samples)
