@@ -33,13 +33,12 @@ The database objects are in ``schema.sql``.  See README.md for the rest.
 from __future__ import annotations
 
 # Only what every command needs is imported here: `status` and `stop` must
-# start fast.  logging, socket, random and pg8000 are imported where used.
+# start fast.  signal, logging, socket, random and pg8000 are imported where used.
 import errno
 import fcntl
 import gc
 import os
 import select
-import signal
 import struct
 import sys
 import time
@@ -817,6 +816,8 @@ def stop_running_process(pid_file: str, timeout: float = 10.0) -> Optional[int]:
     Returns the signal that ended it, or None if it was not running.  Only the
     holder of the PID file's lock is ever signalled.
     """
+    import signal
+
     pid = get_pid_for_running_process(pid_file)
     if pid is None:
         return None
@@ -939,6 +940,8 @@ def _heartbeat_period(config: Config) -> float:
 
 def _local_stop_reason(config: Config) -> Optional[str]:
     """A reason to stop that needs no database: a signal, or the parent's death."""
+    import signal
+
     if termination_requested:
         return f"{signal.Signals(_termination_signal).name} received"
     if config["foreground"] and not is_parent_alive(config["parent_pid"]):
@@ -977,6 +980,8 @@ def alive(config: Config, connection) -> bool:
 
 def _watch_for_wakeups(config: Config) -> None:
     """Make signals and the parent's death wake _wait()."""
+    import signal
+
     global _wakeup_fd, _parent_fd, _poll_parent
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(write_fd)
@@ -1183,6 +1188,8 @@ def _status(config: Config, pid_file: str) -> int:
 
 
 def _stop(config: Config, pid_file: str) -> int:
+    import signal
+
     process_id = _process_id_in(pid_file)
     ended_by = stop_running_process(pid_file, config["stop_timeout"])
     if ended_by is None:
@@ -1206,6 +1213,10 @@ def _remove_row_of(config: Config, process_id: str) -> None:
 
 
 def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal_handler)
+    signal.signal(signal.SIGINT, signal_handler)
     pid = get_pid_for_running_process(pid_file)
     if pid is not None:
         print(_already_running(config, pid), file=sys.stderr)
@@ -1232,9 +1243,10 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
 
 
 def main(worker_function: WorkerFunction) -> None:
-    """The command line of a worker script: <worker_id> {start,restart,stop,status} [-f]."""
-    signal.signal(signal.SIGTERM, signal_handler)
-    signal.signal(signal.SIGINT, signal_handler)
+    """The command line of a worker script: <worker_id> {start,restart,stop,status} [-f].
+
+    SIGTERM and SIGINT are caught (signal_handler) once a start begins.
+    """
     prog = os.path.basename(sys.argv[0])
     try:
         config = setup_config()
