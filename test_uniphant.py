@@ -32,6 +32,18 @@ def start_daemon(project, worker_id, *args, **kwargs) -> int:
     return int(result.stdout.strip().rsplit(" ", 1)[1].rstrip("."))
 
 
+def show_config(project, *keys: str) -> list:
+    """The values of keys in the config that setup_config() gives a worker of the project."""
+    project.write("workers/test/show.py", (
+        "from uniphant import setup_config\n"
+        "c = setup_config()\n"
+        f"print(*(c[k] for k in {keys!r}))\n"))
+    result = subprocess.run([sys.executable, "workers/test/show.py"], cwd=project.root,
+                            env=project.env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,14 +106,8 @@ def test_unreadable_config_file_is_an_error(project, worker_id):
 def test_config_is_read_from_every_directory_up_to_the_root(project, db, worker_id):
     project.write("uniphant.conf", "from_root=1\n")
     project.write("workers/uniphant.conf", "from_workers=2\n")
-    project.write("workers/test/uniphant.conf", "from_script_dir=3\nmode=query\n")
-    project.write("workers/test/show.py", (
-        "from uniphant import setup_config\n"
-        "c = setup_config()\n"
-        "print(c['from_root'], c['from_workers'], c['from_script_dir'])\n"))
-    result = subprocess.run([sys.executable, "workers/test/show.py"], cwd=project.root,
-                            env=project.env, capture_output=True, text=True)
-    assert result.stdout.split() == ["1", "2", "3"], result.stderr
+    project.write("workers/test/uniphant.conf", "from_script_dir=3\n")
+    assert show_config(project, "from_root", "from_workers", "from_script_dir") == ["1", "2", "3"]
 
 
 def test_secrets_are_read_from_home_in_the_manual_layout(project):
@@ -109,13 +115,7 @@ def test_secrets_are_read_from_home_in_the_manual_layout(project):
     project.write("workers/test/secrets.conf", "api_key=s3cret\n", mode=0o600, base=secrets)
     project.write("workers/secrets.conf", "token=t0ken\n", mode=0o600, base=secrets)
     project.write("secrets.conf", "root_secret=r00t\n", mode=0o600, base=secrets)
-    project.write("workers/test/show.py", (
-        "from uniphant import setup_config\n"
-        "c = setup_config()\n"
-        "print(c['api_key'], c['token'], c['root_secret'])\n"))
-    result = subprocess.run([sys.executable, "workers/test/show.py"], cwd=project.root,
-                            env=project.env, capture_output=True, text=True)
-    assert result.stdout.split() == ["s3cret", "t0ken", "r00t"], result.stderr
+    assert show_config(project, "api_key", "token", "root_secret") == ["s3cret", "t0ken", "r00t"]
 
 
 def test_secrets_file_readable_by_others_is_refused(project, worker_id):
@@ -160,13 +160,8 @@ def test_connection_keys_in_config_files_win_over_the_environment(project, db, w
 
 def test_runtime_keys_are_in_config_as_numbers(project):
     project.write("uniphant.conf", "interval=0.5\nlog_level=debug\n")
-    project.write("workers/test/show.py", (
-        "from uniphant import setup_config\n"
-        "c = setup_config()\n"
-        "print(c['interval'], c['stop_timeout'], c['stale_after'], c['log_level'])\n"))
-    result = subprocess.run([sys.executable, "workers/test/show.py"], cwd=project.root,
-                            env=project.env, capture_output=True, text=True)
-    assert result.stdout.split() == ["0.5", "10.0", "60.0", "DEBUG"], result.stderr
+    assert show_config(project, "interval", "stop_timeout", "stale_after", "log_level") == [
+        "0.5", "10.0", "60.0", "DEBUG"]
 
 
 # ---------------------------------------------------------------------------

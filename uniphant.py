@@ -362,12 +362,22 @@ def _real_dir(root_dir: str, *names: str) -> str:
     return path
 
 
-def _open_for_append(path: str) -> int:
+def _open_own_file(path: str, flags: int) -> int:
+    """os.open() for a file of uniphant's own: never through a symlink, one-line errors.
+
+    FileNotFoundError passes unchanged, for the callers to whom it means "none".
+    """
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        raise
     except OSError as e:
         reason = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
-        raise UniphantError(f"cannot open {path} for writing: {reason}") from None
+        raise UniphantError(f"cannot open {path}: {reason}") from None
+
+
+def _open_for_append(path: str) -> int:
+    return _open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
 def _prepare_paths(config: Config) -> None:
@@ -740,12 +750,9 @@ def get_pid_for_running_process(pid_file: str) -> Optional[int]:
     The PID comes from the kernel (F_GETLK), not from the file's contents.
     """
     try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _open_own_file(pid_file, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        reason = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
-        raise UniphantError(f"cannot read {pid_file}: {reason}") from None
     try:
         query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         lock_type, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
@@ -764,11 +771,7 @@ def _lock_pid_file(config: Config, pid_file: str) -> bool:
     """
     global _pid_file_fd
     _real_dir(config["root_dir"], "pid", config["worker_type"])
-    try:
-        fd = os.open(pid_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        reason = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
-        raise UniphantError(f"cannot open {pid_file}: {reason}") from None
+    fd = _open_own_file(pid_file, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -862,7 +865,11 @@ def _detach(config: Config, keep_fd: int) -> None:
 
 
 def _tell(fd: int, message: str) -> None:
-    os.write(fd, message.encode("utf-8", "replace"))
+    """Report to the waiting `start` command, which may have gone: the daemon runs on regardless."""
+    try:
+        os.write(fd, message.encode("utf-8", "replace"))
+    except BrokenPipeError:
+        pass
     os.close(fd)
 
 

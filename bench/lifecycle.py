@@ -160,11 +160,14 @@ class Bench:
         child.wait()
         return (time.perf_counter() - started) * 1000
 
-    def status(self) -> float:
+    def wall_ms(self, argv: List[str]) -> float:
+        """The wall time of one command, in milliseconds."""
         started = time.perf_counter()
-        subprocess.run(self.command("idle", str(uuid.uuid4()), "status"), cwd=self.root,
-                       env=self.env, stdout=subprocess.DEVNULL)
+        subprocess.run(argv, cwd=self.root, env=self.env, stdout=subprocess.DEVNULL)
         return (time.perf_counter() - started) * 1000
+
+    def status(self) -> float:
+        return self.wall_ms(self.command("idle", str(uuid.uuid4()), "status"))
 
     def idle_rss(self) -> float:
         worker_id, pid = self.daemon()
@@ -186,24 +189,19 @@ class Bench:
         return count / seconds
 
     def floor_python(self) -> float:
-        started = time.perf_counter()
-        subprocess.run([PYTHON, "-c", "pass"], env=self.env)
-        return (time.perf_counter() - started) * 1000
+        return self.wall_ms([PYTHON, "-c", "pass"])
+
+    def _bare_connect(self) -> str:
+        return ("import pg8000.dbapi, time\n"
+                f"c = pg8000.dbapi.connect(user='postgres', database='bench', "
+                f"unix_sock='{self.server.dir}/.s.PGSQL.{self.server.port}')\n")
 
     def floor_pg8000(self) -> float:
-        code = ("import pg8000.dbapi\n"
-                f"c = pg8000.dbapi.connect(user='postgres', database='bench', "
-                f"unix_sock='{self.server.dir}/.s.PGSQL.{self.server.port}')\n"
-                "cur = c.cursor(); cur.execute('SELECT 1'); cur.fetchall()\n")
-        started = time.perf_counter()
-        subprocess.run([PYTHON, "-c", code], env=self.env, check=True)
-        return (time.perf_counter() - started) * 1000
+        return self.wall_ms([PYTHON, "-c", self._bare_connect() +
+                             "cur = c.cursor(); cur.execute('SELECT 1'); cur.fetchall()\n"])
 
     def bare_pg8000_rss(self) -> float:
-        code = ("import pg8000.dbapi, sys, time\n"
-                f"c = pg8000.dbapi.connect(user='postgres', database='bench', "
-                f"unix_sock='{self.server.dir}/.s.PGSQL.{self.server.port}')\n"
-                "print(flush=True); time.sleep(60)\n")
+        code = self._bare_connect() + "print(flush=True); time.sleep(60)\n"
         child = subprocess.Popen([PYTHON, "-c", code], env=self.env, stdout=subprocess.PIPE)
         child.stdout.readline()
         time.sleep(0.5)
