@@ -134,6 +134,21 @@ def test_secret_key_may_not_repeat_a_config_key(project, worker_id):
     assert_clean_error(result, 2, "'api_key' is already defined")
 
 
+def test_password_file_is_read_as_libpq_reads_it(tmp_path):
+    path = tmp_path / "pgpass"
+    path.write_text("# comment\n"
+                    "other:5432:*:*:wrong\n"
+                    "db\\:host:5432:app:*:c\\:olon\\\\and:more\n"
+                    "*:*:*:alice:fallback\n")
+    path.chmod(0o600)
+    config = {"PGPASSFILE": str(path)}
+    assert uniphant._pgpass_password(config, "db:host", 5432, "app", "bob") == "c:olon\\and:more"
+    assert uniphant._pgpass_password(config, "elsewhere", 1, "x", "alice") == "fallback"
+    assert uniphant._pgpass_password(config, "elsewhere", 1, "x", "bob") is None
+    path.chmod(0o644)  # readable by others: ignored, as libpq does
+    assert uniphant._pgpass_password(config, "elsewhere", 1, "x", "alice") is None
+
+
 @pytest.mark.parametrize("script, worker_type", [
     ("workers/happy.py", "happy"),
     ("workers/a/b.py", "a.b"),

@@ -498,13 +498,14 @@ def _targets(config: Config) -> List[Tuple[str, int]]:
 
 
 def _split_pgpass_line(line: str) -> List[str]:
+    """host, port, database, user and password; the password may hold unescaped colons."""
     fields, field, escaped = [], "", False
     for char in line:
         if escaped:
             field, escaped = field + char, False
         elif char == "\\":
             escaped = True
-        elif char == ":":
+        elif char == ":" and len(fields) < 4:
             fields.append(field)
             field = ""
         else:
