@@ -191,14 +191,14 @@ def test_host_id_is_created_once_and_kept(project, worker_id):
     assert uniphant.is_valid_uuid(first.strip())
 
 
-def test_concurrent_first_starts_agree_on_one_host_id(project):
-    script = ("import sys; sys.path.insert(0, %r); import uniphant\n"
-              "print(uniphant.get_or_create_host_id('.lock', '.host_id'))\n" % REPO)
-    children = [subprocess.Popen([sys.executable, "-c", script], cwd=project.root,
-                                 stdout=subprocess.PIPE, text=True) for _ in range(20)]
-    ids = {child.communicate()[0].strip() for child in children}
-    assert len(ids) == 1
-    assert ids == {open(project.path(".host_id")).read().strip()}
+def test_concurrent_first_starts_agree_on_one_host_id(project, db):
+    worker_ids = [str(uuid.uuid4()) for _ in range(20)]
+    children = [project.popen(w, "start") for w in worker_ids]
+    assert [child.wait(timeout=120) for child in children] == [0] * 20
+    host_id = open(project.path(".host_id")).read().strip()
+    hosts = db.rows("SELECT DISTINCT host_id::text FROM processes WHERE worker_id = ANY(%s::uuid[])",
+                    worker_ids)
+    assert hosts == [(host_id,)]
 
 
 # ---------------------------------------------------------------------------
@@ -506,11 +506,16 @@ def _rows(conn, sql, *params):
 def test_workers_wait_out_a_30_second_outage_without_spinning(private_server, tmp_path):
     project = server_project(tmp_path, "outage", private_server, "interval=0.1\n")
     try:
-        kept, deleted = str(uuid.uuid4()), str(uuid.uuid4())
+        kept, deleted, stopped = (str(uuid.uuid4()) for _ in range(3))
         kept_pid, deleted_pid = start_daemon(project, kept), start_daemon(project, deleted)
+        stopped_pid = start_daemon(project, stopped)
         cpu_before = cpu_seconds(kept_pid)
         private_server.stop("fast")
         time.sleep(10)
+        status = project.run(kept, "status")
+        assert status.returncode == 0 and str(kept_pid) in status.stdout
+        assert project.run(stopped, "stop").returncode == 0
+        assert gone(stopped_pid)
         # Back for an operator only (on another port), who deletes one worker's row.
         private_server.start(port=private_server.port + 1 if private_server.port < 65535 else 1024)
         operator = pg8000_connect(private_server, private_server.port + 1)
