@@ -173,6 +173,27 @@ def private_server():
         server.destroy()
 
 
+@pytest.fixture
+def ssl_server():
+    """A server of this test's own that speaks SSL, with a password role `alice` (password `alice-pw`)."""
+    server = pgserver.Server()
+    if not server.supports_ssl():
+        shutil.rmtree(server.dir, ignore_errors=True)
+        pytest.skip(f"the server binaries in {server.bindir} (or openssl) lack SSL support")
+    server.init(ssl=True).start()
+    server.create_database("uniphant")
+    conn = server.connect("uniphant")
+    conn.cursor().execute("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
+    conn.cursor().execute("GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
+                          "register_process(uuid, uuid, text, integer, interval), "
+                          "keepalive(), disconnect() TO alice")
+    conn.close()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
 class Project:
     """A project root with workers/, a HOME of its own, and helpers to run workers."""
 

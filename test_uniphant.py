@@ -7,6 +7,7 @@ real PostgreSQL server (conftest.py); none mocks the database.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -420,6 +421,53 @@ def test_register_host_stores_names_as_parameters(db):
     name = "o'brien\\\"; DROP TABLE hosts; --"
     db.rows("SELECT register_host(%s::uuid, %s)", host, name)
     assert db.value("SELECT name FROM hosts WHERE id = %s::uuid", host) == name
+
+
+def test_sslmode_require_encrypts_the_connection_and_stops_still_wake_it(ssl_server, tmp_path, worker_id):
+    project = server_project(tmp_path, "ssl", ssl_server, "mode=query\ninterval=0.05\n")
+    tcp = {"PGHOST": "127.0.0.1", "PGUSER": "alice", "PGPASSWORD": "alice-pw", "PGSSLMODE": "require"}
+    admin = ssl_server.connect("uniphant")
+    try:
+        child = project.popen(worker_id, "start", "-f", env=tcp)
+        wait_for(lambda: "query answered" in project.log(worker_id), what="a query over SSL")
+        cursor = admin.cursor()
+        cursor.execute("SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+                       "JOIN processes p ON a.application_name = p.id::text WHERE p.worker_id = %s::uuid",
+                       (worker_id,))
+        assert [tuple(r) for r in cursor.fetchall()] == [(True,)]
+        cursor.execute("DELETE FROM processes WHERE worker_id = %s::uuid", (worker_id,))
+        out, err = child.communicate(timeout=10)
+        assert child.returncode == 0, err
+        assert "stopping: its process row was deleted" in out
+    finally:
+        admin.close()
+        project.cleanup()
+
+
+def test_sslmode_verify_full_checks_the_server_certificate(ssl_server, tmp_path, worker_id):
+    project = server_project(tmp_path, "verify", ssl_server)
+    tcp = {"PGHOST": "localhost", "PGUSER": "alice", "PGPASSWORD": "alice-pw", "PGSSLMODE": "verify-full"}
+    try:
+        assert_clean_error(project.run(worker_id, "start", env=tcp), 1, "certificate verify failed")
+        os.makedirs(os.path.join(project.home, ".postgresql"))
+        shutil.copy(ssl_server.certificate, os.path.join(project.home, ".postgresql", "root.crt"))
+        result = project.run(worker_id, "start", env=tcp)
+        assert result.returncode == 0, result.stderr
+    finally:
+        project.cleanup()
+
+
+@pytest.mark.faults
+def test_sslmode_require_against_a_server_without_ssl_is_a_clear_error(project, db, worker_id):
+    result = project.run(worker_id, "start", env={
+        "PGHOST": "127.0.0.1", "PGPORT": db.env["PGPORT"], "PGSSLMODE": "require"})
+    assert_clean_error(result, 1, "does not support SSL (PGSSLMODE=require)")
+
+
+def test_hosts_of_pghost_are_tried_in_order(project, db, worker_id, tmp_path):
+    hosts = f"{tmp_path}/no_server_here,{db.env['PGHOST']}"
+    pid = start_daemon(project, worker_id, env={"PGHOST": hosts})
+    assert db.process(worker_id)[2] == pid
 
 
 # ---------------------------------------------------------------------------

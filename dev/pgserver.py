@@ -112,13 +112,20 @@ class Server:
                 self.bindir = os.path.join(self.dir, "install", "bin")
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        program = args[0] if args[0] == "openssl" else os.path.join(self.bindir, args[0])
         return subprocess.run(
-            [os.path.join(self.bindir, args[0]), *args[1:]],
+            [program, *args[1:]],
             user=self.user, cwd=self.dir, check=check,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 
-    def init(self) -> "Server":
+    def supports_ssl(self) -> bool:
+        out = subprocess.run([os.path.join(self.bindir, "pg_config"), "--configure"],
+                             capture_output=True, text=True).stdout
+        return ("with-openssl" in out or "with-ssl=openssl" in out) and bool(shutil.which("openssl"))
+
+    def init(self, ssl: bool = False) -> "Server":
+        """initdb; with ssl, a self-signed certificate for localhost (its copy: self.certificate)."""
         self._run("initdb", "-D", self.data, "-U", SUPERUSER, "-A", "trust",
                   "-E", "UTF8", "--locale=C", "--no-sync")
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
@@ -132,6 +139,16 @@ class Server:
                     "max_connections = 300\n"
                     "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "log_min_messages = warning\n")
+            if ssl:
+                f.write("ssl = on\n")
+        if ssl:
+            self._run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                      "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                      "-keyout", os.path.join(self.data, "server.key"),
+                      "-out", os.path.join(self.data, "server.crt"))
+            os.chmod(os.path.join(self.data, "server.key"), 0o600)
+            self.certificate = os.path.join(self.dir, "root.crt")
+            shutil.copy(os.path.join(self.data, "server.crt"), self.certificate)
         return self
 
     def start(self, port: Optional[int] = None) -> "Server":
