@@ -536,6 +536,8 @@ def _pgpass_password(config: Config, host: str, port: int, database: str, user: 
 
 
 def _ssl_context(mode: str):
+    """As libpq: verify-* check the server's certificate against ~/.postgresql/root.crt
+    (else the system's authorities); the other modes encrypt without verifying."""
     import ssl
 
     if mode in ("verify-ca", "verify-full"):
