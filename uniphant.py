@@ -176,8 +176,10 @@ def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, st
     return entries
 
 
-def _collect(entries: List[Tuple[str, str, str]], found: Dict[str, Tuple[Any, str]]) -> None:
-    """Add config entries to found (key -> (value, where)), enforcing the rules."""
+def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
+    """The settings of config entries, enforcing the rules: no reserved key, no key
+    twice, a valid value for every key uniphant reads."""
+    found: Dict[str, Tuple[Any, str]] = {}  # key -> (value, where)
     for where, key, value in entries:
         if key in RESERVED_KEYS:
             raise ConfigError(f"{where}: {key!r} is reserved and cannot be set in a config file")
@@ -190,13 +192,12 @@ def _collect(entries: List[Tuple[str, str, str]], found: Dict[str, Tuple[Any, st
             except ValueError as e:
                 raise ConfigError(f"{where}: bad value for {key}: {e}, got {_shorten(value)}") from None
         found[key] = (value, where)
-
-
-def parse_key_value_format(conf_file: str) -> Dict[str, str]:
-    """The key-value pairs of one config file ({} if it does not exist)."""
-    found: Dict[str, Tuple[Any, str]] = {}
-    _collect(_config_entries(conf_file), found)
     return {key: value for key, (value, _) in found.items()}
+
+
+def parse_key_value_format(conf_file: str) -> Dict[str, Any]:
+    """The key-value pairs of one config file ({} if it does not exist)."""
+    return _settings(_config_entries(conf_file))
 
 
 def _config_dirs(config: Config) -> List[str]:
@@ -209,25 +210,26 @@ def _config_dirs(config: Config) -> List[str]:
         directory = os.path.dirname(directory)
 
 
-def read_secret_config_files(config: Config) -> Dict[str, Tuple[Any, str]]:
-    """Settings of ~/.uniphant/secrets/<dir relative to root_dir>/secrets.conf, as key -> (value, where)."""
+def _secret_entries(config: Config) -> List[Tuple[str, str, str]]:
     secrets = os.path.join(os.path.expanduser("~"), ".uniphant", "secrets")
-    found: Dict[str, Tuple[Any, str]] = {}
+    entries = []
     for directory in _config_dirs(config):
         relative = os.path.relpath(directory, config["root_dir"])
         path = os.path.normpath(os.path.join(secrets, relative, "secrets.conf"))
-        _collect(_config_entries(path, private=True), found)
-    return found
+        entries += _config_entries(path, private=True)
+    return entries
+
+
+def read_secret_config_files(config: Config) -> Dict[str, Any]:
+    """The settings of ~/.uniphant/secrets/<each config directory relative to root_dir>/secrets.conf."""
+    return _settings(_secret_entries(config))
 
 
 def read_config_files(config: Config) -> Dict[str, Any]:
     """Every setting of the uniphant.conf hierarchy and of the secrets files."""
-    found: Dict[str, Tuple[Any, str]] = {}
-    for directory in _config_dirs(config):
-        _collect(_config_entries(os.path.join(directory, "uniphant.conf")), found)
-    secrets = read_secret_config_files(config)
-    _collect([(where, key, value) for key, (value, where) in secrets.items()], found)
-    return {key: value for key, (value, _) in found.items()}
+    entries = [entry for directory in _config_dirs(config)
+               for entry in _config_entries(os.path.join(directory, "uniphant.conf"))]
+    return _settings(entries + _secret_entries(config))
 
 
 def get_calling_file_path() -> str:
