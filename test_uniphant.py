@@ -218,6 +218,19 @@ def test_bad_arguments_exit_2_with_usage(project, args, message):
     assert_clean_error(result, 2, "usage:", message)
 
 
+def test_is_pid_alive_tells_a_live_process_from_a_reaped_one():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert uniphant.is_pid_alive(os.getpid())
+    assert uniphant.is_pid_alive(1)
+    assert not uniphant.is_pid_alive(child.pid)
+
+
+def test_is_parent_alive_compares_with_the_parent_pid():
+    assert uniphant.is_parent_alive(os.getppid())
+    assert not uniphant.is_parent_alive(os.getppid() + 1)
+
+
 def test_status_when_not_running_exits_3(project, worker_id):
     result = project.run(worker_id, "status")
     assert result.returncode == 3
@@ -523,8 +536,7 @@ def test_workers_survive_a_database_restart(private_server, tmp_path):
     try:
         ids = [str(uuid.uuid4()) for _ in range(5)]
         pids = [start_daemon(project, w) for w in ids]
-        rows_before = sorted(admin.run("SELECT id, worker_id, pid FROM processes") if False else
-                             _rows(admin, "SELECT id::text, worker_id::text, pid FROM processes"))
+        rows_before = sorted(_rows(admin, "SELECT id::text, worker_id::text, pid FROM processes"))
         admin.close()
         private_server.stop("fast")
         private_server.start()
@@ -753,23 +765,24 @@ def test_child_forked_by_the_worker_does_not_hold_the_lock(project, worker_id):
 
 
 @pytest.mark.faults
+def _symlinked_log_file(project, worker_id):
+    os.makedirs(project.path("log/test.probe"))
+    os.symlink(project.path("elsewhere.log"), project.path(f"log/test.probe/{worker_id}.log"))
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.write("log", "a file where the log directory goes\n"), "must be a directory"),
-    (lambda p: os.symlink(p.home, p.path("pid")), "must be a directory, not a symlink"),
-    (lambda p, w="{w}": None, None),
-])
+    (lambda p, w: p.write("log", "a file where the log directory goes\n"), "must be a directory"),
+    (lambda p, w: os.symlink(p.home, p.path("pid")), "must be a directory, not a symlink"),
+    (_symlinked_log_file, "it is a symlink"),
+], ids=["log-is-a-file", "pid-is-a-symlink", "log-file-is-a-symlink"])
 def test_unusable_log_or_pid_path_fails_before_starting(project, db, worker_id, make, message):
-    if message is None:  # the log file itself is a symlink to elsewhere
-        os.makedirs(project.path("log/test.probe"))
-        os.symlink("/etc/hostname", project.path(f"log/test.probe/{worker_id}.log"))
-        message = "it is a symlink"
-    else:
-        make(project)
+    make(project, worker_id)
     for args in (["start"], ["start", "-f"]):
         result = project.run(worker_id, *args)
         assert_clean_error(result, 1, message)
         assert db.process(worker_id) is None
     assert project.running_pid(worker_id) is None
+    assert not os.path.exists(project.path("elsewhere.log"))
 
 
 @pytest.mark.faults

@@ -735,7 +735,7 @@ def is_pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, and belongs to another user
     return True
 
 
@@ -832,7 +832,7 @@ def stop_running_process(pid_file: str, timeout: float = 10.0) -> Optional[int]:
     os.kill(pid, signal.SIGTERM)
     if _wait_for_exit(pid_file, pid, timeout):
         return signal.SIGTERM
-    if get_pid_for_running_process(pid_file) == pid and is_pid_alive(pid):
+    if get_pid_for_running_process(pid_file) == pid:
         os.kill(pid, signal.SIGKILL)
         _wait_for_exit(pid_file, pid, 10.0)
     return signal.SIGKILL
