@@ -126,14 +126,20 @@ class Cluster:
     def __init__(self, server: Optional[pgserver.Server], env: Dict[str, str]) -> None:
         self.server = server
         self.env = env
+        self.created: List[str] = []
 
-    def database(self, name: str, schema: bool = True) -> Database:
+    def _admin(self, *statements: str) -> None:
         admin = _connector(self.env, "postgres")()
         try:
-            admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}"')
-            admin.cursor().execute(f'CREATE DATABASE "{name}"')
+            for statement in statements:
+                admin.cursor().execute(statement)
         finally:
             admin.close()
+
+    def database(self, name: str, schema: bool = True) -> Database:
+        name = f"{name}_{os.getpid()}"  # xdist workers may share an existing server
+        self._admin(f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+        self.created.append(name)
         connect = _connector(self.env, name)
         if schema:
             pgserver.load_sql(connect(), os.path.join(REPO, "schema.sql"))
@@ -145,7 +151,9 @@ class Cluster:
 def cluster():
     external = _external_env()
     if external:
-        yield Cluster(None, external)
+        cluster = Cluster(None, external)
+        yield cluster
+        cluster._admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in cluster.created))
         return
     server = pgserver.Server().init().start()
     try:
@@ -156,8 +164,7 @@ def cluster():
 
 @pytest.fixture(scope="session")
 def db(cluster) -> Database:
-    name = f"uniphant_test_{os.getpid()}"
-    database = cluster.database(name)
+    database = cluster.database("uniphant_test")
     yield database
     database.conn.close()
 
