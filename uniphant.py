@@ -818,6 +818,34 @@ def _wait_for_exit(pid_file: str, pid: int, timeout: float) -> bool:
     return True
 
 
+def _signal_holder(pid_file: str, pid: int, sig: int) -> bool:
+    """Send sig to pid if, and only if, it holds pid_file's lock; whether it was sent.
+
+    A pidfd pins the process before the lock is checked again, so the signal
+    cannot reach another process that has reused the PID in between.
+    """
+    import signal
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):  # no pidfds (before Linux 5.3): a narrower check
+        if get_pid_for_running_process(pid_file) != pid:
+            return False
+        os.kill(pid, sig)
+        return True
+    try:
+        if get_pid_for_running_process(pid_file) != pid:
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False  # it exited meanwhile
+    finally:
+        os.close(pidfd)
+
+
 def stop_running_process(pid_file: str, timeout: float = 10.0) -> Optional[int]:
     """Stop the worker holding pid_file: SIGTERM, then SIGKILL after timeout seconds.
 
@@ -829,12 +857,12 @@ def stop_running_process(pid_file: str, timeout: float = 10.0) -> Optional[int]:
     pid = get_pid_for_running_process(pid_file)
     if pid is None:
         return None
-    os.kill(pid, signal.SIGTERM)
+    _signal_holder(pid_file, pid, signal.SIGTERM)
     if _wait_for_exit(pid_file, pid, timeout):
         return signal.SIGTERM
-    if get_pid_for_running_process(pid_file) == pid:
-        os.kill(pid, signal.SIGKILL)
-        _wait_for_exit(pid_file, pid, 10.0)
+    if not _signal_holder(pid_file, pid, signal.SIGKILL):
+        return signal.SIGTERM  # it went just in time
+    _wait_for_exit(pid_file, pid, 10.0)
     return signal.SIGKILL
 
 
