@@ -907,10 +907,11 @@ def _tell(fd: int, message: str) -> None:
 
 
 def start_daemon(config: Config, connection, worker_function: WorkerFunction, pid_file: str) -> int:
-    """Start the worker as a daemon; return 0 once it has registered, else say why and return 1.
+    """Start the worker as a daemon; return 0 once it has registered its row.
 
-    The caller's connection proved the database reachable; it is closed here,
-    and the daemon connects anew after forking.
+    Raises UniphantError with the daemon's reason when it could not start.  The
+    caller's connection proved the database reachable; it is closed here, and
+    the daemon connects anew after forking.
     """
     connection.close()
     ready_r, ready_w = os.pipe()
@@ -921,20 +922,20 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
             report = pipe.read().decode("utf-8", "replace")
         os.waitpid(child, 0)
         word, _, rest = report.partition(" ")
-        if word == "ready":
-            print(f"Worker {config['worker_type']} with ID {config['worker_id']} started with PID {rest}.")
-            return EXIT_OK
-        print(rest or f"the daemon exited before it was ready; see {_log_file_path(config)}",
-              file=sys.stderr)
-        return EXIT_FAILURE
+        if word != "ready":
+            raise UniphantError(rest or "the daemon exited before it was ready")
+        print(f"{_describe(config)} started with PID {rest}.")
+        return EXIT_OK
     os.close(ready_r)
     code = EXIT_FAILURE
     try:
         _detach(config, ready_w)
         code = _daemon_main(config, worker_function, pid_file, ready_w)
     finally:
-        sys.modules["logging"].shutdown()
-        os._exit(code)
+        import logging
+
+        logging.shutdown()
+        os._exit(code)  # never return into the caller's code: that is the parent's
 
 
 def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str, ready_w: int) -> int:
@@ -942,7 +943,7 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
     try:
         if not _lock_pid_file(config, pid_file):
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
-        logger = setup_logging(config)
+        setup_logging(config)
         connection = connect_to_database(config)
         try:
             register_process(config, connection)
