@@ -633,11 +633,13 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
     import pg8000.dbapi
 
     # pg8000 says goodbye to a server that refused it; when that write fails,
-    # the server's answer is only the context of the write's error.
-    for answer in (error, error.__context__):
+    # the server's answer is somewhere in the context of the write's error.
+    answer: Optional[BaseException] = error
+    while answer is not None:
         if isinstance(answer, pg8000.dbapi.DatabaseError):
             code, message = _sql_error(answer)
             return message, code.startswith("28") or code == "3D000"
+        answer = answer.__context__
     cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
     if isinstance(cause, socket.timeout):
         return f"timed out after {timeout:g} s", False
@@ -1000,13 +1002,14 @@ def _stop_reason(config: Config, connection) -> Optional[str]:
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read the waiting notification
     channel = _channel(config)
+    deleted = "its process row was deleted"
     if any(n[1] == channel for n in connection.notifications):
-        return "its process row was deleted"
+        return deleted
     now = time.monotonic()
     if now >= _next_heartbeat:
         _next_heartbeat = now + _heartbeat_period(config)
         if not keepalive(connection):
-            return "its process row is gone"
+            return deleted
     return None
 
 
