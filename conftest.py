@@ -9,6 +9,7 @@ UNIPHANT_TEST_PGPASSWORD: the tests then work in databases they create and drop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -169,36 +170,38 @@ def db(cluster) -> Database:
     database.conn.close()
 
 
-@pytest.fixture
-def private_server():
-    """A server of this test's own, which it may stop and start."""
-    server = pgserver.Server().init().start()
-    server.create_database("uniphant")
+@contextlib.contextmanager
+def own_server(ssl: bool = False):
+    """A server of the test's own, with the schema in database `uniphant`."""
+    server = pgserver.Server()
     try:
+        if ssl and not server.supports_ssl():
+            pytest.skip(f"the server binaries in {server.bindir} (or openssl) lack SSL support")
+        server.init(ssl=ssl).start()
+        server.create_database("uniphant")
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture
+def private_server():
+    """A server of this test's own, which it may stop and start."""
+    with own_server() as server:
+        yield server
 
 
 @pytest.fixture
 def ssl_server():
     """A server of this test's own that speaks SSL, with a password role `alice` (password `alice-pw`)."""
-    server = pgserver.Server()
-    if not server.supports_ssl():
-        shutil.rmtree(server.dir, ignore_errors=True)
-        pytest.skip(f"the server binaries in {server.bindir} (or openssl) lack SSL support")
-    server.init(ssl=True).start()
-    server.create_database("uniphant")
-    conn = server.connect("uniphant")
-    conn.cursor().execute("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
-    conn.cursor().execute("GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                          "register_process(uuid, uuid, text, integer, interval), "
-                          "keepalive(), disconnect() TO alice")
-    conn.close()
-    try:
+    with own_server(ssl=True) as server:
+        conn = server.connect("uniphant")
+        conn.cursor().execute("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
+        conn.cursor().execute("GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
+                              "register_process(uuid, uuid, text, integer, interval), "
+                              "keepalive(), disconnect() TO alice")
+        conn.close()
         yield server
-    finally:
-        server.destroy()
 
 
 class Project:

@@ -174,6 +174,12 @@ def test_connection_keys_in_config_files_win_over_the_environment(project, db, w
     assert db.process(worker_id) is not None
 
 
+def test_bad_connection_key_in_the_environment_is_an_error(project, db, worker_id):
+    result = project.run(worker_id, "start", env={"PGPORT": "fivefour"})
+    assert_clean_error(result, 2, "the environment: bad value for PGPORT")
+    assert db.process(worker_id) is None
+
+
 def test_runtime_keys_are_in_config_as_numbers(project):
     project.write("uniphant.conf", "interval=0.5\nlog_level=debug\n")
     assert show_config(project, "interval", "stop_timeout", "stale_after", "log_level") == [

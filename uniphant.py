@@ -185,14 +185,19 @@ def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
             raise ConfigError(f"{where}: {key!r} is reserved and cannot be set in a config file")
         if key in found:
             raise ConfigError(f"{where}: {key!r} is already defined at {found[key][1]}")
-        check = _CHECKS.get(key)
-        if check is not None:
-            try:
-                value = check(value)
-            except ValueError as e:
-                raise ConfigError(f"{where}: bad value for {key}: {e}, got {_shorten(value)}") from None
-        found[key] = (value, where)
+        found[key] = (_checked(key, value, where), where)
     return {key: value for key, (value, _) in found.items()}
+
+
+def _checked(key: str, value: str, where: str) -> Any:
+    """value as uniphant uses it, if key is one it reads; a ConfigError saying where, if bad."""
+    check = _CHECKS.get(key)
+    if check is None:
+        return value
+    try:
+        return check(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: bad value for {key}: {e}, got {_shorten(value)}") from None
 
 
 def parse_key_value_format(conf_file: str) -> Dict[str, Any]:
@@ -472,15 +477,13 @@ class _Wire:
 
 
 def _pg_setting(config: Config, key: str) -> str:
-    """A connection key from the config files, else the environment ('' if unset)."""
-    value = str(config.get(key) or os.environ.get(key, "")).strip()
-    check = _CHECKS.get(key)
-    if value and check is not None and key not in config:
-        try:
-            value = check(value)
-        except ValueError as e:
-            raise ConfigError(f"environment variable {key}: {e}, got {_shorten(value)}") from None
-    return value
+    """A connection key from the config files (checked when read), else the
+    environment ('' if unset)."""
+    value = str(config.get(key) or "").strip()
+    if value:
+        return value
+    value = os.environ.get(key, "").strip()
+    return _checked(key, value, "the environment") if value else ""
 
 
 def _default_socket_dir() -> str:
