@@ -776,11 +776,10 @@ def get_pid_for_running_process(pid_file: str) -> Optional[int]:
 def _lock_pid_file(config: Config, pid_file: str) -> bool:
     """Take the PID file's lock for the life of this process; false if another holds it.
 
-    lockf() locks are not inherited by children the worker forks, so the lock
-    dies with this process and nothing else.
+    Its directory is made by _prepare_paths().  lockf() locks are not inherited
+    by children the worker forks, so the lock dies with this process and nothing else.
     """
     global _pid_file_fd
-    _real_dir(config["root_dir"], "pid", config["worker_type"])
     fd = _open_own_file(pid_file, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1047,7 +1046,7 @@ def _wait(seconds: float, connection=None) -> None:
         fds.append(_parent_fd)
     if _poll_parent:
         seconds = min(seconds, _PARENT_POLL)
-    wire = _wire_of(connection) if connection is not None else None
+    wire = _wire_of(connection)
     if wire is not None:
         if wire.pending():
             return
