@@ -33,7 +33,8 @@ The database objects are in ``schema.sql``.  See README.md for the rest.
 from __future__ import annotations
 
 # Only what every command needs is imported here: `status` and `stop` must
-# start fast.  signal, logging, socket, random and pg8000 are imported where used.
+# start fast.  signal, logging, socket, threading, random and pg8000 are
+# imported where they are used.
 import errno
 import fcntl
 import gc
@@ -60,6 +61,9 @@ __all__ = [
 # Exit codes of the command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
+# The version of schema.sql this file needs (uniphant_schema_version()).
+SCHEMA_VERSION = 2
+
 
 class UniphantError(Exception):
     """A failure to report in one line, without a traceback: exit 1."""
@@ -71,6 +75,20 @@ class ConfigError(UniphantError, ValueError):
     """Bad configuration or usage: exit 2."""
 
     exit_code = EXIT_USAGE
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as a user should read it: its message, else its type's name."""
+    fields = error.args[0] if error.args and isinstance(error.args[0], dict) else None
+    if fields is not None and "M" in fields:  # pg8000's DatabaseError: the server's message
+        return fields["M"]
+    return str(error).strip() or type(error).__name__
+
+
+def _explain(error: BaseException) -> str:
+    """An exception in one line: uniphant's own as their message, others with their type."""
+    text, name = _reason(error), type(error).__name__
+    return text if isinstance(error, UniphantError) or text == name else f"{name}: {text}"
 
 
 # ---------------------------------------------------------------------------
@@ -90,27 +108,46 @@ RUNTIME_DEFAULTS: Dict[str, Any] = {
     "log_level": "INFO", "interval": 1.0, "stop_timeout": 10.0, "stale_after": 60.0,
 }
 
+# No duration may exceed a day: larger values are typing mistakes, and some
+# (1e400 is infinity) would break the waits they set.
+_MAX_SECONDS = 86400
 
-def _seconds(value: str, minimum: float, inclusive: bool) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not (number >= minimum if inclusive else number > minimum) or number == float("inf"):
-        raise ValueError(f"expected a number of seconds {'>=' if inclusive else '>'} {minimum:g}")
-    return number
+
+def _is_decimal(value: str) -> bool:
+    """Whether value is a plain decimal number in ASCII digits: "2", "0.5", ".5".
+
+    float() also takes "nan", "1e400", "1_000" and the digits of every script,
+    and str.isdigit() takes superscripts: none of them is a setting.
+    """
+    whole, _, fraction = value.partition(".")
+    digits = whole + fraction
+    return bool(digits) and all("0" <= c <= "9" for c in digits)
+
+
+def _seconds(minimum: float, above: bool = False) -> Callable[[str], float]:
+    """A check for a number of seconds from minimum (exclusive if above) to a day."""
+    def check(value: str) -> float:
+        number = float(value) if _is_decimal(value) else -1.0
+        if not (number > minimum if above else number >= minimum) or number > _MAX_SECONDS:
+            raise ValueError(f"expected a number of seconds {'>' if above else '>='} "
+                             f"{minimum:g} and <= {_MAX_SECONDS}")
+        return number
+    return check
+
+
+def _is_whole(value: str, low: int, high: int) -> bool:
+    return value.isascii() and value.isdigit() and low <= int(value) <= high
 
 
 def _port_list(value: str) -> str:
-    for port in value.split(","):
-        if not port.strip().isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected a port number (or a comma-separated list)")
+    if not all(_is_whole(port.strip(), 1, 65535) for port in value.split(",")):
+        raise ValueError("expected a port number from 1 to 65535 (or a comma-separated list)")
     return value
 
 
 def _connect_timeout(value: str) -> str:
-    if not value.isdigit():
-        raise ValueError("expected a whole number of seconds")
+    if not _is_whole(value, 0, _MAX_SECONDS):
+        raise ValueError(f"expected a whole number of seconds from 0 to {_MAX_SECONDS}")
     return value
 
 
@@ -125,9 +162,10 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 # Each checker returns the value to store, or raises ValueError saying what is wrong.
 _CHECKS: Dict[str, Callable[[str], Any]] = {
     "log_level": _choice(LOG_LEVELS, str.upper),
-    "interval": lambda v: _seconds(v, 0, inclusive=True),
-    "stop_timeout": lambda v: _seconds(v, 0, inclusive=False),
-    "stale_after": lambda v: _seconds(v, 0, inclusive=False),
+    "interval": _seconds(0),
+    "stop_timeout": _seconds(0, above=True),
+    # A heartbeat every stale_after / 3 seconds, and never more than one a second.
+    "stale_after": _seconds(3),
     "PGPORT": _port_list,
     "PGCONNECT_TIMEOUT": _connect_timeout,
     "PGSSLMODE": _choice(SSL_MODES, str.lower),
@@ -141,7 +179,8 @@ def _shorten(text: str, limit: int = 60) -> str:
 def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, str]]:
     """(where, key, value) for each setting in a config file; [] if there is no file.
 
-    ``private`` files must not be readable by group or others.
+    ``private`` files must not be readable by group or others.  No error shows a
+    line's text: in a secrets file, any line may be a password.
     """
     try:
         with open(path, "rb") as f:
@@ -169,7 +208,7 @@ def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, st
         key, sep, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if not sep:
-            raise ConfigError(f"{where}: expected key=value, got {_shorten(line)}")
+            raise ConfigError(f"{where}: expected key=value, but the line has no '='")
         if not key:
             raise ConfigError(f"{where}: empty key before '='")
         entries.append((where, key, value))
@@ -197,7 +236,7 @@ def _checked(key: str, value: str, where: str) -> Any:
     try:
         return check(value)
     except ValueError as e:
-        raise ConfigError(f"{where}: bad value for {key}: {e}, got {_shorten(value)}") from None
+        raise ConfigError(f"{where}: bad value for {key}: {e}") from None
 
 
 def parse_key_value_format(conf_file: str) -> Dict[str, Any]:
@@ -215,8 +254,18 @@ def _config_dirs(config: Config) -> List[str]:
         directory = os.path.dirname(directory)
 
 
+def _home() -> Optional[str]:
+    """The user's home directory, or None where there is none (a container's
+    arbitrary user ID with no passwd entry and no HOME)."""
+    home = os.path.expanduser("~")
+    return None if home == "~" else home
+
+
 def _secret_entries(config: Config) -> List[Tuple[str, str, str]]:
-    secrets = os.path.join(os.path.expanduser("~"), ".uniphant", "secrets")
+    home = _home()
+    if home is None:
+        return []
+    secrets = os.path.join(home, ".uniphant", "secrets")
     entries = []
     for directory in _config_dirs(config):
         relative = os.path.relpath(directory, config["root_dir"])
@@ -248,18 +297,51 @@ def get_calling_file_path() -> str:
     return os.path.abspath(frame.f_code.co_filename)
 
 
-def get_script_details() -> Tuple[str, str, str]:
-    """(root_dir, script_dir, worker_type) of the calling script."""
-    path = get_calling_file_path()
-    script_dir = os.path.dirname(path)
-    workers = script_dir
+def _workers_dir(path: str) -> str:
+    """The nearest ancestor of path named `workers`."""
+    workers = os.path.dirname(path)
     while os.path.basename(workers) != "workers":
         parent = os.path.dirname(workers)
         if parent == workers:
             raise ConfigError(f"{path}: a worker script must be inside a directory named 'workers'")
         workers = parent
-    relative = os.path.splitext(os.path.relpath(path, workers))[0]
-    return os.path.dirname(workers), script_dir, relative.replace(os.sep, ".")
+    return workers
+
+
+def _worker_type(workers: str, path: str) -> str:
+    return os.path.splitext(os.path.relpath(path, workers))[0].replace(os.sep, ".")
+
+
+def get_script_details() -> Tuple[str, str, str]:
+    """(root_dir, script_dir, worker_type) of the calling script."""
+    path = get_calling_file_path()
+    workers = _workers_dir(path)
+    return os.path.dirname(workers), os.path.dirname(path), _worker_type(workers, path)
+
+
+def _scripts_of_type(root_dir: str, worker_type: str) -> List[str]:
+    """Every Python script below root_dir/workers whose worker type is worker_type:
+    `a.b.c` may be workers/a/b/c.py, workers/a/b.c.py, workers/a.b/c.py or workers/a.b.c.py."""
+    parts = worker_type.split(".")
+    found = []
+    for joins in range(2 ** (len(parts) - 1)):  # each way to join the parts with / or .
+        name = parts[0]
+        for i, part in enumerate(parts[1:]):
+            name += ("/" if joins >> i & 1 else ".") + part
+        path = os.path.join(root_dir, "workers", name + ".py")
+        if os.path.isfile(path):
+            found.append(path)
+    return found
+
+
+def _refuse_shared_type(config: Config) -> None:
+    """Two scripts of one worker type would share a PID file and a log: refuse to start either."""
+    path = get_calling_file_path()
+    others = [p for p in _scripts_of_type(config["root_dir"], config["worker_type"])
+              if not os.path.samefile(p, path)]
+    if others:
+        raise ConfigError(f"{path} and {others[0]} are both worker type "
+                          f"{config['worker_type']!r}: rename one of them")
 
 
 def get_pid_file_path(config: Config) -> str:
@@ -270,24 +352,27 @@ def _log_file_path(config: Config) -> str:
     return os.path.join(config["root_dir"], "log", config["worker_type"], f"{config['worker_id']}.log")
 
 
-def setup_config() -> Config:
-    """The configuration of the calling worker: the reserved keys, then the files' keys."""
+def _script_config() -> Config:
+    """The keys that locate the calling worker's files; no config file is read."""
     root_dir, script_dir, worker_type = get_script_details()
-    config: Config = {
+    return {
         "root_dir": root_dir,
         "script_dir": script_dir,
         "worker_type": worker_type,
         "lock_file": os.path.join(root_dir, ".lock"),
         "host_id_file": os.path.join(root_dir, ".host_id"),
     }
+
+
+def setup_config() -> Config:
+    """The configuration of the calling worker: the reserved keys, then the files' keys."""
+    config = _script_config()
     config.update(RUNTIME_DEFAULTS)
     config.update(read_config_files(config))
     config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
     config["process_id"] = _new_uuid()
     config["host_name"] = os.uname().nodename
     return config
-
-
 # ---------------------------------------------------------------------------
 # Host identity
 # ---------------------------------------------------------------------------
@@ -327,6 +412,21 @@ def _read_host_id(host_id_file: str) -> Optional[str]:
     return host_id
 
 
+def _write_atomically(path: str, text: str) -> None:
+    """Write path whole or not at all (a full disk leaves no half-written file behind)."""
+    temporary = f"{path}.{os.getpid()}"
+    try:
+        with open(temporary, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
     """This host's id from host_id_file, created once under a lock on lock_file."""
     host_id = _read_host_id(host_id_file)
@@ -338,12 +438,7 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
         host_id = _read_host_id(host_id_file)  # a concurrent first start may have won
         if host_id is None:
             host_id = _new_uuid()
-            temporary = f"{host_id_file}.{os.getpid()}"
-            with open(temporary, "w", encoding="utf-8") as f:
-                f.write(host_id + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, host_id_file)
+            _write_atomically(host_id_file, host_id + "\n")
     finally:
         os.close(fd)
     return host_id
@@ -361,11 +456,10 @@ def _real_dir(root_dir: str, *names: str) -> str:
         try:
             os.mkdir(path, 0o775)
         except FileExistsError:
-            pass
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise UniphantError(f"{path} must be a directory, not a symlink or a file") from None
         except OSError as e:
             raise UniphantError(f"cannot create directory {path}: {e.strerror}") from None
-        if os.path.islink(path) or not os.path.isdir(path):
-            raise UniphantError(f"{path} must be a directory, not a symlink or a file")
     return path
 
 
@@ -383,37 +477,58 @@ def _open_own_file(path: str, flags: int) -> int:
         raise UniphantError(f"cannot open {path}: {reason}") from None
 
 
-def _open_for_append(path: str) -> int:
-    return _open_own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+def _open_log_stream(config: Config):
+    """The log file, opened for appending (its directory made again if it was removed)."""
+    _real_dir(config["root_dir"], "log", config["worker_type"])
+    fd = _open_own_file(_log_file_path(config), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _prepare_paths(config: Config) -> None:
     """Make the log and PID directories and check the log file, before anything starts."""
     _real_dir(config["root_dir"], "pid", config["worker_type"])
-    _real_dir(config["root_dir"], "log", config["worker_type"])
-    os.close(_open_for_append(_log_file_path(config)))
+    _open_log_stream(config).close()
 
 
 def setup_logging(config: Config) -> logging.Logger:
     """The worker's logger: root_dir/log/<worker_type>/<worker_id>.log, and stdout in the foreground."""
     import logging
 
-    _real_dir(config["root_dir"], "log", config["worker_type"])
-    logger = logging.getLogger(f"uniphant.{config['worker_type']}")
+    logger = _logger(config)
     logger.setLevel(config["log_level"])
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    stream = os.fdopen(_open_for_append(_log_file_path(config)), "a", encoding="utf-8")
-    handlers: List[logging.Handler] = [logging.StreamHandler(stream)]
+    _runtime.log_handler = logging.StreamHandler(_open_log_stream(config))
+    handlers: List[logging.Handler] = [_runtime.log_handler]
     if config["foreground"]:
         handlers.append(logging.StreamHandler(sys.stdout))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+def _logger(config: Config) -> logging.Logger:
+    import logging
+
+    return logging.getLogger(f"uniphant.{config['worker_type']}")
+
+
+def _reopen_log(config: Config) -> None:
+    """Reopen the log file (on SIGHUP): a file rotated away or removed is made anew."""
+    logger, handler = _logger(config), _runtime.log_handler
+    if handler is None:
+        return
+    try:
+        stream = _open_log_stream(config)
+    except (UniphantError, OSError) as e:
+        logger.error("SIGHUP: cannot reopen the log file, still writing to the old one: %s", _reason(e))
+        return
+    handler.setStream(stream).close()
+    logger.info("SIGHUP: reopened the log file")
 
 
 # ---------------------------------------------------------------------------
@@ -428,16 +543,41 @@ class ConnectError(UniphantError):
         self.permanent = permanent
 
 
+class _Refused(UniphantError):
+    """register_process() refused: another process runs the worker (SQLSTATE in code)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _SchemaMissing(UniphantError):
+    """The database lacks a function or table of schema.sql."""
+
+
+class _SessionChanged(UniphantError):
+    """The worker function changed who its session is: the runtime cannot act on it."""
+
+
+def _readable(fd: int, timeout: float = 0.0) -> bool:
+    """Whether fd has input, waiting up to timeout seconds (poll: any descriptor number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
 class _Wire:
     """The socket pg8000 talks through, posing as the file its makefile() returns.
 
     pg8000 reads through a BufferedReader, which may hold a notification that
-    arrived right behind a reply while select() reports the socket idle.  This
+    arrived right behind a reply while poll() reports the socket idle.  This
     buffer is ours, so pending() can tell, and waiting never misses a stop.
+    It also remembers who the session was when it connected (``identity``).
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.identity: Tuple[Optional[str], Optional[str]] = (None, None)
         self._in = bytearray()
         self._out = bytearray()
 
@@ -468,12 +608,12 @@ class _Wire:
         return self.sock.fileno()
 
     def pending(self) -> bool:
-        """Whether bytes are waiting in a buffer, where select() cannot see them."""
+        """Whether bytes are waiting in a buffer, where poll() cannot see them."""
         ssl_pending = getattr(self.sock, "pending", None)
         return bool(self._in) or bool(ssl_pending and ssl_pending())
 
     def readable(self) -> bool:
-        return self.pending() or bool(select.select([self.sock], [], [], 0)[0])
+        return self.pending() or _readable(self.sock.fileno())
 
 
 def _pg_setting(config: Config, key: str) -> str:
@@ -502,6 +642,22 @@ def _targets(config: Config) -> List[Tuple[str, int]]:
     return list(zip(hosts, ports))
 
 
+def _os_user() -> str:
+    """libpq's default user: the name of the effective user ID."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        raise ConfigError(f"user ID {os.geteuid()} has no name in the password database "
+                          f"(a container's --user, say): set PGUSER") from None
+
+
+def _pgpass_path(config: Config) -> Optional[str]:
+    home = _home()
+    return _pg_setting(config, "PGPASSFILE") or (home and os.path.join(home, ".pgpass"))
+
+
 def _split_pgpass_line(line: str) -> List[str]:
     """host, port, database, user and password; the password may hold unescaped colons."""
     fields, field, escaped = [], "", False
@@ -520,16 +676,16 @@ def _split_pgpass_line(line: str) -> List[str]:
 
 def _pgpass_password(config: Config, host: str, port: int, database: str, user: str) -> Optional[str]:
     """The password for this connection from the password file, as libpq finds it."""
-    path = _pg_setting(config, "PGPASSFILE") or os.path.join(os.path.expanduser("~"), ".pgpass")
+    path = _pgpass_path(config)
     if host.startswith("/"):
         host = "localhost" if host == _default_socket_dir() else host
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path or "", encoding="utf-8") as f:
             if os.fstat(f.fileno()).st_mode & 0o077:
                 return None  # libpq ignores a password file others can read
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError):
-        return None
+        return None  # no usable file: as libpq, connect without a password
     wanted = (host, str(port), database, user)
     for line in lines:
         if not line.strip() or line.startswith("#"):
@@ -546,7 +702,7 @@ def _ssl_context(mode: str):
     import ssl
 
     if mode in ("verify-ca", "verify-full"):
-        root = os.path.join(os.path.expanduser("~"), ".postgresql", "root.crt")
+        root = os.path.join(_home() or "/", ".postgresql", "root.crt")
         context = ssl.create_default_context(cafile=root if os.path.exists(root) else None)
         context.check_hostname = mode == "verify-full"
     else:
@@ -556,7 +712,21 @@ def _ssl_context(mode: str):
     return context
 
 
-def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float]) -> _Wire:
+def _detect_dead_peers(sock: socket.socket, stale_after: float) -> None:
+    """Make a silent peer (a network partition, a server host that died) an error on
+    this socket within half of stale_after, so the process learns it has lost its
+    session well before another host may take its worker over."""
+    import socket
+
+    probe = max(1, int(stale_after / 12))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 3 * probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 6000 * probe)
+
+
+def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], stale_after: float) -> _Wire:
     """A connected socket, with SSL negotiated as PGSSLMODE asks (sockets never use SSL)."""
     import socket
 
@@ -572,7 +742,7 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float]) -> 
     sock = socket.create_connection((host, port), timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _detect_dead_peers(sock, stale_after)
         if sslmode != "disable":
             sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
             if sock.recv(1) == b"S":
@@ -592,11 +762,9 @@ def connect_to_database(config: Config):
     Tries each host of PGHOST in turn; raises ConnectError with one line naming
     where it tried and why it failed.
     """
-    import pwd
-
     import pg8000.dbapi
 
-    user = _pg_setting(config, "PGUSER") or pwd.getpwuid(os.geteuid()).pw_name
+    user = _pg_setting(config, "PGUSER") or _os_user()
     database = _pg_setting(config, "PGDATABASE") or user
     sslmode = _pg_setting(config, "PGSSLMODE") or "prefer"
     timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
@@ -606,11 +774,19 @@ def connect_to_database(config: Config):
         where = f"socket {host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
         password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
         try:
-            wire = _open_wire(host, port, sslmode, timeout)
+            wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
             connection = pg8000.dbapi.connect(
                 user=user, database=database, password=password, sock=wire,
                 ssl_context=False, application_name=config["process_id"])
-        except (OSError, pg8000.dbapi.Error) as e:
+        except ConnectError as e:
+            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", e.permanent) from None
+        except Exception as e:
+            if password is None and _asks_for_password(e):
+                raise ConnectError(
+                    f"could not connect to PostgreSQL at {where}: the server asks for a password "
+                    f"and none is configured: set PGPASSWORD (in a secrets.conf, say) or add a "
+                    f"line for this server to {_pgpass_path(config) or 'a PGPASSFILE'}",
+                    permanent=True) from None
             reason, permanent = _connect_failure(e, timeout)
             if permanent:
                 raise ConnectError(f"could not connect to PostgreSQL at {where}: {reason}",
@@ -618,9 +794,17 @@ def connect_to_database(config: Config):
             failures.append(f"{where}: {reason}")
             continue
         wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
+        statuses = connection.parameter_statuses
+        wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
         connection.autocommit = True
         return connection
     raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
+
+
+def _asks_for_password(error: BaseException) -> bool:
+    # pg8000 says so for clear-text and MD5; for SCRAM it fails on the missing
+    # password itself, with an AttributeError.
+    return isinstance(error, AttributeError) or "no password was provided" in str(error)
 
 
 def _sql_error(error: BaseException) -> Tuple[str, str]:
@@ -646,8 +830,9 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
     cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
     if isinstance(cause, socket.timeout):
         return f"timed out after {timeout:g} s", False
-    reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-    return reason, "password" in reason  # pg8000: the server asked for one and none was given
+    if isinstance(cause, socket.gaierror):
+        return f"unknown host ({cause.strerror})", False
+    return getattr(cause, "strerror", None) or _reason(cause), False
 
 
 def _wire_of(connection) -> Optional[_Wire]:
@@ -656,37 +841,79 @@ def _wire_of(connection) -> Optional[_Wire]:
     return wire if isinstance(wire, _Wire) else None
 
 
+def _in_transaction(connection) -> bool:
+    # pg8000 keeps the status of the last ReadyForQuery: b"I" idle, b"T" in a
+    # transaction, b"E" in a failed one.
+    return connection._transaction_status != b"I"
+
+
+def _check_session(config: Config, connection) -> None:
+    """Refuse to act for this process on a session whose identity the worker function
+    changed: keyed by application_name and bound to the session's user, the
+    runtime's calls would act on another row, or on none."""
+    wire = _wire_of(connection)
+    statuses = connection.parameter_statuses
+    if statuses.get("application_name") != config["process_id"]:
+        raise _SessionChanged("the worker function changed its session's application_name")
+    if wire is not None and statuses.get("session_authorization") != wire.identity[1]:
+        raise _SessionChanged("the worker function changed its session's user "
+                              "(SET SESSION AUTHORIZATION)")
+
+
 def _channel(config: Config) -> str:
     """The channel a deleted process row is announced on (schema.sql: processes_notify_stop)."""
     return "uniphant_" + config["process_id"].replace("-", "")
 
 
-def _scalar(connection, sql: str, params: tuple = ()) -> Any:
-    """The first value of one of our API calls; an SQL error becomes a UniphantError."""
+def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
+    """The first row of one of the runtime's own calls, SQL with $1-style parameters.
+
+    It goes around pg8000's cursor, which would open a transaction if the worker
+    function had switched autocommit off.  A refusal, a missing schema or any
+    other SQL error becomes a UniphantError.
+    """
     import pg8000.dbapi
 
-    cursor = connection.cursor()
     try:
-        cursor.execute(sql, params)
-        row = cursor.fetchone() if cursor.description else None
-        return row[0] if row else None
+        if params:
+            context = connection.execute_unnamed(sql, params)
+        else:
+            context = connection.execute_simple(sql)
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
-        if code == "UN001":
-            raise UniphantError(message) from None
-        hint = "; is schema.sql loaded?" if code in ("42883", "42P01") else ""
-        raise UniphantError(f"database error {code}: {message}{hint}") from None
-    finally:
-        cursor.close()
+        if code in ("UN001", "UN003", "UN004", "22023"):
+            raise _Refused(message, code) from None
+        if code in ("42883", "42P01", "3F000"):
+            raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
+                                f"load schema.sql") from None
+        raise UniphantError(f"database error {code}: {message}") from None
+    rows = context.rows
+    return rows[0] if rows else None
 
 
 def register_host(config: Config, connection) -> None:
-    _scalar(connection, "SELECT register_host(%s::uuid, %s)", (config["host_id"], config["host_name"]))
+    """Register this host, and check that the database's schema is recent enough."""
+    try:
+        row = _call(connection, "SELECT public.uniphant_schema_version(), "
+                    "public.register_host($1::uuid, $2)", (config["host_id"], config["host_name"]))
+    except _SchemaMissing:
+        # Version 1 had no version function; its keepalive() tells it apart from nothing.
+        row = _call(connection, "SELECT 1 WHERE to_regprocedure('public.keepalive()') IS NOT NULL")
+    version = row[0] if row else None
+    if version is None or version < SCHEMA_VERSION:
+        found = "no uniphant schema" if version is None else f"uniphant schema version {version}"
+        raise UniphantError(f"the database has {found}, and this uniphant needs version "
+                            f"{SCHEMA_VERSION}: load schema.sql")
 
 
 def _listen(config: Config, connection) -> None:
     # The channel is built from hex digits of our own process id: safe to format.
-    _scalar(connection, f"LISTEN {_channel(config)}")
+    connection.execute_simple(f"LISTEN {_channel(config)}")
+
+
+# How long a start waits for the session of this host's previous process of
+# the worker to end (its process is gone: the caller holds the PID-file lock).
+_SESSION_END_WAIT = 2.0
 
 
 def register_process(config: Config, connection) -> None:
@@ -694,29 +921,40 @@ def register_process(config: Config, connection) -> None:
 
     Raises UniphantError naming the running process when another one runs the worker.
     """
-    _scalar(connection,
-            "SELECT register_process(%s::uuid, %s::uuid, %s, %s, make_interval(secs => %s))",
-            (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
-             float(config["stale_after"])))
+    deadline = time.monotonic() + _SESSION_END_WAIT
+    while True:
+        try:
+            _call(connection, "SELECT public.register_process($1::uuid, $2::uuid, $3, $4, "
+                  "make_interval(secs => $5))",
+                  (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
+                   float(config["stale_after"])))
+            break
+        except _Refused as e:
+            if e.code != "UN003" or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
     _listen(config, connection)
 
 
 def keepalive(connection) -> bool:
     """Record a heartbeat; false when the process row is gone and the worker must stop."""
-    return bool(_scalar(connection, "SELECT keepalive()"))
+    return bool(_call(connection, "SELECT public.keepalive()")[0])
 
 
 def _close_quietly(connection) -> None:
+    """Close a connection that may be dead: one that cannot say goodbye is closed all the same."""
+    import pg8000.dbapi
+
     try:
         connection.close()
-    except Exception:
-        pass  # a dead connection cannot even say goodbye
+    except (pg8000.dbapi.InterfaceError, OSError):
+        return  # pg8000 closes the socket even when the goodbye cannot be sent
 
 
 def disconnect(connection) -> None:
     """Remove this process's row, then close the connection."""
     try:
-        _scalar(connection, "SELECT disconnect()")
+        _call(connection, "SELECT public.disconnect()")
     finally:
         _close_quietly(connection)
 
@@ -725,13 +963,75 @@ def disconnect(connection) -> None:
 # Process management
 # ---------------------------------------------------------------------------
 
-termination_requested = False
-_termination_signal = 0
+class _Runtime:
+    """What one uniphant process knows while it runs.
+
+    One instance per process: a worker that the manager forks starts with a
+    fresh one, so nothing of its parent's run carries over.
+    """
+
+    def __init__(self) -> None:
+        self.signals: List[int] = []             # caught by signal_handler, not yet acted on
+        self.stop_signal: Optional[str] = None   # the name of the signal that asked us to stop
+        self.wakeup_fd: Optional[int] = None     # readable when a signal arrived
+        self.parent_fd: Optional[int] = None     # a pidfd of the parent (foreground): readable when it exits
+        self.poll_parent = False                 # foreground without pidfds: look every _PARENT_POLL
+        self.log_handler = None                  # the log file's handler, reopened on SIGHUP
+        self.pid_file_fd: Optional[int] = None   # the locked PID file
+        self.next_call = 0.0                     # when the worker function is due (time.monotonic)
+        self.next_heartbeat = 0.0                # when keepalive() is due
+        self.confirmed_at = 0.0                  # when the last call that found the row was sent
+        self.row_gone = False                    # keepalive() found the row deleted
+        self.watchdog: Optional[_Watchdog] = None
+        self.warned: set = set()                 # the one-time warnings already given
+
+
+_runtime = _Runtime()
+
+# What each catchable signal whose default action ends a process does to a
+# worker (README, "Signals").  Faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS)
+# keep their default: a process that got a real one cannot run on.
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGXCPU", "SIGPWR")
+_REOPEN_SIGNAL = "SIGHUP"
+_IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
+                    "SIGSTKFLT", "SIGTRAP")  # and every real-time signal
 
 
 def signal_handler(sig: int, frame: Any) -> None:
-    global termination_requested, _termination_signal
-    termination_requested, _termination_signal = True, sig
+    """Note a signal; the run loop acts on it at once (the wakeup pipe wakes it)."""
+    _runtime.signals.append(sig)
+
+
+def _signal_name(sig: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+
+
+def _install_signal_handlers() -> None:
+    import signal
+
+    names = _STOP_SIGNALS + (_REOPEN_SIGNAL,) + _IGNORED_SIGNALS
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    for sig in signals + list(range(signal.SIGRTMIN, signal.SIGRTMAX + 1)):
+        signal.signal(sig, signal_handler)
+
+
+def _act_on_signals(config: Config) -> None:
+    """Act on the signals caught since the last look: note a stop, reopen the log,
+    or log that one was ignored."""
+    rt = _runtime
+    while rt.signals:
+        name = _signal_name(rt.signals.pop(0))
+        if name in _STOP_SIGNALS:
+            rt.stop_signal = rt.stop_signal or name
+        elif name == _REOPEN_SIGNAL:
+            _reopen_log(config)
+        else:
+            _logger(config).info("ignoring %s", name)
 
 
 def is_pid_alive(pid: int) -> bool:
@@ -740,7 +1040,7 @@ def is_pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # it exists, and belongs to another user
+        return True  # it exists, and belongs to another user
     return True
 
 
@@ -751,7 +1051,6 @@ def is_parent_alive(parent_pid: int) -> bool:
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (and padding).
 _FLOCK = "hhqqi4x"
-_pid_file_fd: Optional[int] = None
 
 
 def get_pid_for_running_process(pid_file: str) -> Optional[int]:
@@ -779,7 +1078,6 @@ def _lock_pid_file(config: Config, pid_file: str) -> bool:
     Its directory is made by _prepare_paths().  lockf() locks are not inherited
     by children the worker forks, so the lock dies with this process and nothing else.
     """
-    global _pid_file_fd
     fd = _open_own_file(pid_file, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -790,14 +1088,14 @@ def _lock_pid_file(config: Config, pid_file: str) -> bool:
         raise
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n{config['process_id']}\n".encode())
-    _pid_file_fd = fd
+    _runtime.pid_file_fd = fd
     return True
 
 
 def _release_pid_file() -> None:
     """Empty the PID file on the way out, so that its stale PID misleads no one."""
-    if _pid_file_fd is not None:
-        os.ftruncate(_pid_file_fd, 0)
+    if _runtime.pid_file_fd is not None:
+        os.ftruncate(_runtime.pid_file_fd, 0)
 
 
 def _process_id_in(pid_file: str) -> Optional[str]:
@@ -806,7 +1104,7 @@ def _process_id_in(pid_file: str) -> Optional[str]:
         with open(pid_file, encoding="ascii", errors="replace") as f:
             lines = f.read(200).splitlines()
     except OSError:
-        return None
+        return None  # no file, or not ours to read: no process id to clean up after
     return lines[1] if len(lines) > 1 and is_valid_uuid(lines[1]) else None
 
 
@@ -871,16 +1169,13 @@ def stop_running_process(pid_file: str, timeout: float = 10.0) -> Optional[int]:
 
 
 def _close_inherited_fds(keep: int) -> None:
+    """Close every descriptor above stderr except keep (closerange skips those not open)."""
     try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
-    for fd in fds:
-        if fd > 2 and fd != keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        top = max(int(name) for name in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):  # no /proc: every possible descriptor
+        top = os.sysconf("SC_OPEN_MAX")
+    os.closerange(3, keep)
+    os.closerange(keep + 1, top)
 
 
 def _detach(config: Config, keep_fd: int) -> None:
@@ -903,10 +1198,10 @@ def _detach(config: Config, keep_fd: int) -> None:
 
 def _tell(fd: int, message: str) -> None:
     """Report to the waiting `start` command, which may have gone: the daemon runs on regardless."""
-    try:
+    import contextlib
+
+    with contextlib.suppress(BrokenPipeError):
         os.write(fd, message.encode("utf-8", "replace"))
-    except BrokenPipeError:
-        pass
     os.close(fd)
 
 
@@ -927,13 +1222,12 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
         os.waitpid(child, 0)
         word, _, rest = report.partition(" ")
         if word != "ready":
-            raise UniphantError(rest or "the daemon exited before it was ready")
+            raise UniphantError(rest or "the daemon was killed before it was ready")
         print(f"{_describe(config)} started with PID {rest}.")
         return EXIT_OK
     os.close(ready_r)
     code = EXIT_FAILURE
     try:
-        _detach(config, ready_w)
         code = _daemon_main(config, worker_function, pid_file, ready_w)
     finally:
         import logging
@@ -943,8 +1237,9 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
 
 
 def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str, ready_w: int) -> int:
-    """Lock, connect and register, tell the waiting parent how that went, then run."""
+    """Detach, lock, connect and register, tell the waiting parent how that went, then run."""
     try:
+        _detach(config, ready_w)
         if not _lock_pid_file(config, pid_file):
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
         setup_logging(config)
@@ -954,8 +1249,8 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         except BaseException:
             _close_quietly(connection)
             raise
-    except Exception as e:
-        _tell(ready_w, f"error {e}")
+    except BaseException as e:
+        _tell(ready_w, f"error {_explain(e)}")
         return EXIT_FAILURE
     _tell(ready_w, f"ready {os.getpid()}")
     return run(config, connection, worker_function, pid_file)
@@ -965,11 +1260,6 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
 # The run loop
 # ---------------------------------------------------------------------------
 
-_next_heartbeat = 0.0
-_wakeup_fd: Optional[int] = None  # readable when a signal arrived
-_parent_fd: Optional[int] = None  # a pidfd of the parent: readable when it exits
-_poll_parent = False  # foreground without a pidfd: look at the parent every _PARENT_POLL
-
 # Reconnection backoff: doubles from the first delay up to the cap, each wait
 # drawn at random from its upper half so a fleet does not retry in step.
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
@@ -977,102 +1267,285 @@ _BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
 _PARENT_POLL = 0.25
 
 
+class _WorkerExit(Exception):
+    """The worker function ended the worker (an exception, SystemExit): exit with code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _ConnectionLost(Exception):
+    """The connection broke during a call of the worker function."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(_explain(error))
+
+
 def _heartbeat_period(config: Config) -> float:
-    """Seconds between heartbeats: once per interval, at most once a second, and
-    often enough that the row never looks stale to another host."""
-    return min(max(config["interval"], 1.0), config["stale_after"] / 3)
+    """Seconds between heartbeats: a third of stale_after, so the row never looks
+    stale.  A deleted row reaches the process by notification, not by heartbeat."""
+    return config["stale_after"] / 3
+
+
+def _warn_once(logger: logging.Logger, message: str) -> None:
+    if message not in _runtime.warned:
+        _runtime.warned.add(message)
+        logger.warning(message)
 
 
 def _local_stop_reason(config: Config) -> Optional[str]:
     """A reason to stop that needs no database: a signal, or the parent's death."""
-    import signal
-
-    if termination_requested:
-        return f"{signal.Signals(_termination_signal).name} received"
+    _act_on_signals(config)
+    if _runtime.stop_signal:
+        return f"{_runtime.stop_signal} received"
     if config["foreground"] and not is_parent_alive(config["parent_pid"]):
         return "the parent process has gone"
     return None
 
 
+def _stop_hinted(config: Config, connection) -> bool:
+    """Whether a notification came on this process's channel (taking it off the queue).
+
+    A hint only: any role may NOTIFY any channel, so keepalive() confirms it.  A
+    full queue may have dropped one: that is a hint too.
+    """
+    notes = connection.notifications
+    if not notes:
+        return False
+    channel = _channel(config)
+    full = notes.maxlen is not None and len(notes) >= notes.maxlen
+    others = [note for note in notes if note[1] != channel]
+    if len(others) == len(notes) and not full:
+        return False
+    notes.clear()
+    notes.extend(others)
+    return True
+
+
 def _stop_reason(config: Config, connection) -> Optional[str]:
-    """Why the worker must stop now, or None.  One heartbeat per period at most."""
-    global _next_heartbeat
+    """Why the worker must stop now, or None.
+
+    Between transactions it reads what the database sent, and asks keepalive()
+    when a notification hints at a deleted row or a heartbeat is due.  Inside
+    one of the worker function's transactions it looks at signals only: a
+    heartbeat there would hold the row's lock until the transaction ends.
+    """
     reason = _local_stop_reason(config)
-    if reason is not None:
+    if reason is not None or _in_transaction(connection):
         return reason
+    if _runtime.row_gone:
+        return "its process row was deleted"
     wire = _wire_of(connection)
     if wire is not None and wire.readable():
-        connection.execute_simple("")  # lets pg8000 read the waiting notification
-    channel = _channel(config)
-    deleted = "its process row was deleted"
-    if any(n[1] == channel for n in connection.notifications):
-        return deleted
+        connection.execute_simple("")  # lets pg8000 read what has arrived
     now = time.monotonic()
-    if now >= _next_heartbeat:
-        _next_heartbeat = now + _heartbeat_period(config)
+    if _stop_hinted(config, connection) or now >= _runtime.next_heartbeat:
+        _check_session(config, connection)
         if not keepalive(connection):
-            return deleted
+            _runtime.row_gone = True
+            return "its process row was deleted"
+        _runtime.confirmed_at = now
+        _runtime.next_heartbeat = now + _heartbeat_period(config)
     return None
 
 
 def alive(config: Config, connection) -> bool:
     """Whether the worker should go on: no signal, parent alive (foreground), row present.
 
-    Cheap enough to call in a tight loop: it writes a heartbeat at most once per
-    interval and asks the database nothing else unless a message has arrived.
+    Cheap enough to call in a tight loop: it writes a heartbeat every
+    stale_after / 3 seconds and asks the database nothing else unless a
+    message has arrived.  Inside a transaction it looks at signals only.
     """
     return _stop_reason(config, connection) is None
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            continue
+    except BlockingIOError:
+        return  # empty: what it was for has been seen
 
 
 def _watch_for_wakeups(config: Config) -> None:
     """Make signals and the parent's death wake _wait()."""
     import signal
 
-    global _wakeup_fd, _parent_fd, _poll_parent
+    rt = _runtime
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(write_fd)
-    _wakeup_fd = read_fd
+    rt.wakeup_fd = read_fd
     if config["foreground"]:
         try:
-            _parent_fd = os.pidfd_open(config["parent_pid"])
+            rt.parent_fd = os.pidfd_open(config["parent_pid"])
         except (AttributeError, OSError):
-            _poll_parent = True  # no pidfd support, or already gone
+            rt.poll_parent = True  # no pidfd support, or already gone
 
 
 def _wait(seconds: float, connection=None) -> None:
     """Sleep up to seconds; wake early for a signal, a database message or the parent's death."""
-    fds = [_wakeup_fd]
-    if _parent_fd is not None:
-        fds.append(_parent_fd)
-    if _poll_parent:
+    rt = _runtime
+    poller = select.poll()
+    poller.register(rt.wakeup_fd, select.POLLIN)
+    if rt.parent_fd is not None:
+        poller.register(rt.parent_fd, select.POLLIN)
+    if rt.poll_parent:
         seconds = min(seconds, _PARENT_POLL)
     wire = _wire_of(connection)
     if wire is not None:
         if wire.pending():
             return
-        fds.append(wire.fileno())
+        poller.register(wire.fileno(), select.POLLIN)
     if seconds > 0:
-        select.select(fds, [], [], seconds)
+        poller.poll(int(seconds * 1000) + 1)
+    _drain(rt.wakeup_fd)
+
+
+class _Watchdog:
+    """Ends the process when it loses its database session while the worker
+    function runs and cannot confirm its row before another host may take the
+    worker over (DESIGN: one copy at a time is a lease).
+
+    A thread, since the worker function may be anywhere (asleep, computing, in a
+    C call).  It never touches the connection's protocol: it polls the socket
+    for a hang-up and watches the clock.
+    """
+
+    def __init__(self, config: Config, logger: logging.Logger) -> None:
+        import threading
+
+        stale_after = config["stale_after"]
+        # keepalive() writes at most once a second, so the row's heartbeat may be
+        # a second older than the last confirmation; the margin is for scheduling.
+        self._grace = stale_after - 1.0 - max(0.5, stale_after / 10)
+        self._logger = logger
+        self._lock = threading.Condition()
+        self._call: Optional[Tuple[int, int, float]] = None  # generation, fd, confirmed_at
+        self._generation = 0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        threading.Thread(target=self._watch, name="uniphant-watchdog", daemon=True).start()
+
+    def enter(self, wire: Optional[_Wire], confirmed_at: float) -> None:
+        """A call of the worker function begins on wire's session."""
+        with self._lock:
+            self._generation += 1
+            self._call = None if wire is None else (self._generation, wire.fileno(), confirmed_at)
+            self._lock.notify()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._call = None
+            self._lock.notify()
+        try:
+            os.write(self._wake_w, b".")
+        except BlockingIOError:
+            return  # the pipe is full: the thread has wake-ups enough
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                while self._call is None:
+                    self._lock.wait()
+                generation, fd, confirmed_at = self._call
+            if self._hung_up(fd):
+                self._expire_unless_left(generation, confirmed_at + self._grace)
+
+    def _hung_up(self, fd: int) -> bool:
+        """Wait until the session's socket hangs up (true) or the call ends (false)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)  # hang-ups and errors are always reported
+        poller.register(self._wake_r, select.POLLIN)
+        events = dict(poller.poll())
+        _drain(self._wake_r)
+        lost = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        return bool(events.get(fd, 0) & lost)
+
+    def _expire_unless_left(self, generation: int, deadline: float) -> None:
+        with self._lock:
+            while self._generation == generation:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._logger.critical(
+                        "exiting: the database session was lost during a call of the worker "
+                        "function, and the call did not return in time to confirm the process "
+                        "row before another host may take the worker over")
+                    os._exit(EXIT_FAILURE)
+                self._lock.wait(remaining)
+
+
+def _tolerate_any_notification(connection) -> None:
+    """Decode notifications leniently on this connection.
+
+    pg8000 decodes a notification's channel and payload as ASCII and, on any
+    other byte, stops reading in the middle of a reply, out of step with the
+    server.  Any role can send one to any channel.
+    """
+    def handle(data: bytes, context: Any) -> None:
+        channel, payload = data[4:].split(b"\0")[:2]
+        connection.notifications.append((struct.unpack("!i", data[:4])[0],
+                                         channel.decode("utf-8", "replace"),
+                                         payload.decode("utf-8", "replace")))
+    connection.message_types[b"A"] = handle
+
+
+def _settle(config: Config, connection, logger: logging.Logger) -> None:
+    """After a call: roll back a transaction the worker function left open (it
+    would hold back the heartbeat and a DELETE of the row), and make sure the
+    session is still this process's."""
+    if _in_transaction(connection):
+        connection.execute_simple("ROLLBACK")
+        _warn_once(logger, "the worker function returned inside a transaction: rolled it back "
+                           "(commit or roll back before returning)")
+    _check_session(config, connection)
+
+
+def _call_worker(config: Config, connection, worker_function: WorkerFunction,
+                 logger: logging.Logger) -> None:
+    """Call the worker function once, under the watchdog, and settle the session.
+
+    Raises _WorkerExit when the worker function ends the worker, and
+    _ConnectionLost when the connection broke under it.
+    """
+    rt = _runtime
+    rt.watchdog.enter(_wire_of(connection), rt.confirmed_at)
     try:
-        while os.read(_wakeup_fd, 512):
-            pass
-    except BlockingIOError:
-        pass
+        worker_function(config, logger, connection)
+    except UniphantError:
+        raise  # from alive(): the runtime's own, never the worker function's failure
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
+        (logger.info if code == EXIT_OK else logger.error)(
+            "stopping: the worker function raised SystemExit(%r)", e.code)
+        raise _WorkerExit(code) from None
+    except BaseException as e:
+        if _is_lost(connection):
+            raise _ConnectionLost(e) from None
+        logger.exception("stopping: the worker function failed")
+        raise _WorkerExit(EXIT_FAILURE) from None
+    finally:
+        rt.watchdog.leave()
+    _settle(config, connection, logger)
 
 
 def _serve(config: Config, connection, worker_function: WorkerFunction, logger: logging.Logger) -> str:
-    """Call the worker function every interval until it must stop; return why."""
-    next_call = 0.0
+    """Call the worker function every interval until it must stop; return why.
+
+    The schedule lives in the runtime state, so a reconnect does not bring the
+    next call forward.
+    """
+    rt = _runtime
     while True:
         reason = _stop_reason(config, connection)
         if reason is not None:
             return reason
         now = time.monotonic()
-        if now >= next_call:
-            worker_function(config, logger, connection)
-            next_call = time.monotonic() + config["interval"]
+        if now >= rt.next_call:
+            _call_worker(config, connection, worker_function, logger)
+            rt.next_call = time.monotonic() + config["interval"]
         else:
-            _wait(min(next_call, _next_heartbeat) - now, connection)
+            _wait(min(rt.next_call, rt.next_heartbeat) - now, connection)
 
 
 def _is_lost(connection) -> bool:
@@ -1083,34 +1556,36 @@ def _is_lost(connection) -> bool:
     return False
 
 
-def _reconnect(config: Config, logger: logging.Logger, error: BaseException):
+def _reconnect(config: Config, logger: logging.Logger, error: str):
     """A new connection with the same process id, or None if told to stop meanwhile.
 
-    Waits with capped, jittered backoff; logs the loss and the recovery once each.
+    Waits with capped, jittered backoff.  Logs the loss and the recovery once
+    each, the first failure of each kind at WARNING and the others at DEBUG.
     """
     import random
 
-    global _next_heartbeat
-    logger.warning("lost the database connection (%s); reconnecting",
-                   str(error) or type(error).__name__)
-    lost_at, delay = time.monotonic(), _BACKOFF_FIRST
+    logger.warning("lost the database connection (%s); reconnecting", error)
+    lost_at, delay, seen = time.monotonic(), _BACKOFF_FIRST, set()
     while _local_stop_reason(config) is None:
         try:
             connection = connect_to_database(config)
-            try:
-                _listen(config, connection)
-            except Exception:
-                _close_quietly(connection)
-                raise
         except ConnectError as e:
             if e.permanent:
                 raise
-        except Exception:
-            pass  # the server is still coming up; try again
+            failure = str(e)
         else:
-            logger.info("database connection restored after %.1f s", time.monotonic() - lost_at)
-            _next_heartbeat = 0.0  # ask at once whether the row survived the outage
-            return connection
+            try:
+                _listen(config, connection)
+                _tolerate_any_notification(connection)
+            except Exception as e:
+                _close_quietly(connection)
+                failure = _explain(e)
+            else:
+                logger.info("database connection restored after %.1f s", time.monotonic() - lost_at)
+                _runtime.next_heartbeat = 0.0  # ask at once whether the row survived the outage
+                return connection
+        (logger.debug if failure in seen else logger.warning)("reconnecting: %s", failure)
+        seen.add(failure)
         _wait(random.uniform(delay / 2, delay))
         delay = min(delay * 2, _BACKOFF_CAP)
     return None
@@ -1124,45 +1599,86 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     reconnects and resumes if the row is still there.  An exception from the
     worker function is: exit 1.
     """
-    import logging
-
-    logger = logging.getLogger(f"uniphant.{config['worker_type']}")
+    logger = _logger(config)
+    rt = _runtime
     _watch_for_wakeups(config)
+    _tolerate_any_notification(connection)
+    rt.watchdog = _Watchdog(config, logger)
+    rt.confirmed_at = time.monotonic()  # registering has just made the row
+    rt.next_heartbeat = rt.confirmed_at + _heartbeat_period(config)
     logger.info("worker %s started: process %s, PID %d, host %s",
                 config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
-    status = EXIT_OK
+    code = EXIT_FAILURE
     try:
-        while connection is not None:
+        while True:
             try:
                 logger.info("stopping: %s", _serve(config, connection, worker_function, logger))
+                code = EXIT_OK
                 break
+            except _WorkerExit as e:
+                code = e.code
+                break
+            except _ConnectionLost as e:
+                error = str(e)
+            except UniphantError:
+                raise
             except Exception as e:
                 if not _is_lost(connection):
-                    logger.exception("the worker function failed")
-                    status = EXIT_FAILURE
-                    break
-                _close_quietly(connection)
-                connection = _reconnect(config, logger, e)
-        if connection is None:
-            logger.info("stopping: %s", _local_stop_reason(config))
+                    raise
+                error = _explain(e)
+            _close_quietly(connection)
+            connection = None
+            connection = _reconnect(config, logger, error)
+            if connection is None:
+                logger.info("stopping: %s", _local_stop_reason(config))
+                code = EXIT_OK
+                break
     except UniphantError as e:
         logger.error("stopping: %s", e)
-        status = EXIT_FAILURE
+    except Exception:
+        logger.exception("stopping: uniphant failed")
     finally:
-        _leave(connection, logger)
+        _leave(config, connection, logger)
         _release_pid_file()
-    return status
+        _note_leftover_threads(logger)
+    return code
 
 
-def _leave(connection, logger: logging.Logger) -> None:
-    if connection is not None:
+def _leave(config: Config, connection, logger: logging.Logger) -> None:
+    """Remove this process's row and close its connection: on that connection if
+    the worker function left it fit, else on a new one."""
+    if connection is None:
+        logger.warning("could not remove the process row (database unreachable); "
+                       "the next start takes it over")
+        return
+    try:
         try:
-            disconnect(connection)
-            return
-        except Exception as e:
-            logger.debug("disconnect failed: %s", e)
-    logger.warning("could not remove the process row (database unreachable); "
-                   "the next start takes it over")
+            if _in_transaction(connection):
+                connection.execute_simple("ROLLBACK")
+            _check_session(config, connection)
+        except _SessionChanged:
+            _close_quietly(connection)
+            connection = connect_to_database(config)  # a new session is this process's own again
+        disconnect(connection)
+    except Exception as e:
+        _close_quietly(connection)
+        logger.warning("could not remove the process row (%s); the next start takes it over",
+                       _explain(e))
+
+
+def _leftover_threads() -> list:
+    """Threads other than the main one that the interpreter would wait for at exit."""
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return []
+    return [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+
+
+def _note_leftover_threads(logger: logging.Logger) -> None:
+    names = [thread.name for thread in _leftover_threads()]
+    if names:
+        logger.warning("exiting without waiting for threads the worker function left running: %s",
+                       ", ".join(names))
 
 
 # ---------------------------------------------------------------------------
@@ -1233,6 +1749,18 @@ def _status(config: Config, pid_file: str) -> int:
     return EXIT_OK
 
 
+def _stop_config(prog: str, worker_id: str) -> Config:
+    """The configuration `stop` needs: a running worker must stay stoppable when a
+    config file has since become invalid, so a bad one costs only its settings."""
+    config = dict(_script_config(), worker_id=worker_id, foreground=False, **RUNTIME_DEFAULTS)
+    try:
+        config.update(read_config_files(config))
+    except ConfigError as e:
+        print(f"{prog}: warning: {e}; stopping with the default stop_timeout of "
+              f"{RUNTIME_DEFAULTS['stop_timeout']:g} s", file=sys.stderr)
+    return config
+
+
 def _stop(config: Config, pid_file: str) -> int:
     import signal
 
@@ -1254,15 +1782,13 @@ def _remove_row_of(config: Config, process_id: str) -> None:
     """Remove the row of a killed process, connecting under its process id."""
     try:
         disconnect(connect_to_database(dict(config, process_id=process_id)))
-    except Exception as e:
+    except UniphantError as e:
         print(f"Its process row stays until the next start takes it over: {e}", file=sys.stderr)
 
 
 def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> int:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal_handler)
-    signal.signal(signal.SIGINT, signal_handler)
+    _install_signal_handlers()
+    _refuse_shared_type(config)
     pid = get_pid_for_running_process(pid_file)
     if pid is not None:
         print(_already_running(config, pid), file=sys.stderr)
@@ -1288,23 +1814,39 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     return run(config, connection, worker_function, pid_file)
 
 
+def _exit(code: int) -> None:
+    """Exit with code, also when the worker function left threads running (the
+    interpreter would wait for them for ever)."""
+    if _leftover_threads():
+        logging = sys.modules.get("logging")
+        if logging is not None:
+            logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(worker_function: WorkerFunction) -> None:
     """The command line of a worker script: <worker_id> {start,restart,stop,status} [-f].
 
-    SIGTERM and SIGINT are caught (signal_handler) once a start begins.
+    `status` reads no config file and `stop` survives a bad one: both need only
+    the PID file.  Signals are caught (signal_handler) once a start begins.
     """
     prog = os.path.basename(sys.argv[0])
     try:
-        config = setup_config()
         worker_id, command, foreground = _parse_arguments(prog, sys.argv[1:])
-        config.update(worker_id=worker_id, foreground=foreground,
-                      parent_pid=os.getppid() if foreground else None)
-        pid_file = get_pid_file_path(config)
         if command == "status":
-            code = _status(config, pid_file)
+            config = dict(_script_config(), worker_id=worker_id)
+            code = _status(config, get_pid_file_path(config))
         elif command == "stop":
-            code = _stop(config, pid_file)
+            config = _stop_config(prog, worker_id)
+            code = _stop(config, get_pid_file_path(config))
         else:
+            config = setup_config()
+            config.update(worker_id=worker_id, foreground=foreground,
+                          parent_pid=os.getppid() if foreground else None)
+            pid_file = get_pid_file_path(config)
             if command == "restart" and get_pid_for_running_process(pid_file) is not None:
                 _stop(config, pid_file)
             code = _start(config, worker_function, pid_file)
@@ -1316,4 +1858,4 @@ def main(worker_function: WorkerFunction) -> None:
     except OSError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = EXIT_FAILURE
-    sys.exit(code)
+    _exit(code)
