@@ -11,13 +11,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 
+import pg8000.dbapi
 import pytest
 
 import uniphant
-from conftest import REPO, copy_examples, wait_for
+from conftest import PROBE, REPO, copy_examples, wait_for
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
@@ -184,6 +186,42 @@ def test_runtime_keys_are_in_config_as_numbers(project):
     project.write("uniphant.conf", "interval=0.5\nlog_level=debug\n")
     assert show_config(project, "interval", "stop_timeout", "stale_after", "log_level") == [
         "0.5", "10.0", "60.0", "DEBUG"]
+
+
+def test_config_errors_never_show_a_line_or_a_value(project, worker_id):
+    secrets = os.path.join(project.home, ".uniphant", "secrets")
+    path = project.write("secrets.conf", "ok=1\nPGPASSWORD hunter2-line\n", mode=0o600, base=secrets)
+    result = project.run(worker_id, "start", "-f")
+    assert_clean_error(result, 2, f"{path}:2", "expected key=value")
+    assert "hunter2" not in result.stdout + result.stderr
+    project.write("secrets.conf", "PGPORT=hunter2-value\n", mode=0o600, base=secrets)
+    result = project.run(worker_id, "start", "-f")
+    assert_clean_error(result, 2, f"{path}:1", "bad value for PGPORT")
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("key, value", [
+    ("interval", "\u00b2"), ("interval", "\u0661"), ("interval", "nan"), ("interval", "inf"),
+    ("interval", "1e400"), ("interval", "1_0"), ("interval", "-1"), ("interval", "86401"),
+    ("stop_timeout", "0"), ("stale_after", "2.9"), ("stale_after", "Infinity"),
+    ("PGPORT", "5\u20743"), ("PGPORT", "70000"), ("PGCONNECT_TIMEOUT", "\u0661\u0660"),
+    ("PGCONNECT_TIMEOUT", "NaN"), ("PGCONNECT_TIMEOUT", "1.5"),
+])
+def test_numeric_settings_take_ascii_digits_and_finite_values_only(project, db, worker_id, key, value):
+    conf = project.write("workers/test/uniphant.conf", f"{key}={value}\n")
+    result = project.run(worker_id, "start", "-f")
+    assert_clean_error(result, 2, f"{conf}:1", f"bad value for {key}")
+    assert db.process(worker_id) is None
+    assert not os.path.exists(project.path("log")) and not os.path.exists(project.path(".host_id"))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("PGPORT", "\u00b9\u00b2"), ("PGPORT", "0"), ("PGCONNECT_TIMEOUT", "inf"), ("PGCONNECT_TIMEOUT", "\u0967"),
+])
+def test_numeric_settings_from_the_environment_are_checked_before_anything_starts(project, worker_id, key, value):
+    result = project.run(worker_id, "start", "-f", env={key: value})
+    assert_clean_error(result, 2, f"the environment: bad value for {key}")
+    assert not os.path.exists(project.path("log")) and not os.path.exists(project.path(".host_id"))
 
 
 # ---------------------------------------------------------------------------
@@ -404,6 +442,346 @@ def test_worker_function_can_use_the_connection(project, db, worker_id):
     wait_for(lambda: f"query answered {worker_id}" in project.log(worker_id), what="the query")
 
 
+def test_help_works_outside_a_project(tmp_path):
+    script = tmp_path / "loose.py"
+    script.write_text("from uniphant import main\nmain(lambda config, logger, connection: None)\n")
+    for flag in ("-h", "--help"):
+        result = subprocess.run([sys.executable, str(script), flag], capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=REPO))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: loose.py")
+
+
+def test_status_and_stop_work_when_a_config_file_became_invalid(project, worker_id):
+    pid = start_daemon(project, worker_id)
+    conf = project.write("workers/test/uniphant.conf", "this line is broken\n")
+    status = project.run(worker_id, "status")
+    assert status.returncode == 0 and f"running with PID {pid}" in status.stdout
+    stop = project.run(worker_id, "stop")
+    assert stop.returncode == 0, stop.stderr
+    assert f"{conf}:1" in stop.stderr and "the default stop_timeout of 10 s" in stop.stderr
+    assert gone(pid)
+
+
+@pytest.mark.parametrize("args", [["start"], ["start", "-f"]], ids=["daemon", "foreground"])
+def test_start_that_fails_before_the_worker_is_ready_tells_why(project, worker_id, args):
+    # A registration that fails with a bare TimeoutError, as pg8000 raises on a read timeout.
+    project.write("workers/test/unlucky.py", (
+        "import uniphant\n"
+        "def register(config, connection):\n"
+        "    raise TimeoutError()\n"
+        "uniphant.register_process = register\n"
+        "if __name__ == '__main__':\n"
+        "    uniphant.main(lambda config, logger, connection: None)\n"))
+    result = project.run(worker_id, *args, script="workers/test/unlucky.py")
+    assert_clean_error(result, 1, "error: TimeoutError")
+
+
+def test_two_scripts_of_one_worker_type_are_refused(project, worker_id):
+    project.write("workers/test.probe.py", PROBE)
+    for script in ("workers/test/probe.py", "workers/test.probe.py"):
+        result = project.run(worker_id, "start", "-f", script=script)
+        assert_clean_error(result, 2, project.path("workers/test/probe.py"),
+                           project.path("workers/test.probe.py"), "both worker type 'test.probe'")
+    assert not os.path.exists(project.path("pid"))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("case", ["refused", "unknown host", "unknown role", "password needed"])
+def test_each_kind_of_connection_failure_is_one_line(project, db, worker_id, password_role, case):
+    role, _ = password_role
+    env, expected = {
+        "refused": ({"PGHOST": "127.0.0.1", "PGPORT": str(free_port())}, "Connection refused"),
+        "unknown host": ({"PGHOST": "no-such-host.invalid"}, "unknown host"),
+        "unknown role": ({"PGUSER": "no_such_role"}, 'role "no_such_role" does not exist'),
+        "password needed": (tcp_env(db, role), "asks for a password and none is configured"),
+    }[case]
+    for args in (["start"], ["start", "-f"]):
+        result = project.run(worker_id, *args, env=env)
+        assert_clean_error(result, 1, expected)
+        assert len(result.stderr.strip().splitlines()) == 1
+        if case == "password needed":
+            assert "PGPASSWORD" in result.stderr and os.path.join(project.home, ".pgpass") in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can take on a user ID without a name")
+def test_user_id_without_a_name_is_told_to_set_pguser():
+    import pwd
+    uid = next(u for u in range(54321, 60000) if not _has_passwd_entry(pwd, u))
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            os.setgid(uid)
+            os.setuid(uid)
+            os.environ.pop("PGUSER", None)
+            uniphant.connect_to_database({"process_id": str(uuid.uuid4()), "stale_after": 60.0})
+        except uniphant.ConfigError as e:
+            os.write(write_end, str(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        message = pipe.read()
+    os.waitpid(child, 0)
+    assert message == f"user ID {uid} has no name in the password database " \
+                      f"(a container's --user, say): set PGUSER"
+
+
+def _has_passwd_entry(pwd, uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# 5. Signals, and descriptors
+# ---------------------------------------------------------------------------
+
+def test_sighup_reopens_the_log_file_and_the_worker_runs_on(project, db, worker_id):
+    pid = start_daemon(project, worker_id)
+    log = project.path(f"log/test.probe/{worker_id}.log")
+    os.rename(log, log + ".1")  # as logrotate does
+    os.kill(pid, signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: reopened the log file" in project.log(worker_id), what="a new log file")
+    os.remove(log)  # by hand, this time
+    os.kill(pid, signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: reopened the log file" in project.log(worker_id), what="the log file back")
+    assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+@pytest.mark.parametrize("sig", ["SIGQUIT", "SIGABRT", "SIGXCPU", "SIGPWR"])
+def test_signals_that_ask_a_process_to_end_stop_the_worker_cleanly(project, db, worker_id, sig):
+    child = project.popen(worker_id, "start", "-f")
+    wait_for(lambda: db.process(worker_id), what="the process row")
+    child.send_signal(getattr(signal, sig))
+    out, err = child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert f"stopping: {sig} received" in out
+    assert db.process(worker_id) is None
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
+                                 "SIGTRAP", "SIGRTMIN+3"])
+def test_other_signals_that_would_end_a_process_are_ignored(project, db, worker_id, sig):
+    pid = start_daemon(project, worker_id)
+    os.kill(pid, signal.SIGRTMIN + 3 if sig == "SIGRTMIN+3" else getattr(signal, sig))
+    wait_for(lambda: f"ignoring {sig}" in project.log(worker_id), what=f"{sig} to be ignored")
+    assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+def write_worker(project, name: str, body: str, prelude: str = "") -> str:
+    """workers/test/<name>.py, whose work function runs body (worker type test.<name>)."""
+    return project.write(f"workers/test/{name}.py", (
+        "import os, sys, threading, time\n"
+        "from uniphant import alive, main\n"
+        f"{textwrap.dedent(prelude)}\n\n"
+        "def work(config, logger, connection):\n"
+        f"{textwrap.indent(textwrap.dedent(body).strip(), '    ')}\n\n\n"
+        "if __name__ == '__main__':\n"
+        "    main(work)\n"))
+
+
+def test_worker_whose_connection_is_above_descriptor_1024_runs_and_stops(project, db, worker_id):
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048:
+        pytest.skip("the hard limit on open files is below 2048")
+    write_worker(project, "hoarder", "logger.info('tick')", prelude="""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        """)
+    child = project.popen(worker_id, "start", "-f", script="workers/test/hoarder.py")
+    wait_for(lambda: "tick" in project.log(worker_id, "test.hoarder"), what="a tick")
+    sockets = [int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd")
+               if os.readlink(f"/proc/{child.pid}/fd/{fd}").startswith("socket:")]
+    assert max(sockets) > 1024
+    db.rows("DELETE FROM processes WHERE worker_id = %s::uuid", worker_id)
+    out, err = child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert "stopping: its process row was deleted" in out
+
+
+# ---------------------------------------------------------------------------
+# 9. The worker function: transactions, exits and its session
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aborted", [False, True], ids=["open", "aborted"])
+def test_exception_inside_a_transaction_still_removes_the_row(project, db, worker_id, aborted):
+    write_worker(project, "tx_raise", f"""
+        cursor = connection.cursor()
+        cursor.execute("BEGIN")
+        try:
+            cursor.execute("SELECT {'1/0' if aborted else '1'}")
+        except Exception:
+            logger.info("the transaction is aborted")
+        raise RuntimeError("boom inside a transaction")
+        """)
+    result = project.run(worker_id, "start", "-f", script="workers/test/tx_raise.py")
+    assert result.returncode == 1
+    log = project.log(worker_id, "test.tx_raise")
+    assert "RuntimeError: boom inside a transaction" in log and "Traceback" in log
+    assert db.process(worker_id) is None
+
+
+def test_transaction_left_open_is_rolled_back_warned_once_and_blocks_no_delete(project, db, worker_id):
+    table = f"left_open_{uuid.uuid4().hex[:8]}"
+    db.rows(f"CREATE TABLE {table} (n int)")
+    write_worker(project, "tx_open", f"""
+        cursor = connection.cursor()
+        cursor.execute("BEGIN")
+        cursor.execute("INSERT INTO {table} VALUES (1)")
+        logger.info("returning inside a transaction")
+        """)
+    project.write("workers/test/uniphant.conf", "interval=0.05\nstale_after=3\n")
+    child = project.popen(worker_id, "start", "-f", script="workers/test/tx_open.py")
+    log = lambda: project.log(worker_id, "test.tx_open")  # noqa: E731
+    wait_for(lambda: log().count("returning inside a transaction") >= 5, what="five calls")
+    assert log().count("returned inside a transaction: rolled it back") == 1
+    assert db.value(f"SELECT count(*) FROM {table}") == 0
+    deleter = db.connect()
+    try:
+        deleter.cursor().execute("SET lock_timeout = '2s'")
+        deleter.cursor().execute("DELETE FROM processes WHERE worker_id = %s::uuid", (worker_id,))
+    finally:
+        deleter.close()
+    out, err = child.communicate(timeout=10)
+    assert "stopping: its process row was deleted" in out, err
+
+
+def test_alive_inside_a_transaction_takes_no_lock_on_the_row(project, db, worker_id):
+    write_worker(project, "tx_alive", """
+        cursor = connection.cursor()
+        cursor.execute("BEGIN")
+        cursor.execute("SELECT 1")
+        logger.info("in a transaction")
+        while alive(config, connection) and not os.path.exists("done"):
+            time.sleep(0.01)
+        cursor.execute("COMMIT")
+        """)
+    project.write("workers/test/uniphant.conf", "stale_after=3\n")
+    child = project.popen(worker_id, "start", "-f", script="workers/test/tx_alive.py")
+    wait_for(lambda: "in a transaction" in project.log(worker_id, "test.tx_alive"), what="the transaction")
+    wait_for(lambda: db.value("SELECT heartbeat_at < now() - interval '1.5 seconds' FROM processes "
+                              "WHERE worker_id = %s::uuid", worker_id), what="a heartbeat to fall due")
+    deleter = db.connect()
+    try:
+        deleter.cursor().execute("SET lock_timeout = '1s'")
+        deleter.cursor().execute("DELETE FROM processes WHERE worker_id = %s::uuid", (worker_id,))
+    finally:
+        deleter.close()
+    project.write("done", "")
+    out, err = child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert "stopping: its process row was deleted" in out
+
+
+@pytest.mark.parametrize("raised, code, said", [
+    ("SystemExit(7)", 7, "stopping: the worker function raised SystemExit(7)"),
+    ("SystemExit(None)", 0, "stopping: the worker function raised SystemExit(None)"),
+    ("KeyboardInterrupt()", 1, "stopping: the worker function failed"),
+])
+def test_worker_function_that_raises_systemexit_or_keyboardinterrupt(project, db, worker_id, raised, code, said):
+    write_worker(project, "leaver", f"raise {raised}")
+    result = project.run(worker_id, "start", "-f", script="workers/test/leaver.py")
+    assert result.returncode == code, result.stderr
+    assert said in project.log(worker_id, "test.leaver")
+    assert db.process(worker_id) is None
+
+
+def test_worker_that_leaves_a_thread_running_still_exits(project, db, worker_id):
+    write_worker(project, "threader", """
+        if not hasattr(work, "thread"):
+            work.thread = threading.Thread(target=time.sleep, args=(3600,), name="forgotten")
+            work.thread.start()
+        logger.info("tick")
+        """)
+    child = project.popen(worker_id, "start", "-f", script="workers/test/threader.py")
+    wait_for(lambda: "tick" in project.log(worker_id, "test.threader"), what="a tick")
+    db.rows("DELETE FROM processes WHERE worker_id = %s::uuid", worker_id)
+    out, err = child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert "exiting without waiting for threads the worker function left running: forgotten" in out
+
+
+def test_worker_that_changes_its_application_name_touches_no_other_row(project, db, worker_id):
+    victim = str(uuid.uuid4())
+    victim_pid = start_daemon(project, victim)
+    write_worker(project, "impostor", f"""
+        connection.cursor().execute("SET application_name = '{db.process(victim)[0]}'")
+        """)
+    result = project.run(worker_id, "start", "-f", script="workers/test/impostor.py")
+    assert result.returncode == 1
+    assert "stopping: the worker function changed its session's application_name" in \
+        project.log(worker_id, "test.impostor")
+    assert db.process(worker_id) is None
+    assert db.process(victim)[2] == victim_pid and not gone(victim_pid)
+
+
+@pytest.mark.parametrize("change", ["SET SESSION AUTHORIZATION", "SET ROLE"])
+def test_worker_that_changes_its_session_user_is_stopped_and_its_row_removed(project, db, worker_id, change):
+    role = f"other_{uuid.uuid4().hex[:8]}"
+    db.rows(f"CREATE ROLE {role}")
+    try:
+        write_worker(project, "shapeshifter", f'connection.cursor().execute("{change} {role}")')
+        project.write("workers/test/uniphant.conf", "stale_after=3\n")
+        result = project.run(worker_id, "start", "-f", script="workers/test/shapeshifter.py")
+        assert result.returncode == 1
+        assert "ERROR" in project.log(worker_id, "test.shapeshifter")
+        assert db.process(worker_id) is None
+    finally:
+        db.rows(f"DROP ROLE {role}")
+
+
+def test_worker_that_changes_its_search_path_still_reaches_uniphant(project, db, worker_id):
+    schema = f"trap_{uuid.uuid4().hex[:8]}"
+    db.rows(f"CREATE SCHEMA {schema}")
+    db.rows(f"CREATE FUNCTION {schema}.keepalive() RETURNS boolean LANGUAGE sql AS 'SELECT false'")
+    db.rows(f"CREATE FUNCTION {schema}.disconnect() RETURNS void LANGUAGE plpgsql AS 'BEGIN END'")
+    write_worker(project, "wanderer", f'connection.cursor().execute("SET search_path = {schema}, public")')
+    project.write("workers/test/uniphant.conf", "stale_after=3\n")
+    child = project.popen(worker_id, "start", "-f", script="workers/test/wanderer.py")
+    first = wait_for(lambda: db.value("SELECT heartbeat_at FROM processes WHERE worker_id = %s::uuid",
+                                      worker_id), what="the process row")
+    wait_for(lambda: db.value("SELECT heartbeat_at > %s FROM processes WHERE worker_id = %s::uuid",
+                              first, worker_id), what="a heartbeat through public.keepalive()")
+    child.terminate()
+    out, err = child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert db.process(worker_id) is None
+
+
+@pytest.mark.faults
+def test_reconnects_do_not_bring_the_next_call_forward(project, db, worker_id, password_role):
+    role, password = password_role
+    db.rows(f"ALTER ROLE {role} SET idle_session_timeout = '300ms'")
+    project.write("workers/test/uniphant.conf", "interval=2\n")
+    child = project.popen(worker_id, "start", "-f", env=dict(tcp_env(db, role), PGPASSWORD=password))
+    wait_for(lambda: project.log(worker_id).count("tick") >= 3, timeout=30, what="three ticks")
+    child.terminate()
+    child.communicate(timeout=10)
+    log = project.log(worker_id)
+    assert log.count("database connection restored") >= 4  # the server ended idle sessions
+    ticks = [log_time(line) for line in log.splitlines() if line.endswith(": tick")]
+    assert min(b - a for a, b in zip(ticks, ticks[1:])) >= 1.9, ticks
+
+
+def log_time(line: str) -> float:
+    import datetime
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 # ---------------------------------------------------------------------------
 # 10. Database
 # ---------------------------------------------------------------------------
@@ -506,6 +884,298 @@ def test_hosts_of_pghost_are_tried_in_order(project, db, worker_id, tmp_path):
     assert db.process(worker_id)[2] == pid
 
 
+def _catalog(database) -> dict:
+    """What schema.sql makes: columns, storage parameters and function sources."""
+    return {
+        "columns": database.rows(
+            "SELECT table_name::text, column_name::text, data_type::text, column_default "
+            "FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2"),
+        "options": database.rows(
+            "SELECT relname::text, reloptions::text FROM pg_class "
+            "WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' ORDER BY 1"),
+        "functions": database.rows(
+            "SELECT p.oid::regprocedure::text, prosrc, proconfig::text, prosecdef FROM pg_proc p "
+            "WHERE pronamespace = 'public'::regnamespace ORDER BY 1"),
+        "triggers": database.rows("SELECT tgname::text FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1"),
+    }
+
+
+def test_schema_upgrade_from_the_first_release_keeps_rows_and_grants_and_applies_every_change(cluster):
+    import pgserver
+    upgraded = cluster.database("uniphant_upgrade", schema=False)
+    pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "fixtures", "schema-v1.sql"))
+    host, worker, process = (str(uuid.uuid4()) for _ in range(3))
+    upgraded.rows("INSERT INTO hosts (id, name) VALUES (%s::uuid, 'old-host')", host)
+    upgraded.rows("INSERT INTO processes (id, worker_id, host_id, worker_type, pid) "
+                  "VALUES (%s::uuid, %s::uuid, %s::uuid, 'a.b', 42)", process, worker, host)
+    role = f"upgrade_{uuid.uuid4().hex[:8]}"
+    upgraded.rows(f"CREATE ROLE {role}")
+    try:
+        upgraded.rows(f"GRANT EXECUTE ON FUNCTION register_process(uuid, uuid, text, integer, interval), "
+                      f"keepalive() TO {role}")
+        pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "schema.sql"))
+        assert upgraded.rows("SELECT id::text, name FROM hosts") == [(host, "old-host")]
+        assert upgraded.rows("SELECT id::text, worker_id::text, pid FROM processes") == [(process, worker, 42)]
+        assert upgraded.value("SELECT uniphant_schema_version()") == uniphant.SCHEMA_VERSION
+        assert upgraded.value("SELECT has_function_privilege(%s, 'keepalive()', 'EXECUTE')", role)
+        fresh = cluster.database("uniphant_fresh")
+        assert _catalog(upgraded) == _catalog(fresh)
+    finally:
+        upgraded.rows(f"DROP OWNED BY {role}")
+        upgraded.rows(f"DROP ROLE {role}")
+
+
+def test_start_against_a_database_without_the_schema_says_load_schema_sql(cluster, tmp_path, worker_id):
+    project = project_on(cluster.database("uniphant_no_schema", schema=False), tmp_path)
+    assert_clean_error(project.run(worker_id, "start", "-f"), 1, "has no uniphant schema", "load schema.sql")
+
+
+def test_start_against_the_first_schema_says_which_version_to_load(cluster, tmp_path, worker_id):
+    import pgserver
+    database = cluster.database("uniphant_old_schema", schema=False)
+    pgserver.load_sql(database.connect(), os.path.join(REPO, "fixtures", "schema-v1.sql"))
+    project = project_on(database, tmp_path)
+    assert_clean_error(project.run(worker_id, "start", "-f"), 1, "uniphant schema version 1",
+                       f"needs version {uniphant.SCHEMA_VERSION}: load schema.sql")
+
+
+def test_worker_whose_database_lost_the_schema_says_so(cluster, tmp_path, worker_id):
+    database = cluster.database("uniphant_lost_schema")
+    project = project_on(database, tmp_path)
+    project.write("workers/test/uniphant.conf", "stale_after=3\n")
+    child = project.popen(worker_id, "start", "-f")
+    wait_for(lambda: database.process(worker_id), what="the process row")
+    database.rows("DROP FUNCTION keepalive()")
+    out, err = child.communicate(timeout=15)
+    assert child.returncode == 1, err
+    assert "stopping: the database has no uniphant schema" in out and "load schema.sql" in out
+    assert "worker function failed" not in out
+
+
+def project_on(database, tmp_path):
+    """A project whose workers use database."""
+    from conftest import Project, worker_env
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return Project(str(tmp_path / "project"), str(home), worker_env(database.env, str(home)))
+
+
+def test_pg8000_still_has_what_uniphant_uses(db):
+    import pg8000
+    config = dict(db.env, process_id=str(uuid.uuid4()), stale_after=60.0)
+    connection = uniphant.connect_to_database(config)
+    version = getattr(pg8000, "__version__", "?")
+    uses = {
+        "_usock": lambda value: isinstance(value, uniphant._Wire),
+        "_transaction_status": lambda value: value == b"I",  # after the query below
+        "notifications": lambda value: getattr(value, "maxlen", None) is not None,
+        "parameter_statuses": lambda value: value.get("application_name") == config["process_id"],
+        "message_types": lambda value: callable(value.get(b"A")),
+        "execute_simple": callable,
+        "execute_unnamed": callable,
+    }
+    try:
+        connection.execute_simple("")
+        for name, fits in uses.items():
+            assert hasattr(connection, name), f"pg8000 {version} has no connection.{name}, which uniphant uses"
+            assert fits(getattr(connection, name)), \
+                f"pg8000 {version}: connection.{name} is no longer what uniphant expects"
+    finally:
+        connection.close()
+
+
+# ---------------------------------------------------------------------------
+# One copy at a time, and only its owner can stop it
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def make_role(db):
+    """A factory of login roles with a password and EXECUTE on the worker functions."""
+    made = []
+
+    def make(name: str = "role") -> tuple:
+        role, password = f"{name}_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
+        db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
+                f"register_process(uuid, uuid, text, integer, interval), keepalive(), disconnect() "
+                f"TO {role}")
+        made.append(role)
+        return role, password
+    yield make
+    for role in made:
+        db.rows("DELETE FROM processes WHERE role = %s", role)
+        db.rows(f"DROP OWNED BY {role}")
+        db.rows(f"DROP ROLE {role}")
+
+
+def session_of(db, role: str, password: str, process_id: str):
+    return db.connect(user=role, password=password, host="127.0.0.1", port=int(db.env["PGPORT"]),
+                      unix_sock=None, application_name=process_id)
+
+
+def register(conn, worker_id: str, host_id: str, stale_after: str = "5 seconds") -> None:
+    conn.cursor().execute("SELECT register_host(%s::uuid, %s)", (host_id, f"host-{host_id[:8]}"))
+    conn.cursor().execute("SELECT register_process(%s::uuid, %s::uuid, 'test.sql', 1, %s::interval)",
+                          (worker_id, host_id, stale_after))
+
+
+def no_session(db, process_id: str) -> bool:
+    return not db.value("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", process_id)
+
+
+@pytest.mark.faults
+def test_notification_from_any_role_is_only_a_hint(project, db, worker_id, make_role):
+    stranger, password = make_role("stranger")
+    db.rows(f"REVOKE ALL ON FUNCTION keepalive(), disconnect() FROM {stranger}")
+    project.write("workers/test/uniphant.conf", "log_level=DEBUG\ninterval=0.1\n")
+    pid = start_daemon(project, worker_id)
+    channel = "uniphant_" + str(db.process(worker_id)[0]).replace("-", "")
+    conn = session_of(db, stranger, password, "nobody")
+    try:
+        conn.cursor().execute(f"NOTIFY {channel}, 'stop'")
+        conn.cursor().execute(f"NOTIFY {channel}, 'st\u00f6p \u2603'")  # not ASCII
+    finally:
+        conn.close()
+    wait_for(lambda: "but its row is still there: not a stop" in project.log(worker_id), what="the hint")
+    ticks = project.log(worker_id).count("tick")
+    wait_for(lambda: project.log(worker_id).count("tick") >= ticks + 3, what="work to go on")
+    assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+def test_start_never_stops_a_live_copy_whose_pid_directory_was_removed(project, db, worker_id):
+    pid = start_daemon(project, worker_id)
+    shutil.rmtree(project.path("pid"))
+    assert_clean_error(project.run(worker_id, "start"), 1, "already running", f"PID {pid}")
+    assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+def test_a_symlinked_alias_cannot_start_a_second_copy(project, db, worker_id):
+    pid = start_daemon(project, worker_id)
+    os.symlink(project.path("workers/test/probe.py"), project.path("workers/alias.py"))
+    result = project.run(worker_id, "start", "-f", script="workers/alias.py")
+    assert_clean_error(result, 1, "already running", f"PID {pid}")
+    assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+@pytest.mark.faults
+def test_worker_that_lost_its_session_in_a_long_call_exits_before_another_host_takes_over(
+        project, db, worker_id, tmp_path):
+    project.write("uniphant.conf", "stale_after=3\n")
+    project.write("workers/test/uniphant.conf", "mode=sleep\n")
+    pid = start_daemon(project, worker_id)
+    db.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            str(db.process(worker_id)[0]))
+    other = type(project)(str(tmp_path / "other_host"), project.home, project.env)
+    other.write("uniphant.conf", "stale_after=3\n")
+
+    def taken_over() -> bool:
+        result = other.run(worker_id, "start")
+        assert result.returncode == 0 or "already running" in result.stderr, result.stderr
+        return result.returncode == 0
+
+    try:
+        wait_for(taken_over, timeout=20, what="another host to take the worker over")
+        assert gone(pid), "two copies of the worker ran at once"
+        assert "exiting: the database session was lost during a call" in project.log(worker_id)
+    finally:
+        other.cleanup()
+
+
+# (is connected, heartbeat age in seconds) of a row whose process declared stale_after = 5 s.
+ROW_STATES = {
+    "live": (True, 0), "live, stale": (True, 10), "gone": (False, 0),
+    "gone, stale by the caller's rule only": (False, 4), "gone, stale": (False, 10),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("state", ROW_STATES)
+@pytest.mark.parametrize("same_host", [True, False], ids=["same host", "other host"])
+@pytest.mark.parametrize("same_role", [True, False], ids=["same role", "other role"])
+def test_a_row_is_taken_over_only_without_a_session_and_by_its_own_host_and_role_or_once_stale(
+        db, make_role, same_role, same_host, state):
+    owner, other = make_role("owner"), make_role("other")
+    host, elsewhere, worker = (str(uuid.uuid4()) for _ in range(3))
+    for h in (host, elsewhere):
+        db.rows("SELECT register_host(%s::uuid, %s)", h, f"host-{h[:8]}")
+    first_process, second_process = str(uuid.uuid4()), str(uuid.uuid4())
+    first = session_of(db, *owner, first_process)
+    register(first, worker, host)
+    connected, age = ROW_STATES[state]
+    db.rows("UPDATE processes SET heartbeat_at = now() - make_interval(secs => %s) "
+            "WHERE worker_id = %s::uuid", age, worker)
+    if not connected:
+        first.close()
+        wait_for(lambda: no_session(db, first_process), what="the session to end")
+    caller = session_of(db, *(owner if same_role else other), second_process)
+    expected = not connected and ((same_host and same_role) or age > 5)
+    try:
+        register(caller, worker, host if same_host else elsewhere, "3 seconds")
+        taken = True
+    except pg8000.dbapi.DatabaseError as e:
+        taken, message = False, e.args[0]["M"]
+        assert "PID 1 on host host-" in message and host not in message and elsewhere not in message
+    finally:
+        caller.close()
+        if connected:
+            first.close()
+    assert taken == expected
+    assert str(db.value("SELECT id FROM processes WHERE worker_id = %s::uuid", worker)) == \
+        (second_process if expected else first_process)
+
+
+@pytest.mark.faults
+def test_a_borrowed_application_name_cannot_block_a_takeover(db, make_role):
+    owner, stranger = make_role("owner"), make_role("stranger")
+    host, elsewhere, worker, dead = (str(uuid.uuid4()) for _ in range(4))
+    first = session_of(db, *owner, dead)
+    register(first, worker, host)
+    first.close()
+    db.rows("UPDATE processes SET heartbeat_at = now() - interval '10 seconds' WHERE worker_id = %s::uuid",
+            worker)
+    borrower = session_of(db, *stranger, dead)
+    caller = session_of(db, *owner, str(uuid.uuid4()))
+    try:
+        wait_for(lambda: db.value("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                                  "AND usename = %s", dead, owner[0]) == 0, what="the owner's session to end")
+        register(caller, worker, elsewhere)
+    finally:
+        caller.close()
+        borrower.close()
+    assert db.value("SELECT id::text <> %s FROM processes WHERE worker_id = %s::uuid", dead, worker)
+
+
+@pytest.mark.faults
+def test_a_session_that_runs_one_worker_cannot_register_another(db):
+    host = str(uuid.uuid4())
+    conn = db.connect(application_name=str(uuid.uuid4()))
+    try:
+        conn.cursor().execute("SET statement_timeout = '5s'")  # a loop would end as a timeout
+        register(conn, str(uuid.uuid4()), host)
+        with pytest.raises(pg8000.dbapi.DatabaseError) as refused:
+            register(conn, str(uuid.uuid4()), host)
+        assert refused.value.args[0]["C"] == "UN004"
+    finally:
+        conn.close()
+        db.rows("DELETE FROM processes WHERE host_id = %s::uuid", host)
+
+
+def test_keepalive_writes_at_most_once_a_second_however_often_it_is_called(db, worker_id):
+    conn = db.connect(application_name=str(uuid.uuid4()))
+    try:
+        register(conn, worker_id, str(uuid.uuid4()))
+        cursor, versions = conn.cursor(), set()
+        started = time.monotonic()
+        for _ in range(200):
+            cursor.execute("SELECT keepalive()")
+            assert cursor.fetchone()[0] is True
+            versions.add(db.value("SELECT xmin::text FROM processes WHERE worker_id = %s::uuid", worker_id))
+        assert len(versions) <= 2 + time.monotonic() - started  # the insert, then one write a second
+        cursor.execute("SELECT disconnect()")
+    finally:
+        conn.close()
+
+
 # ---------------------------------------------------------------------------
 # Examples
 # ---------------------------------------------------------------------------
@@ -565,8 +1235,8 @@ def test_workers_survive_a_database_restart(private_server, tmp_path):
         private_server.start()
         admin = private_server.connect("uniphant")
         for w in ids:
-            wait_for(lambda: "database connection restored" in project.log(w), what=f"{w} to reconnect")
-        time.sleep(0.5)  # a few intervals of work after the recovery
+            wait_for(lambda: "tick" in project.log(w).partition("database connection restored")[2],
+                     what=f"{w} to reconnect and work")
         assert sorted(_rows(admin, "SELECT id::text, worker_id::text, pid FROM processes")) == rows_before
         for w, pid in zip(ids, pids):
             log = project.log(w)
@@ -828,7 +1498,6 @@ def test_same_worker_from_two_hosts_at_once_runs_once(project, db, worker_id, tm
         results = [(c.wait(timeout=60), c.communicate()[1]) for c in children]
         assert sorted(code for code, _ in results) == [0, 1], results
         assert any("already running" in err for code, err in results if code == 1)
-        running = [p.running_pid(worker_id) for p in (project, other)]
         wait_for(lambda: [p.running_pid(worker_id) for p in (project, other)].count(None) == 1,
                  what="the refused daemon to exit")
         pid = next(p for p in (project.running_pid(worker_id), other.running_pid(worker_id)) if p)
@@ -899,6 +1568,25 @@ def test_secret_values_never_reach_the_log(project, db, worker_id):
     wait_for(lambda: "restored" in project.log(worker_id), what="a reconnect")
     project.run(worker_id, "stop")
     assert "TOPSECRET-42" not in project.log(worker_id)
+
+
+@pytest.mark.faults
+def test_reconnect_says_why_each_attempt_failed(private_server, tmp_path):
+    project = server_project(tmp_path, "why", private_server, "log_level=DEBUG\n")
+    worker = str(uuid.uuid4())
+    try:
+        start_daemon(project, worker)
+        private_server.stop("fast")
+        said = lambda level: [line.split("reconnecting: ", 1)[1] for line in project.log(worker).splitlines()  # noqa: E731
+                              if f" {level} " in line and "reconnecting: " in line]
+        wait_for(lambda: said("WARNING"), what="the first failure, at WARNING")
+        wait_for(lambda: set(said("DEBUG")) & set(said("WARNING")), what="a repeated failure, at DEBUG")
+        private_server.start()
+        wait_for(lambda: "database connection restored" in project.log(worker), what="the reconnect")
+        assert len(said("WARNING")) == len(set(said("WARNING")))
+        assert all("could not connect to PostgreSQL" in reason for reason in said("WARNING"))
+    finally:
+        project.cleanup()
 
 
 # ---------------------------------------------------------------------------

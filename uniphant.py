@@ -369,6 +369,8 @@ def setup_config() -> Config:
     config = _script_config()
     config.update(RUNTIME_DEFAULTS)
     config.update(read_config_files(config))
+    for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE"):
+        _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
     config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
     config["process_id"] = _new_uuid()
     config["host_name"] = os.uname().nodename
@@ -843,8 +845,8 @@ def _wire_of(connection) -> Optional[_Wire]:
 
 def _in_transaction(connection) -> bool:
     # pg8000 keeps the status of the last ReadyForQuery: b"I" idle, b"T" in a
-    # transaction, b"E" in a failed one.
-    return connection._transaction_status != b"I"
+    # transaction, b"E" in a failed one; None before the first query.
+    return connection._transaction_status in (b"T", b"E")
 
 
 def _check_session(config: Config, connection) -> None:
@@ -1340,11 +1342,15 @@ def _stop_reason(config: Config, connection) -> Optional[str]:
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
     now = time.monotonic()
-    if _stop_hinted(config, connection) or now >= _runtime.next_heartbeat:
+    hinted = _stop_hinted(config, connection)
+    if hinted or now >= _runtime.next_heartbeat:
         _check_session(config, connection)
         if not keepalive(connection):
             _runtime.row_gone = True
             return "its process row was deleted"
+        if hinted:
+            _logger(config).debug("a notification on this process's channel, but its row is "
+                                  "still there: not a stop")
         _runtime.confirmed_at = now
         _runtime.next_heartbeat = now + _heartbeat_period(config)
     return None
@@ -1652,16 +1658,17 @@ def _leave(config: Config, connection, logger: logging.Logger) -> None:
                        "the next start takes it over")
         return
     try:
-        try:
-            if _in_transaction(connection):
-                connection.execute_simple("ROLLBACK")
-            _check_session(config, connection)
-        except _SessionChanged:
-            _close_quietly(connection)
-            connection = connect_to_database(config)  # a new session is this process's own again
+        if _in_transaction(connection):
+            connection.execute_simple("ROLLBACK")
+        _check_session(config, connection)
         disconnect(connection)
+        return
     except Exception as e:
         _close_quietly(connection)
+        logger.debug("cannot remove the process row on its own connection: %s", _explain(e))
+    try:
+        disconnect(connect_to_database(config))  # a new session is this process's own again
+    except Exception as e:
         logger.warning("could not remove the process row (%s); the next start takes it over",
                        _explain(e))
 
@@ -1856,6 +1863,11 @@ def main(worker_function: WorkerFunction) -> None:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = e.exit_code
     except OSError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_explain(e)}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except Exception as e:
+        if not type(e).__module__.startswith("pg8000"):
+            raise  # a bug: its traceback is the report
+        print(f"{prog}: error: the database connection failed: {_explain(e)}", file=sys.stderr)
         code = EXIT_FAILURE
     _exit(code)
