@@ -305,6 +305,12 @@ def _declared_pg8000() -> Tuple[str, str]:
     return pyproject, dev
 
 
+def test_pyproject_and_the_development_requirements_declare_one_pg8000_range():
+    pyproject, dev = _declared_pg8000()
+    assert pyproject == dev
+    assert re.fullmatch(r"pg8000>=[\d.]+,<[\d.]+", pyproject)
+
+
 def test_pip_install_builds_the_one_module_without_writing_into_the_tree(tmp_path):
     target = tmp_path / "target"
     before = set(os.listdir(REPO))
