@@ -1265,7 +1265,7 @@ def test_workers_wait_out_a_30_second_outage_without_spinning(private_server, tm
         cpu_before = cpu_seconds(kept_pid)
         private_server.stop("fast")
         log_size = len(project.log(kept))
-        time.sleep(10)
+        time.sleep(10)  # the outage itself: the span being tested, not a wait for a condition
         status = project.run(kept, "status")
         assert status.returncode == 0 and str(kept_pid) in status.stdout
         assert project.run(stopped, "stop").returncode == 0
@@ -1276,7 +1276,7 @@ def test_workers_wait_out_a_30_second_outage_without_spinning(private_server, tm
         operator.cursor().execute("DELETE FROM processes WHERE worker_id = %s::uuid", (deleted,))
         operator.close()
         private_server.stop("fast")
-        time.sleep(20)
+        time.sleep(20)  # more of the outage
         assert cpu_seconds(kept_pid) - cpu_before < 1.0
         outage_log = project.log(kept)[log_size:]
         assert len(outage_log) < 1000, outage_log  # the loss, said once
