@@ -95,11 +95,16 @@ class Output:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, needle: str, timeout: float) -> None:
+    def wait_for(self, needle: str, timeout: float, process: subprocess.Popen) -> None:
+        """Until needle is in the output; the test fails at once if the process ends first."""
         try:
-            wait_for(lambda: needle in self.text(), timeout=timeout, what=repr(needle))
+            wait_for(lambda: needle in self.text() or process.poll() is not None,
+                     timeout=timeout, what=repr(needle))
         except pytest.fail.Exception:
-            pytest.fail(f"no {needle!r} within {timeout} s; the output:\n{self.text()}")
+            pass
+        if needle not in self.text():
+            ended = "" if process.poll() is None else f" (it ended with status {process.returncode})"
+            pytest.fail(f"no {needle!r} within {timeout} s{ended}; the output:\n{self.all(5)}")
 
     def all(self, timeout: float = 30) -> str:
         self._thread.join(timeout)
@@ -170,6 +175,19 @@ def test_pgserver_command_says_why_the_server_did_not_start_without_a_traceback(
     assert_nothing_left(server_tmp)
 
 
+def test_a_schema_that_does_not_load_is_one_message_from_the_server(server_tmp, tmp_path):
+    checkout = tmp_path / "checkout"
+    shutil.copytree(os.path.join(REPO, "dev"), checkout / "dev", ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / "schema.sql").write_text("CREATE TABLE broken (;\n")
+    done = subprocess.run([sys.executable, str(checkout / "dev" / "pgserver.py"), "--", "true"],
+                          capture_output=True, text=True, env=child_env(server_tmp), timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("pgserver: schema.sql could not be loaded into database uniphant: "
+                                  'syntax error at or near ";" (SQLSTATE 42601, at character 22)'), done.stderr
+    assert "Traceback" not in done.stderr
+    assert_nothing_left(server_tmp)
+
+
 def test_a_server_that_does_not_start_is_reported_with_the_end_of_its_log(server_tmp):
     with pgserver.Server() as server:
         server.init()
@@ -203,17 +221,18 @@ def test_the_test_session_stops_with_the_reason_when_its_server_cannot_start(fak
     assert_nothing_left(server_tmp)
 
 
-def test_sigint_while_the_command_runs_removes_the_server_and_the_command(server_tmp):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_command_runs_removes_the_server_and_the_command(server_tmp, signum):
     child = subprocess.Popen([sys.executable, PGSERVER, "--", "sleep", "60"], stderr=subprocess.PIPE,
                              text=True, env=child_env(server_tmp), stdin=subprocess.DEVNULL)
     try:
         output = Output(child.stderr)
-        output.wait_for("database uniphant", timeout=120)
+        output.wait_for("database uniphant", timeout=120, process=child)
         (directory,) = os.listdir(server_tmp)
         with open(os.path.join(server_tmp, directory, "data", "postmaster.pid")) as f:
             postmaster = int(f.readline())
         (command,) = _children(child.pid)
-        child.send_signal(signal.SIGINT)  # to pgserver alone, not to its command
+        child.send_signal(signum)  # to pgserver alone, not to its command
         assert child.wait(timeout=60) == 130
     finally:
         if child.poll() is None:
@@ -264,7 +283,7 @@ def test_the_demo_runs_the_example_worker_and_ctrl_c_removes_everything(server_t
                             start_new_session=True)
     try:
         output = Output(demo.stdout)
-        output.wait_for("hello from worker", timeout=180)
+        output.wait_for("hello from worker", timeout=180, process=demo)
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole foreground group
         assert demo.wait(timeout=60) == 130
     finally:

@@ -377,19 +377,27 @@ class Server:
                 time.sleep(0.02)
 
     def _programs(self) -> List[int]:
-        """PIDs of the server's programs that still run in its directory (initdb and
-        pg_ctl run there, the server and its children in the data directory)."""
+        """PIDs of the processes still running in the server's directory (initdb and
+        pg_ctl run there, the server and its children in the data directory): as
+        root, every process of the server user there; else the server's programs."""
         install = os.path.dirname(os.path.realpath(self.bindir))
+        server_uid = pwd.getpwnam(self.user).pw_uid if self.user else None
         found = []
         for name in os.listdir("/proc"):
             if not name.isdigit() or int(name) == os.getpid():
                 continue
             try:
                 cwd = os.readlink(f"/proc/{name}/cwd").replace(" (deleted)", "")
-                exe = os.readlink(f"/proc/{name}/exe").replace(" (deleted)", "")
+                if not _inside(cwd, self.dir):
+                    continue
+                if server_uid is not None:
+                    ours = os.stat(f"/proc/{name}").st_uid == server_uid
+                else:
+                    exe = os.readlink(f"/proc/{name}/exe").replace(" (deleted)", "")
+                    ours = _inside(exe, install) or _inside(exe, self.dir)
             except OSError:
                 continue
-            if _inside(cwd, self.dir) and (_inside(exe, install) or _inside(exe, self.dir)):
+            if ours:
                 found.append(int(name))
         return found
 
@@ -407,13 +415,25 @@ class Server:
         return conn
 
     def create_database(self, name: str, schema: bool = True) -> None:
-        conn = self.connect()
+        """CREATE DATABASE, and load schema.sql into it; ServerError with the server's message."""
+        import pg8000.dbapi
+
+        what = f"database {name} could not be created"
         try:
-            conn.cursor().execute(f'CREATE DATABASE "{name}"')
-        finally:
-            conn.close()
-        if schema:
-            load_sql(self.connect(name), os.path.join(REPO, "schema.sql"))
+            conn = self.connect()
+            try:
+                conn.cursor().execute(f'CREATE DATABASE "{name}"')
+            finally:
+                conn.close()
+            if schema:
+                what = f"schema.sql could not be loaded into database {name}"
+                load_sql(self.connect(name), os.path.join(REPO, "schema.sql"))
+        except pg8000.dbapi.Error as e:
+            fields = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
+            if not fields:
+                raise ServerError(f"{what}: {e}") from None
+            where = f", at character {fields['P']}" if "P" in fields else ""
+            raise ServerError(f"{what}: {fields.get('M')} (SQLSTATE {fields.get('C')}{where})") from None
 
 
 def _indent(text: str) -> str:
@@ -481,13 +501,16 @@ def main(argv: List[str]) -> int:
         signal.signal(signum, signal.default_int_handler)  # end as Ctrl-C does, server removed
     try:
         with Server(embedded_bindir() if embedded else None) as server:
-            server.init().start()
+            try:
+                server.init().start()
+            except ServerError as e:
+                raise ServerError(f"the throwaway PostgreSQL could not be started: {e}") from None
             server.create_database("uniphant")
             print(f"PostgreSQL from {server.bindir} on {server.dir} port {server.port}, "
                   "database uniphant", file=sys.stderr)
             return _run_command(argv[1:], dict(os.environ, **server.env("uniphant")))
     except ServerError as e:
-        print(f"pgserver: the throwaway PostgreSQL could not be started: {e}", file=sys.stderr)
+        print(f"pgserver: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
