@@ -214,6 +214,7 @@ class Project:
         self.home = home
         self.env = env
         self.children: List[subprocess.Popen] = []
+        self.daemons: List[int] = []  # PIDs that start_daemon() reported
         self.write("workers/test/probe.py", PROBE)
 
     def path(self, relative: str) -> str:
@@ -263,6 +264,12 @@ class Project:
         """Kill whatever a test left running: daemons (by their PID files) and children."""
         import uniphant
 
+        for pid in self.daemons:  # also those whose PID file a test removed
+            try:
+                if os.readlink(f"/proc/{pid}/cwd").startswith(self.root):
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue  # gone
         if os.path.islink(self.path("pid")):
             return
         for directory, _, files in os.walk(self.path("pid")):

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "main", "alive", "connect_to_database", "setup_config", "setup_logging",
-    "register_host", "register_process", "keepalive", "disconnect",
+    "register_host", "register_process", "keepalive", "disconnect", "manage",
 ]
 
 # Exit codes of the command line.
@@ -103,9 +103,12 @@ RESERVED_KEYS = frozenset({
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
-# Runtime keys and their defaults; config files hold them as text.
+# Runtime keys and their defaults; config files hold them as text.  The
+# second line is the manager's (README, "The fleet").
 RUNTIME_DEFAULTS: Dict[str, Any] = {
     "log_level": "INFO", "interval": 1.0, "stop_timeout": 10.0, "stale_after": 60.0,
+    "restart_delay": 1.0, "restart_delay_max": 60.0, "restart_reset_after": 600.0,
+    "start_timeout": 30.0, "starts_per_second": 20.0,
 }
 
 # No duration may exceed a day: larger values are typing mistakes, and some
@@ -124,13 +127,14 @@ def _is_decimal(value: str) -> bool:
     return bool(digits) and all("0" <= c <= "9" for c in digits)
 
 
-def _seconds(minimum: float, above: bool = False) -> Callable[[str], float]:
-    """A check for a number of seconds from minimum (exclusive if above) to a day."""
+def _number(minimum: float, above: bool = False, maximum: float = _MAX_SECONDS,
+            unit: str = "seconds") -> Callable[[str], float]:
+    """A check for a number from minimum (exclusive if above) to maximum."""
     def check(value: str) -> float:
         number = float(value) if _is_decimal(value) else -1.0
-        if not (number > minimum if above else number >= minimum) or number > _MAX_SECONDS:
-            raise ValueError(f"expected a number of seconds {'>' if above else '>='} "
-                             f"{minimum:g} and <= {_MAX_SECONDS}")
+        if not (number > minimum if above else number >= minimum) or number > maximum:
+            raise ValueError(f"expected a number of {unit} {'>' if above else '>='} "
+                             f"{minimum:g} and <= {maximum:g}")
         return number
     return check
 
@@ -162,10 +166,15 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 # Each checker returns the value to store, or raises ValueError saying what is wrong.
 _CHECKS: Dict[str, Callable[[str], Any]] = {
     "log_level": _choice(LOG_LEVELS, str.upper),
-    "interval": _seconds(0),
-    "stop_timeout": _seconds(0, above=True),
+    "interval": _number(0),
+    "stop_timeout": _number(0, above=True),
     # A heartbeat every stale_after / 3 seconds, and never more than one a second.
-    "stale_after": _seconds(3),
+    "stale_after": _number(3),
+    "restart_delay": _number(0, above=True),
+    "restart_delay_max": _number(0, above=True),
+    "restart_reset_after": _number(0),
+    "start_timeout": _number(1),
+    "starts_per_second": _number(0, above=True, maximum=1000, unit="starts a second"),
     "PGPORT": _port_list,
     "PGCONNECT_TIMEOUT": _connect_timeout,
     "PGSSLMODE": _choice(SSL_MODES, str.lower),
@@ -510,6 +519,7 @@ def setup_logging(config: Config) -> logging.Logger:
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+    _runtime.logger = logger
     return logger
 
 
@@ -868,7 +878,13 @@ def _channel(config: Config) -> str:
 
 
 def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
-    """The first row of one of the runtime's own calls, SQL with $1-style parameters.
+    """The first row of one of the runtime's own calls (see _rows)."""
+    rows = _rows(connection, sql, params)
+    return rows[0] if rows else None
+
+
+def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
+    """The rows of one of the runtime's own calls, SQL with $1-style parameters.
 
     It goes around pg8000's cursor, which would open a transaction if the worker
     function had switched autocommit off.  A refusal, a missing schema or any
@@ -883,14 +899,13 @@ def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
             context = connection.execute_simple(sql)
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
-        if code in ("UN001", "UN003", "UN004", "22023"):
+        if code in ("UN001", "UN003", "UN004", "UN005", "22023"):
             raise _Refused(message, code) from None
         if code in ("42883", "42P01", "3F000"):
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
         raise UniphantError(f"database error {code}: {message}") from None
-    rows = context.rows
-    return rows[0] if rows else None
+    return context.rows or []
 
 
 def register_host(config: Config, connection) -> None:
@@ -978,6 +993,7 @@ class _Runtime:
         self.wakeup_fd: Optional[int] = None     # readable when a signal arrived
         self.parent_fd: Optional[int] = None     # a pidfd of the parent (foreground): readable when it exits
         self.poll_parent = False                 # foreground without pidfds: look every _PARENT_POLL
+        self.logger: Optional[logging.Logger] = None  # the worker's, once set up
         self.log_handler = None                  # the log file's handler, reopened on SIGHUP
         self.pid_file_fd: Optional[int] = None   # the locked PID file
         self.next_call = 0.0                     # when the worker function is due (time.monotonic)
@@ -986,6 +1002,10 @@ class _Runtime:
         self.row_gone = False                    # keepalive() found the row deleted
         self.watchdog: Optional[_Watchdog] = None
         self.warned: set = set()                 # the one-time warnings already given
+        self.last_words = ""                     # why the run ended, for the manager
+        self.report_fd: Optional[int] = None     # a pipe to the manager that forked this process
+        self.manager: Optional[_Manager] = None  # in a manager's process: its state
+        self.announce_ready = True               # tell systemd READY=1 once registered
 
 
 _runtime = _Runtime()
@@ -1207,6 +1227,43 @@ def _tell(fd: int, message: str) -> None:
     os.close(fd)
 
 
+def _report_to_manager(message: str) -> None:
+    """In a worker the manager forked: tell it how the start went, or why the run
+    ended (one line each; see _Child.read_reports)."""
+    import contextlib
+
+    if _runtime.report_fd is not None:
+        with contextlib.suppress(BrokenPipeError):  # the manager has gone: we run on regardless
+            os.write(_runtime.report_fd, (" ".join(message.split()) + "\n").encode("utf-8", "replace"))
+
+
+def _sd_notify(*lines: str) -> None:
+    """Tell systemd about this process, where NOTIFY_SOCKET asks (sd_notify(3)):
+    one datagram of KEY=VALUE lines; a leading @ names an abstract socket."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto("\n".join(lines).encode(), address)
+        except OSError as e:
+            if _runtime.logger is not None:
+                _warn_once(_runtime.logger, f"cannot notify systemd at {address!r}: {e.strerror}")
+
+
+def _watchdog_period() -> float:
+    """Seconds between WATCHDOG=1 messages: half of WATCHDOG_USEC, if systemd asks
+    this process for them; else 0."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not _is_whole(usec, 1, 2 ** 63) or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 2e6
+
+
 def start_daemon(config: Config, connection, worker_function: WorkerFunction, pid_file: str) -> int:
     """Start the worker as a daemon; return 0 once it has registered its row.
 
@@ -1248,6 +1305,8 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         connection = connect_to_database(config)
         try:
             register_process(config, connection)
+            if worker_function is manage:
+                _prepare_manager(config, connection)
         except BaseException:
             _close_quietly(connection)
             raise
@@ -1389,11 +1448,13 @@ def _watch_for_wakeups(config: Config) -> None:
             rt.poll_parent = True  # no pidfd support, or already gone
 
 
-def _wait(seconds: float, connection=None) -> None:
-    """Sleep up to seconds; wake early for a signal, a database message or the parent's death."""
+def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> None:
+    """Sleep up to seconds; wake early for a signal, a database message, the parent's
+    death, or input on one of the descriptors also."""
     rt = _runtime
     poller = select.poll()
-    poller.register(rt.wakeup_fd, select.POLLIN)
+    for fd in (rt.wakeup_fd, *also):
+        poller.register(fd, select.POLLIN)
     if rt.parent_fd is not None:
         poller.register(rt.parent_fd, select.POLLIN)
     if rt.poll_parent:
@@ -1522,13 +1583,14 @@ def _call_worker(config: Config, connection, worker_function: WorkerFunction,
         raise  # from alive(): the runtime's own, never the worker function's failure
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
-        (logger.info if code == EXIT_OK else logger.error)(
-            "stopping: the worker function raised SystemExit(%r)", e.code)
+        rt.last_words = f"the worker function raised SystemExit({e.code!r})"
+        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.last_words)
         raise _WorkerExit(code) from None
     except BaseException as e:
         if _is_lost(connection):
             raise _ConnectionLost(e) from None
         logger.exception("stopping: the worker function failed")
+        rt.last_words = _explain(e)  # the exception's last line, for the manager
         raise _WorkerExit(EXIT_FAILURE) from None
     finally:
         rt.watchdog.leave()
@@ -1614,11 +1676,14 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     rt.next_heartbeat = rt.confirmed_at + _heartbeat_period(config)
     logger.info("worker %s started: process %s, PID %d, host %s",
                 config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
+    if config["foreground"] and rt.announce_ready:
+        _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
     code = EXIT_FAILURE
     try:
         while True:
             try:
-                logger.info("stopping: %s", _serve(config, connection, worker_function, logger))
+                rt.last_words = _serve(config, connection, worker_function, logger)
+                logger.info("stopping: %s", rt.last_words)
                 code = EXIT_OK
                 break
             except _WorkerExit as e:
@@ -1636,17 +1701,25 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
             connection = None
             connection = _reconnect(config, logger, error)
             if connection is None:
-                logger.info("stopping: %s", _local_stop_reason(config))
+                rt.last_words = _local_stop_reason(config)
+                logger.info("stopping: %s", rt.last_words)
                 code = EXIT_OK
                 break
     except UniphantError as e:
+        rt.last_words = str(e)
         logger.error("stopping: %s", e)
-    except Exception:
+    except Exception as e:
+        rt.last_words = f"uniphant failed: {_explain(e)}"
         logger.exception("stopping: uniphant failed")
     finally:
+        if config["foreground"]:
+            _sd_notify("STOPPING=1")
+        if rt.manager is not None:
+            rt.manager.stop_all()
         _leave(config, connection, logger)
         _release_pid_file()
         _note_leftover_threads(logger)
+        _report_to_manager(f"exit {rt.last_words}")
     return code
 
 
@@ -1686,6 +1759,699 @@ def _note_leftover_threads(logger: logging.Logger) -> None:
     if names:
         logger.warning("exiting without waiting for threads the worker function left running: %s",
                        ", ".join(names))
+
+
+# ---------------------------------------------------------------------------
+# The manager
+# ---------------------------------------------------------------------------
+
+# How often the manager reads its plan when no notification comes: a lost
+# notification, or a host that died, costs at most this long to notice.
+_PLAN_EVERY = 5.0
+# The last words of a worker whose row was deleted: a restart asked for from
+# SQL (restart_worker), which is not a failure.
+_ROW_DELETED = "its process row was deleted"
+
+
+class _Child:
+    """A worker process on this host that the manager watches: one it forked, or
+    one it adopted (started by an earlier manager, or by hand)."""
+
+    def __init__(self, pid: int, report_fd: Optional[int]) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)      # readable once it has exited
+        self.forked = report_fd is not None  # ours to reap; an adopted one is not
+        # Its process group, if it leads one (it outlives the leader while
+        # grandchildren remain, and its number is not reused meanwhile).
+        self.group = pid if self.forked or os.getpgid(pid) == pid else None
+        self.report_fd = report_fd           # its reports, until it closes them
+        self.started = time.monotonic()
+        self.ready = report_fd is None       # registered (an adopted one long since)
+        self.stop_timeout = RUNTIME_DEFAULTS["stop_timeout"]
+        self.words = ""                      # what it said last: why it ended
+        self.unread = b""
+        self.kill_at: Optional[float] = None  # when its process group gets SIGKILL
+        self.ended_by = ""                   # why the manager ended it, if it did
+        self.rowless_since: Optional[float] = None
+
+    def signal(self, sig: int) -> None:
+        import signal
+
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            return  # it has exited: the next look reaps it
+
+    def kill_group(self) -> None:
+        """SIGKILL its process group (grandchildren too), or itself if it has none of its own."""
+        import signal
+
+        if self.group is None:
+            self.signal(signal.SIGKILL)
+            return
+        try:
+            os.killpg(self.group, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # the whole group has gone
+
+    def read_reports(self) -> None:
+        """Take in what it wrote: `ready <pid> <stop_timeout>`, `error <why>`, `exit <why>`."""
+        if self.report_fd is None:
+            return
+        try:
+            data = os.read(self.report_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            os.close(self.report_fd)
+            self.report_fd = None
+            return
+        *lines, self.unread = (self.unread + data).split(b"\n")
+        for line in lines:
+            word, _, rest = line.decode("utf-8", "replace").partition(" ")
+            if word == "ready":
+                self.ready, self.stop_timeout = True, float(rest.split()[1])
+            elif word in ("error", "exit"):
+                self.words = rest
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        if self.report_fd is not None:
+            os.close(self.report_fd)
+
+
+class _Slot:
+    """A worker the plan gives this host, across the lives of its processes."""
+
+    def __init__(self, worker_id: str, worker_type: str) -> None:
+        self.worker_id = worker_id
+        self.worker_type = worker_type
+        self.wanted = True
+        self.startable = True
+        self.child: Optional[_Child] = None
+        self.state = "starting"
+        self.due = 0.0                   # when it may start (time.monotonic)
+        self.failures = 0                # runs in a row that ended before restart_reset_after
+        self.restarts = 0
+        self.started_once = False
+        self.last_exit: Optional[str] = None
+        self.reported: Optional[tuple] = None  # the facts last written to worker_states
+
+
+class _Manager:
+    """The state of a manager process: what it runs, and when it next acts."""
+
+    def __init__(self, config: Config, logger: logging.Logger) -> None:
+        self.config = config
+        self.logger = logger
+        self.slots: Dict[str, _Slot] = {}
+        self.next_plan = 0.0
+        self.next_start = 0.0            # starts are paced: starts_per_second, jittered
+        self.ready_told = False
+        self.status_told = ""
+        self.next_watchdog = 0.0
+
+    # One pass: see who ended, read the plan when it may have changed, then
+    # act on it and write down what changed.
+    def step(self, connection) -> None:
+        self._reap()
+        if _take_notifications(connection, "uniphant_fleet") or time.monotonic() >= self.next_plan:
+            self._plan(connection)
+        self._enforce_deadlines()
+        self._start_due()
+        self._report(connection)
+        self._tell_systemd()
+
+    def wait(self, connection) -> None:
+        children = [slot.child for slot in self.slots.values() if slot.child is not None]
+        moments = [self.next_plan] + [c.kill_at for c in children if c.kill_at is not None]
+        moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
+        moments += [max(slot.due, self.next_start) for slot in self.slots.values()
+                    if slot.wanted and slot.startable and slot.child is None]
+        if _watchdog_period():
+            moments.append(self.next_watchdog)
+        fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
+        _wait(min(moments) - time.monotonic(), connection, tuple(fds))
+
+    def _plan(self, connection) -> None:
+        rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, running_pid, "
+                     "restarts FROM public.manager_plan($1::uuid)", (self.config["host_id"],))
+        self.next_plan = time.monotonic() + _PLAN_EVERY
+        planned = {row[0] for row in rows if row[2]}
+        for slot in list(self.slots.values()):
+            if slot.wanted and slot.worker_id not in planned:
+                self._unwant(slot, "no longer wanted on this host")
+        for worker_id, worker_type, wanted, startable, running_pid, restarts in rows:
+            slot = self.slots.get(worker_id)
+            if slot is None:
+                slot = self.slots[worker_id] = _Slot(worker_id, worker_type)
+                slot.wanted, slot.restarts = wanted, restarts
+                if not wanted:  # a copy here that should run elsewhere, or not at all
+                    self._adopt(slot, running_pid)
+                    self._unwant(slot, "not wanted on this host")
+                    continue
+            elif wanted and not slot.wanted:
+                slot.wanted, slot.state = True, "starting"
+            slot.startable = startable
+            self._check_row(slot, running_pid)
+
+    def _check_row(self, slot: _Slot, running_pid: Optional[int]) -> None:
+        """End a registered child that lives on without a live row (deleted, or a stale
+        heartbeat with no session): seen at two plans in a row, so one that is just
+        leaving is not hit."""
+        child = slot.child
+        if child is None or not child.ready or not slot.wanted:
+            return
+        if running_pid == child.pid:
+            child.rowless_since = None
+        elif child.rowless_since is None:
+            child.rowless_since = time.monotonic()
+        elif time.monotonic() - child.rowless_since >= _PLAN_EVERY:
+            self._end(child, "lived on without a live process row")
+
+    def _unwant(self, slot: _Slot, why: str) -> None:
+        slot.wanted = False
+        if slot.child is None:
+            self._forget(slot)
+        elif slot.child.kill_at is None:
+            self.logger.info("stopping worker %s (%s): %s", slot.worker_id, slot.worker_type, why)
+            self._stop(slot.child)
+
+    def _forget(self, slot: _Slot) -> None:
+        slot.state = None  # written as a deletion of its worker_states row
+        if slot.reported is None:
+            del self.slots[slot.worker_id]
+
+    def _stop(self, child: _Child) -> None:
+        import signal
+
+        child.signal(signal.SIGTERM)
+        child.kill_at = time.monotonic() + child.stop_timeout
+
+    def _end(self, child: _Child, why: str) -> None:
+        """Kill a child at once, remembering why."""
+        self.logger.warning("killing worker process %d: %s", child.pid, why)
+        child.ended_by = why
+        child.kill_group()
+        child.kill_at = child.kill_at or time.monotonic()
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots.values():
+            child = slot.child
+            if child is None:
+                continue
+            if child.kill_at is not None and now >= child.kill_at:
+                child.kill_group()
+            elif not child.ready and now - child.started >= self.config["start_timeout"]:
+                self._end(child, f"did not register within {self.config['start_timeout']:g} s")
+
+    def _reap(self) -> None:
+        """Take note of every child that has exited (own children are reaped: waitpid)."""
+        children = {slot.child.pidfd: slot for slot in self.slots.values() if slot.child is not None}
+        if not children:
+            return
+        poller = select.poll()
+        for fd in children:
+            poller.register(fd, select.POLLIN)
+        for slot in children.values():
+            slot.child.read_reports()
+        for fd, _ in poller.poll(0):
+            slot = children[fd]
+            child, slot.child = slot.child, None
+            status = os.waitpid(child.pid, 0)[1] if child.forked else None
+            child.read_reports()
+            child.close()
+            child.kill_group()  # what it left behind in its group goes with it
+            self._ended(slot, child, status)
+
+    def _ended(self, slot: _Slot, child: _Child, status: Optional[int]) -> None:
+        how = _how_it_ended(child, status)
+        if not slot.wanted:
+            self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, how)
+            self._forget(slot)
+            return
+        now = time.monotonic()
+        if child.words == _ROW_DELETED and not child.ended_by:
+            delay = 0.0  # restarted from SQL
+        else:
+            ran_long = now - child.started >= self.config["restart_reset_after"]
+            slot.failures = 1 if ran_long else slot.failures + 1
+            delay = self._backoff(slot.failures)
+        slot.last_exit, slot.due = how, now + delay
+        slot.state = "backoff" if delay else "starting"
+        self.logger.warning("worker %s (%s) ended: %s; starting it again in %.1f s",
+                            slot.worker_id, slot.worker_type, how, delay)
+
+    def _backoff(self, failures: int) -> float:
+        """The first restart at once, then restart_delay doubling up to restart_delay_max,
+        each drawn from its upper half so that a failing fleet does not restart in step."""
+        import random
+
+        if failures <= 1:
+            return 0.0
+        delay = min(self.config["restart_delay"] * 2 ** (failures - 2), self.config["restart_delay_max"])
+        return random.uniform(delay / 2, delay)
+
+    def _start_due(self) -> None:
+        import random
+
+        now = time.monotonic()
+        due = [slot for slot in self.slots.values()
+               if slot.wanted and slot.startable and slot.child is None and slot.due <= now]
+        for slot in sorted(due, key=lambda s: s.due):
+            if self.next_start > now:
+                return
+            self._start(slot)
+            pause = random.uniform(0.5, 1.5) / self.config["starts_per_second"]
+            self.next_start = max(now, self.next_start) + pause
+
+    def _start(self, slot: _Slot) -> None:
+        """Fork a worker of slot, or adopt the one that already runs here."""
+        config = dict(self.config, worker_type=slot.worker_type, worker_id=slot.worker_id)
+        if self._adopt(slot, get_pid_for_running_process(get_pid_file_path(config))):
+            return
+        scripts = _scripts_of_type(self.config["root_dir"], slot.worker_type)
+        if len(scripts) != 1:
+            failure = (f"no script {slot.worker_type.replace('.', '/')}.py below "
+                       f"{self.config['root_dir']}/workers" if not scripts
+                       else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
+            self._ended(slot, _Unstarted(failure), None)
+            return
+        try:
+            slot.child = self._fork(scripts[0], slot.worker_id)
+        except OSError as e:  # out of processes or descriptors: a failed start, tried again
+            self._ended(slot, _Unstarted(f"could not start: {_explain(e)}"), None)
+            return
+        if slot.started_once:
+            slot.restarts += 1
+        slot.started_once, slot.state = True, "starting"
+
+    def _fork(self, script: str, worker_id: str) -> _Child:
+        import signal
+
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        gc.freeze()  # what the child shares with us stays shared: no collection touches it
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(report_r)
+            os.close(report_w)
+            raise
+        if pid == 0:
+            os.close(report_r)
+            _become_worker(script, worker_id, report_w)
+        os.close(report_w)
+        os.set_blocking(report_r, False)
+        try:
+            return _Child(pid, report_r)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # a child we could not watch must not run
+            os.waitpid(pid, 0)
+            os.close(report_r)
+            raise
+
+    def _adopt(self, slot: _Slot, pid: Optional[int]) -> bool:
+        """Watch a process that already runs slot's worker here; whether there was one."""
+        if pid is None:
+            return False
+        try:
+            slot.child = _Child(pid, None)
+        except ProcessLookupError:
+            return False
+        self.logger.info("adopted worker %s (%s): PID %d", slot.worker_id, slot.worker_type, pid)
+        return True
+
+    def _report(self, connection) -> None:
+        """Write to worker_states what changed since the last write, and nothing else."""
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            state = slot.state
+            if state == "starting" and slot.child is not None and slot.child.ready:
+                state = "running"
+            elif state == "starting" and slot.child is None and not slot.startable:
+                state = "moving"
+            facts = None if state is None else (
+                state, slot.child.pid if slot.child else None, slot.restarts, slot.last_exit,
+                slot.due if state == "backoff" else None)
+            if facts == slot.reported:
+                continue
+            _call(connection, "SELECT public.report_worker($1::uuid, $2, $3, $4, $5, $6)",
+                  (slot.worker_id, state, facts and facts[1], slot.restarts, slot.last_exit,
+                   max(slot.due - now, 0.0) if state == "backoff" else None))
+            slot.reported = facts
+            if facts is None:
+                del self.slots[slot.worker_id]
+
+    def _tell_systemd(self) -> None:
+        """READY=1 after the first pass, a STATUS= line when the counts change, and
+        WATCHDOG=1 at half the period systemd asks for."""
+        running = sum(1 for slot in self.slots.values() if slot.child is not None and slot.child.ready)
+        wanted = sum(1 for slot in self.slots.values() if slot.wanted)
+        status = f"STATUS={running} of {wanted} workers running"
+        lines = [] if self.ready_told else ["READY=1"]
+        if status != self.status_told:
+            lines.append(status)
+        period = _watchdog_period()
+        if period and time.monotonic() >= self.next_watchdog:
+            lines.append("WATCHDOG=1")
+            self.next_watchdog = time.monotonic() + period
+        if lines:
+            _sd_notify(*lines)
+        self.ready_told, self.status_told = True, status
+
+    def stop_all(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL to its group after its stop_timeout)
+        and wait for them: a manager that stops cleanly leaves nothing running."""
+        for slot in self.slots.values():
+            slot.wanted = False
+            if slot.child is not None and slot.child.kill_at is None:
+                self._stop(slot.child)
+        children = [slot.child for slot in self.slots.values() if slot.child is not None]
+        give_up = max((c.kill_at for c in children), default=0.0) + 10.0
+        while children and time.monotonic() < give_up:
+            _wait(max(min(c.kill_at for c in children) - time.monotonic(), 0.01), None,
+                  tuple(c.pidfd for c in children))
+            self._reap()
+            self._enforce_deadlines()
+            children = [slot.child for slot in self.slots.values() if slot.child is not None]
+        if children:
+            self.logger.error("workers still running after SIGKILL: PIDs %s",
+                              ", ".join(str(c.pid) for c in children))
+
+
+class _Unstarted:
+    """What _ended() needs of a child that could not even be forked."""
+
+    def __init__(self, why: str) -> None:
+        self.ended_by, self.words, self.started = why, "", time.monotonic()
+
+
+def _how_it_ended(child: _Child, status: Optional[int]) -> str:
+    """Why a worker's run ended, in one line: the manager's reason, its exit code or
+    signal, and its last words (an exception's last line, say)."""
+    if child.ended_by:
+        return child.ended_by
+    words = f": {child.words}" if child.words else ""
+    if status is None:
+        return f"ended{words or ' (no exit status: it was adopted)'}"
+    if os.WIFSIGNALED(status):
+        return f"killed by {_signal_name(os.WTERMSIG(status))}{words}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}{words}"
+
+
+def _take_notifications(connection, channel: str) -> bool:
+    """Whether notifications came on channel (taking them off the queue); a full
+    queue may have dropped one, so it counts too."""
+    notes = connection.notifications
+    full = notes.maxlen is not None and len(notes) >= notes.maxlen
+    others = [note for note in notes if note[1] != channel]
+    if len(others) == len(notes) and not full:
+        return False
+    notes.clear()
+    notes.extend(others)
+    return True
+
+
+def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
+    """In a child the manager has forked: run script's worker as `start` would, with
+    fresh runtime state and nothing of the manager's (descriptors, handlers, signals).
+    Never returns into the manager's code."""
+    import logging
+    import runpy
+    import signal
+
+    global _runtime
+    code = EXIT_FAILURE
+    try:
+        os.setsid()  # a process group of its own: stopped whole, and no terminal's signals
+        signal.set_wakeup_fd(-1)
+        for sig in signal.valid_signals():
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+        _close_inherited_fds(report_fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        os.chdir(os.path.dirname(script))
+        os.umask(0o002)
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)  # systemd listens to the manager, not to its workers
+        for logger in logging.Logger.manager.loggerDict.values():
+            if isinstance(logger, logging.Logger):
+                logger.handlers.clear()  # the manager's: their files are closed here
+        _runtime = _Runtime()
+        _runtime.report_fd = report_fd
+        sys.argv = [script, worker_id, "start"]
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
+    except BaseException as e:
+        _report_to_manager(f"error {_explain(e)}")
+    finally:
+        os._exit(code)
+
+
+def _prepare_manager(config: Config, connection) -> None:
+    """Before a manager says it is ready: hold this project root's manager lock and
+    register as its host's manager; a second manager is refused, naming the first."""
+    import logging
+
+    fd = _open_own_file(os.path.join(config["root_dir"], "pid", "manager.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        with os.fdopen(fd) as f:
+            holder = f.read(200).split()
+        raise UniphantError(f"a manager already runs in {config['root_dir']}: "
+                            f"worker {' with PID '.join(reversed(holder[:2]))}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {config['worker_id']}\n".encode())
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        raise UniphantError("the manager needs pidfds (Linux 5.3 or newer)") from None
+    _call(connection, "SELECT public.register_manager($1::uuid)", (config["host_id"],))
+    _runtime.manager = _Manager(config, logging.getLogger(f"uniphant.{config['worker_type']}"))
+    _runtime.announce_ready = False  # the manager is ready after its first pass
+
+
+def manage(config: Config, logger: logging.Logger, connection) -> None:
+    """The manager, a worker function: make this host run what the `workers` table
+    asks of it, supervise those workers, and record what happened (README, "The fleet").
+
+    Run it as the worker function of a script (workers/uniphant/manager.py).  Its
+    state outlives a lost connection: after a reconnect it carries on.
+    """
+    manager = _runtime.manager
+    connection.execute_simple("LISTEN uniphant_fleet")
+    manager.next_plan = 0.0  # a new connection may have missed a notification
+    while alive(config, connection):
+        manager.step(connection)
+        manager.wait(connection)
+
+
+# ---------------------------------------------------------------------------
+# Ops commands: python uniphant.py {ps,add,scale,stop,restart}
+# ---------------------------------------------------------------------------
+
+_OPS_HELP = """usage: python uniphant.py {ps,add,scale,stop,restart} ...
+
+The fleet from the command line, as thin layers over schema.sql's functions.
+Connection settings as for every uniphant process: the uniphant.conf of the
+project root (the nearest directory above the current one that holds
+`workers`), ~/.uniphant/secrets/secrets.conf, then the environment.
+
+commands:
+  ps [--json]                 every desired worker and every other process: state,
+                              host, PID, since when, restarts, why its last run ended
+  add TYPE [--host HOST]      add a worker of TYPE, pinned to HOST (a host id, or
+                              `here`: this project's), else for any host; prints its id
+  scale TYPE N [--host HOST]  make it N workers of TYPE on HOST (else N any-host ones)
+  stop ID|TYPE                remove a worker, or every worker of TYPE, from the
+                              desired state: its manager stops it
+  restart ID|TYPE             end the process of a worker, or of every worker of
+                              TYPE: its manager starts it again at once"""
+
+
+def _ops_config() -> Config:
+    """The settings of the project around the current directory (or none)."""
+    root: Optional[str] = os.getcwd()
+    while not os.path.isdir(os.path.join(root, "workers")):
+        parent = os.path.dirname(root)
+        root = None if parent == root else parent
+        if root is None:
+            break
+    config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=_new_uuid())
+    if root is not None:
+        config.update(read_config_files(config))
+    return config
+
+
+def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, ...]) -> Tuple[list, dict]:
+    """(positional arguments, options) of an ops command's arguments."""
+    positional, options = [], {}
+    words = iter(args)
+    for word in words:
+        if word in flags:
+            options[word] = True
+        elif word in valued:
+            options[word] = next(words, None)
+            if options[word] is None:
+                raise UsageError(f"{word} needs a value")
+        elif word.startswith("-"):
+            raise UsageError(f"unrecognized option {_shorten(word)}")
+        else:
+            positional.append(word)
+    return positional, options
+
+
+def _ops_type(text: str) -> str:
+    parts = text.split(".")
+    if not all(part and all(c.isascii() and (c.isalnum() or c in "_-") for c in part) for part in parts):
+        raise UsageError(f"{_shorten(text)} is not a worker type (like a.b: letters, digits, _ and -, "
+                         f"joined with dots)")
+    return text
+
+
+def _ops_host(config: Config, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    if value == "here":
+        host_id = config["root_dir"] and _read_host_id(os.path.join(config["root_dir"], ".host_id"))
+        if not host_id:
+            raise UsageError("--host here: this project has no .host_id yet (start its manager first)")
+        return host_id
+    host_id = _canonical_uuid(value)
+    if host_id is None:
+        raise UsageError(f"--host takes a host id (a UUID) or 'here', got {_shorten(value)}")
+    return host_id
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 0)}s"
+
+
+def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
+    _, options = _ops_arguments(args, ("--json",), ())
+    if _:
+        raise UsageError("ps takes no arguments but --json")
+
+    def ps(connection) -> int:
+        rows = _rows(connection, "SELECT worker_id::text, worker_type, state, host, pid, "
+                     "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
+                     "extract(epoch FROM next_start_at - now())::float8 FROM public.fleet "
+                     "ORDER BY worker_type, host, worker_id")
+        keys = ("worker_id", "worker_type", "state", "host", "pid", "since_seconds", "restarts",
+                "last_exit", "next_start_in")
+        if options.get("--json"):
+            import json
+
+            print(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
+            return EXIT_OK
+        table = [("WORKER", "TYPE", "STATE", "HOST", "PID", "SINCE", "RESTARTS", "LAST EXIT")]
+        for worker_id, worker_type, state, host, pid, since, restarts, last_exit, next_in in rows:
+            if state == "backoff" and next_in is not None:
+                state = f"backoff {_age(next_in)}"
+            table.append((worker_id, worker_type, state, host or "", str(pid or ""), _age(since),
+                          str(restarts), last_exit or ""))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+        for row in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        return EXIT_OK
+    return ps
+
+
+def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
+    positional, options = _ops_arguments(args, (), ("--host",))
+    if len(positional) != 1:
+        raise UsageError("add takes a worker type (and --host HOST)")
+    worker_type, host_id = _ops_type(positional[0]), _ops_host(config, options.get("--host"))
+
+    def add(connection) -> int:
+        print(_call(connection, "SELECT public.add_worker($1, $2::uuid)::text", (worker_type, host_id))[0])
+        return EXIT_OK
+    return add
+
+
+def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
+    positional, options = _ops_arguments(args, (), ("--host",))
+    if len(positional) != 2:
+        raise UsageError("scale takes a worker type and a number (and --host HOST)")
+    worker_type, host_id = _ops_type(positional[0]), _ops_host(config, options.get("--host"))
+    if not _is_whole(positional[1], 0, 100000):
+        raise UsageError(f"N must be a whole number from 0 to 100000, got {_shorten(positional[1])}")
+    n = int(positional[1])
+
+    def scale(connection) -> int:
+        change = _call(connection, "SELECT public.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
+        where = f"on host {host_id}" if host_id else "for any host"
+        done = f"added {change}" if change > 0 else f"removed {-change}" if change < 0 else "unchanged"
+        print(f"{worker_type}: {n} workers {where} ({done})")
+        return EXIT_OK
+    return scale
+
+
+def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callable:
+    """An ops command that takes a worker id or a worker type (stop, restart)."""
+    def parse(args: List[str], config: Config) -> Callable[[Any], int]:
+        positional, _ = _ops_arguments(args, (), ())
+        if len(positional) != 1:
+            raise UsageError(f"{verb} takes a worker id or a worker type")
+        worker_id = _canonical_uuid(positional[0])
+        target = worker_id or _ops_type(positional[0])
+
+        def act(connection) -> int:
+            sql = by_id if worker_id else by_type
+            count = int(_call(connection, sql, (target,))[0])
+            if not count:
+                raise UniphantError(none.format(target))
+            print(f"{verb}: {count} worker{'s' if count != 1 else ''}")
+            return EXIT_OK
+        return act
+    return parse
+
+
+_OPS_COMMANDS = {
+    "ps": _ops_ps,
+    "add": _ops_add,
+    "scale": _ops_scale,
+    "stop": _ops_by_id_or_type("stop", "SELECT public.remove_worker($1::uuid)::int",
+                               "SELECT public.remove_workers($1)", "no such worker in workers: {}"),
+    "restart": _ops_by_id_or_type("restart", "SELECT public.restart_worker($1::uuid)::int",
+                                  "SELECT public.restart_workers($1)", "no running worker {}"),
+}
+
+
+def _ops_main(argv: List[str]) -> None:
+    """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
+    prog = "uniphant.py"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(_OPS_HELP)
+        sys.exit(EXIT_OK)
+    try:
+        parse = _OPS_COMMANDS.get(argv[0] if argv else "")
+        if parse is None:
+            raise UsageError(f"expected a command: {', '.join(_OPS_COMMANDS)}")
+        config = _ops_config()
+        act = parse(argv[1:], config)
+        connection = connect_to_database(config)
+        try:
+            code = act(connection)
+        finally:
+            _close_quietly(connection)
+    except UniphantError as e:
+        if isinstance(e, UsageError):
+            print(_OPS_HELP.splitlines()[0], file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------
@@ -1801,7 +2567,10 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
         print(_already_running(config, pid), file=sys.stderr)
         return EXIT_FAILURE
     _prepare_paths(config)
-    if config["foreground"] and not _lock_pid_file(config, pid_file):
+    # In the foreground, and in a process the manager forked, the worker runs
+    # in this process; else in a daemon.
+    here = config["foreground"] or _runtime.report_fd is not None
+    if here and not _lock_pid_file(config, pid_file):
         print(_already_running(config, get_pid_for_running_process(pid_file)), file=sys.stderr)
         return EXIT_FAILURE
     connection = connect_to_database(config)
@@ -1811,13 +2580,16 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     gc.freeze()
     try:
         register_host(config, connection)
-        if not config["foreground"]:
+        if not here:
             return start_daemon(config, connection, worker_function, pid_file)
         setup_logging(config)
         register_process(config, connection)
+        if worker_function is manage:
+            _prepare_manager(config, connection)
     except BaseException:
         _close_quietly(connection)
         raise
+    _report_to_manager(f"ready {os.getpid()} {config['stop_timeout']}")
     return run(config, connection, worker_function, pid_file)
 
 
@@ -1861,6 +2633,7 @@ def main(worker_function: WorkerFunction) -> None:
         if isinstance(e, UsageError):
             print(_usage(prog), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
+        _report_to_manager(f"error {e}")
         code = e.exit_code
     except OSError as e:
         print(f"{prog}: error: {_explain(e)}", file=sys.stderr)
@@ -1871,3 +2644,7 @@ def main(worker_function: WorkerFunction) -> None:
         print(f"{prog}: error: the database connection failed: {_explain(e)}", file=sys.stderr)
         code = EXIT_FAILURE
     _exit(code)
+
+
+if __name__ == "__main__":
+    _ops_main(sys.argv[1:])
