@@ -88,7 +88,7 @@ CREATE OR REPLACE FUNCTION public.register_process(
     pid         integer DEFAULT NULL,
     stale_after interval DEFAULT '60 seconds')
 RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
     me         uuid := uniphant_process_id();
     other      processes%ROWTYPE;
@@ -143,11 +143,24 @@ $$;
 -- Records a heartbeat; false when the caller's row is gone.  Writes at most
 -- once a second per row, however often it is called: a stream of calls
 -- (a worker confirming each notification it receives, say) costs reads only.
+--
+-- The heartbeat's commit does not wait for its WAL to reach disk
+-- (synchronous_commit off, for this transaction only: the runtime sends
+-- keepalive() on its own).  A crash of the server may lose the last
+-- heartbeat of a process, which then looks one heartbeat period older than it
+-- is.  That is harmless: a process counts its lease from the heartbeat before
+-- its last one, which the WAL writer has flushed long since (it flushes every
+-- wal_writer_delay, 200 ms by default; heartbeats are at least a second apart).
+--
+-- Each statement here finds its row by its primary key whatever the
+-- statistics say (enable_seqscan off): with few rows, or statistics taken
+-- while the table was empty, the planner would otherwise scan the table.
 CREATE OR REPLACE FUNCTION public.keepalive() RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
     me uuid := uniphant_process_id();
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     UPDATE processes SET heartbeat_at = now()
     WHERE id = me AND role = session_user AND heartbeat_at < now() - interval '1 second';
     IF FOUND THEN
@@ -158,7 +171,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION public.disconnect() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
     me uuid := uniphant_process_id();
 BEGIN
@@ -286,8 +299,7 @@ $$;
 --     are dropped.
 -- startable is false while a live copy of the worker runs elsewhere (it is
 -- moving); running_pid is the PID of its live process on this host, if any.
-DROP FUNCTION IF EXISTS public.manager_plan(uuid);
-CREATE FUNCTION public.manager_plan(host_id uuid)
+CREATE OR REPLACE FUNCTION public.manager_plan(host_id uuid)
 RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
                running_pid integer, restarts integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$

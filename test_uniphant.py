@@ -1162,6 +1162,31 @@ def test_a_session_that_runs_one_worker_cannot_register_another(db):
         db.rows("DELETE FROM processes WHERE host_id = %s::uuid", host)
 
 
+def test_heartbeats_find_their_row_by_primary_key_whatever_the_statistics(cluster):
+    database = cluster.database("uniphant_plans")
+    host = str(uuid.uuid4())
+    conn = database.connect(application_name=str(uuid.uuid4()))
+    try:
+        cursor = conn.cursor()
+        register(conn, str(uuid.uuid4()), host)
+        database.rows("ANALYZE processes")  # statistics of a table with one row
+        for _ in range(10):  # plans made now, and kept by this session
+            cursor.execute("SELECT keepalive()")
+        database.rows("INSERT INTO processes (id, worker_id, host_id) SELECT gen_random_uuid(), "
+                      "gen_random_uuid(), %s::uuid FROM generate_series(1, 2000)", host)
+        cursor.execute("BEGIN")
+        for _ in range(20):
+            cursor.execute("SELECT keepalive()")
+        cursor.execute("SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'processes'")
+        seq_scans, index_scans = cursor.fetchone()
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "off"  # the heartbeat's commit does not wait for the disk
+        cursor.execute("COMMIT")
+    finally:
+        conn.close()
+    assert seq_scans == 0 and index_scans >= 20
+
+
 def test_keepalive_writes_at_most_once_a_second_however_often_it_is_called(db, worker_id):
     conn = db.connect(application_name=str(uuid.uuid4()))
     try:

@@ -1483,9 +1483,10 @@ class _Watchdog:
         import threading
 
         stale_after = config["stale_after"]
-        # keepalive() writes at most once a second, so the row's heartbeat may be
-        # a second older than the last confirmation; the margin is for scheduling.
-        self._grace = stale_after - 1.0 - max(0.5, stale_after / 10)
+        # The lease counts from the heartbeat before the last confirmed one: the
+        # last may be lost in a crash of the server (schema.sql: keepalive), and
+        # keepalive() writes at most once a second.  The margin is for scheduling.
+        self._grace = stale_after - _heartbeat_period(config) - 1.0 - max(0.5, stale_after / 10)
         self._logger = logger
         self._lock = threading.Condition()
         self._call: Optional[Tuple[int, int, float]] = None  # generation, fd, confirmed_at
