@@ -36,6 +36,7 @@ def work(config, logger, connection):
     if mode == "raise":
         raise RuntimeError("boom from the worker")
     if mode == "sleep":
+        logger.info("sleeping")
         time.sleep(float(config.get("sleep", "3600")))
     if mode == "spin":
         calls = 0

@@ -234,7 +234,8 @@ def test_a_worker_that_lives_on_without_its_row_is_killed_and_restarted(project,
     project.write("workers/test/uniphant.conf", "mode=sleep\n")
     with_manager(project)
     worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
-    pid = wait_for(lambda: running(db, worker), what="the worker, asleep in its call")
+    pid = wait_for(lambda: running(db, worker), what="the worker")
+    wait_for(lambda: "sleeping" in project.log(worker), what="the worker asleep in its call")
     db.rows("DELETE FROM processes WHERE worker_id = %s::uuid", worker)
     wait_for(lambda: gone(pid), timeout=30, what="the rowless worker to be killed")
     state = wait_for(lambda: (f := fleet(db, worker))["state"] == "running" and f["pid"] != pid and f,

@@ -1065,6 +1065,7 @@ def test_worker_that_lost_its_session_in_a_long_call_exits_before_another_host_t
     project.write("uniphant.conf", "stale_after=3\n")
     project.write("workers/test/uniphant.conf", "mode=sleep\n")
     pid = start_daemon(project, worker_id)
+    wait_for(lambda: "sleeping" in project.log(worker_id), what="the worker asleep in its call")
     db.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
             str(db.process(worker_id)[0]))
     other = type(project)(str(tmp_path / "other_host"), project.home, project.env)
