@@ -231,7 +231,8 @@ def test_a_signal_while_the_command_runs_removes_the_server_and_the_command(serv
         (directory,) = os.listdir(server_tmp)
         with open(os.path.join(server_tmp, directory, "data", "postmaster.pid")) as f:
             postmaster = int(f.readline())
-        (command,) = _children(child.pid)
+        (command,) = wait_for(lambda: [pid for pid in _children(child.pid) if _program(pid) == "sleep"],
+                              timeout=30, what="the command to run")
         child.send_signal(signum)  # to pgserver alone, not to its command
         assert child.wait(timeout=60) == 130
     finally:
@@ -306,6 +307,13 @@ def _children(pid: int) -> List[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def _program(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return ""
 
 
 def _running(pid: int) -> bool:

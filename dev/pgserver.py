@@ -469,23 +469,26 @@ def _unprivileged_user() -> str:
 
 
 def _run_command(command: List[str], env: Dict[str, str]) -> int:
+    child: Optional[subprocess.Popen] = None
     try:
-        child = subprocess.Popen(command, env=env)
-    except OSError as e:
-        print(f"pgserver: cannot run {command[0]}: {e.strerror or e}", file=sys.stderr)
-        return 127
-    try:
+        with _interrupts_deferred():  # else a Ctrl-C inside Popen could leave the command running
+            try:
+                child = subprocess.Popen(command, env=env)
+            except OSError as e:
+                print(f"pgserver: cannot run {command[0]}: {e.strerror or e}", file=sys.stderr)
+                return 127
         return child.wait()
     except KeyboardInterrupt:
-        try:
-            child.wait(timeout=2)  # a Ctrl-C at the terminal reached the command too
-        except subprocess.TimeoutExpired:
-            child.send_signal(signal.SIGINT)  # the signal came to us alone: pass it on
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=10)
+        if child is not None:
+            try:
+                child.wait(timeout=2)  # a Ctrl-C at the terminal reached the command too
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGINT)  # the signal came to us alone: pass it on
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=10)
         return 130
     finally:
-        if child.poll() is None:
+        if child is not None and child.poll() is None:
             child.kill()
             child.wait()
 
