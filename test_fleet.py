@@ -398,3 +398,18 @@ def test_ops_commands_add_scale_restart_and_stop_workers(project, db):
 def test_ops_commands_fail_clearly(project, db, args, code, message):
     result = ops(project, *args)
     assert_clean_error(result, code, message)
+
+
+def test_a_managed_worker_without_a_log_file_logs_to_the_managers_stdout(project, db):
+    project.write("workers/test/uniphant.conf", "log_file=off\n")
+    os.makedirs(project.path("workers/uniphant"), exist_ok=True)
+    shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
+    project.write("workers/uniphant/uniphant.conf", "log_file=off\n")
+    manager = project.popen(str(uuid.uuid4()), "start", "-f", script="workers/uniphant/manager.py")
+    worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", show_config(project, "host_id")[0]))
+    wait_for(lambda: running(db, worker), what="the worker")
+    manager.terminate()
+    out, err = manager.communicate(timeout=15)
+    assert manager.returncode == 0, err
+    assert f"uniphant.test.probe[{out.split('uniphant.test.probe[')[1].split(']')[0]}]: tick" in out
+    assert not os.path.exists(project.path("log"))

@@ -97,8 +97,12 @@ def _explain(error: BaseException) -> str:
 
 RESERVED_KEYS = frozenset({
     "root_dir", "script_dir", "worker_type", "lock_file", "host_id_file", "host_id",
-    "process_id", "host_name", "foreground", "worker_id", "parent_pid",
+    "process_id", "host_name", "foreground", "worker_id", "parent_pid", "state_dir",
 })
+
+# Where a project keeps what it writes (.host_id, .lock, pid/, log/): its root,
+# unless this environment variable names another directory (a read-only tree).
+STATE_DIR_VARIABLE = "UNIPHANT_STATE_DIR"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -106,7 +110,7 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 # Runtime keys and their defaults; config files hold them as text.  The
 # second line is the manager's (README, "The fleet").
 RUNTIME_DEFAULTS: Dict[str, Any] = {
-    "log_level": "INFO", "interval": 1.0, "stop_timeout": 10.0, "stale_after": 60.0,
+    "log_level": "INFO", "log_file": "on", "interval": 1.0, "stop_timeout": 10.0, "stale_after": 60.0,
     "restart_delay": 1.0, "restart_delay_max": 60.0, "restart_reset_after": 600.0,
     "start_timeout": 30.0, "starts_per_second": 20.0,
 }
@@ -166,6 +170,7 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 # Each checker returns the value to store, or raises ValueError saying what is wrong.
 _CHECKS: Dict[str, Callable[[str], Any]] = {
     "log_level": _choice(LOG_LEVELS, str.upper),
+    "log_file": _choice(("on", "off"), str.lower),
     "interval": _number(0),
     "stop_timeout": _number(0, above=True),
     # A heartbeat every stale_after / 3 seconds, and never more than one a second.
@@ -354,22 +359,28 @@ def _refuse_shared_type(config: Config) -> None:
 
 
 def get_pid_file_path(config: Config) -> str:
-    return os.path.join(config["root_dir"], "pid", config["worker_type"], f"{config['worker_id']}.pid")
+    return os.path.join(config["state_dir"], "pid", config["worker_type"], f"{config['worker_id']}.pid")
 
 
 def _log_file_path(config: Config) -> str:
-    return os.path.join(config["root_dir"], "log", config["worker_type"], f"{config['worker_id']}.log")
+    return os.path.join(config["state_dir"], "log", config["worker_type"], f"{config['worker_id']}.log")
+
+
+def _state_dir(root_dir: str) -> str:
+    return os.path.abspath(os.environ.get(STATE_DIR_VARIABLE) or root_dir)
 
 
 def _script_config() -> Config:
     """The keys that locate the calling worker's files; no config file is read."""
     root_dir, script_dir, worker_type = get_script_details()
+    state_dir = _state_dir(root_dir)
     return {
         "root_dir": root_dir,
         "script_dir": script_dir,
         "worker_type": worker_type,
-        "lock_file": os.path.join(root_dir, ".lock"),
-        "host_id_file": os.path.join(root_dir, ".host_id"),
+        "state_dir": state_dir,
+        "lock_file": os.path.join(state_dir, ".lock"),
+        "host_id_file": os.path.join(state_dir, ".host_id"),
     }
 
 
@@ -380,6 +391,10 @@ def setup_config() -> Config:
     config.update(read_config_files(config))
     for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE"):
         _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
+    try:
+        os.makedirs(config["state_dir"], 0o775, exist_ok=True)
+    except OSError as e:
+        raise UniphantError(f"cannot create the state directory {config['state_dir']}: {e.strerror}") from None
     config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
     config["process_id"] = _new_uuid()
     config["host_name"] = os.uname().nodename
@@ -490,19 +505,24 @@ def _open_own_file(path: str, flags: int) -> int:
 
 def _open_log_stream(config: Config):
     """The log file, opened for appending (its directory made again if it was removed)."""
-    _real_dir(config["root_dir"], "log", config["worker_type"])
+    _real_dir(config["state_dir"], "log", config["worker_type"])
     fd = _open_own_file(_log_file_path(config), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _prepare_paths(config: Config) -> None:
     """Make the log and PID directories and check the log file, before anything starts."""
-    _real_dir(config["root_dir"], "pid", config["worker_type"])
-    _open_log_stream(config).close()
+    if config["log_file"] == "off" and not config["foreground"] and _runtime.report_fd is None:
+        raise ConfigError("log_file=off logs to stdout only, which a daemon has not: "
+                          "run it with start -f (or under the manager)")
+    _real_dir(config["state_dir"], "pid", config["worker_type"])
+    if config["log_file"] == "on":
+        _open_log_stream(config).close()
 
 
 def setup_logging(config: Config) -> logging.Logger:
-    """The worker's logger: root_dir/log/<worker_type>/<worker_id>.log, and stdout in the foreground."""
+    """The worker's logger: state_dir/log/<worker_type>/<worker_id>.log (unless
+    log_file is off), and stdout in the foreground or without a log file."""
     import logging
 
     logger = _logger(config)
@@ -512,9 +532,11 @@ def setup_logging(config: Config) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    _runtime.log_handler = logging.StreamHandler(_open_log_stream(config))
-    handlers: List[logging.Handler] = [_runtime.log_handler]
-    if config["foreground"]:
+    handlers: List[logging.Handler] = []
+    if config["log_file"] == "on":
+        _runtime.log_handler = logging.StreamHandler(_open_log_stream(config))
+        handlers.append(_runtime.log_handler)
+    if config["foreground"] or config["log_file"] == "off":
         handlers.append(logging.StreamHandler(sys.stdout))
     for handler in handlers:
         handler.setFormatter(formatter)
@@ -2191,9 +2213,8 @@ def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
             if callable(signal.getsignal(sig)):
                 signal.signal(sig, signal.SIG_DFL)
         _close_inherited_fds(report_fd)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # stdout and stderr stay the manager's: with log_file=off, its log
         os.close(null)
         os.chdir(os.path.dirname(script))
         os.umask(0o002)
@@ -2219,7 +2240,7 @@ def _prepare_manager(config: Config, connection) -> None:
     register as its host's manager; a second manager is refused, naming the first."""
     import logging
 
-    fd = _open_own_file(os.path.join(config["root_dir"], "pid", "manager.lock"), os.O_RDWR | os.O_CREAT)
+    fd = _open_own_file(os.path.join(config["state_dir"], "pid", "manager.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -2284,7 +2305,8 @@ def _ops_config() -> Config:
         root = None if parent == root else parent
         if root is None:
             break
-    config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=_new_uuid())
+    config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=_new_uuid(),
+                          state_dir=root and _state_dir(root))
     if root is not None:
         config.update(read_config_files(config))
     return config
@@ -2320,7 +2342,7 @@ def _ops_host(config: Config, value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     if value == "here":
-        host_id = config["root_dir"] and _read_host_id(os.path.join(config["root_dir"], ".host_id"))
+        host_id = config["root_dir"] and _read_host_id(os.path.join(config["state_dir"], ".host_id"))
         if not host_id:
             raise UsageError("--host here: this project has no .host_id yet (start its manager first)")
         return host_id
