@@ -33,9 +33,12 @@ CREATE TABLE IF NOT EXISTS public.processes (
 ) WITH (fillfactor = 50);
 
 -- Version 2: a row is taken over by the staleness its own process declared,
--- never by the one a caller claims.
+-- never by the one a caller claims; a process that reaches the server through
+-- a transaction pooler (pooled) has no session of its own, so only its
+-- heartbeat says whether it lives.
 ALTER TABLE public.processes
-    ADD COLUMN IF NOT EXISTS stale_after interval NOT NULL DEFAULT '60 seconds';
+    ADD COLUMN IF NOT EXISTS stale_after interval NOT NULL DEFAULT '60 seconds',
+    ADD COLUMN IF NOT EXISTS pooled boolean NOT NULL DEFAULT false;
 ALTER TABLE public.processes SET (fillfactor = 50);
 
 REVOKE ALL ON public.hosts, public.processes FROM PUBLIC;
@@ -74,7 +77,7 @@ $$;
 
 -- Registers the calling session's process for worker_id.  At most one live
 -- process per worker.  A row of another process is taken over only when no
--- session of that process is connected, and either
+-- session of that process is connected (a pooled process has none), and either
 --   * it is of this host and of the caller's role: the caller holds the
 --     worker's PID-file lock on this host, so that process is gone; or
 --   * its heartbeat is older than the stale_after that process declared.
@@ -86,7 +89,8 @@ CREATE OR REPLACE FUNCTION public.register_process(
     host_id     uuid DEFAULT NULL,
     worker_type text DEFAULT NULL,
     pid         integer DEFAULT NULL,
-    stale_after interval DEFAULT '60 seconds')
+    stale_after interval DEFAULT '60 seconds',
+    pooled      boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
@@ -110,10 +114,10 @@ BEGIN
         SELECT * INTO other FROM processes p
         WHERE p.worker_id = register_process.worker_id FOR UPDATE;
         IF NOT FOUND THEN
-            INSERT INTO processes (id, worker_id, host_id, worker_type, pid, stale_after)
+            INSERT INTO processes (id, worker_id, host_id, worker_type, pid, stale_after, pooled)
             VALUES (me, register_process.worker_id, register_process.host_id,
                     register_process.worker_type, register_process.pid,
-                    register_process.stale_after)
+                    register_process.stale_after, coalesce(register_process.pooled, false))
             ON CONFLICT DO NOTHING;
             IF FOUND THEN
                 RETURN;
@@ -124,7 +128,7 @@ BEGIN
             RETURN;
         END IF;
         own := other.host_id = register_process.host_id AND other.role = session_user;
-        connected := uniphant_session_exists(other.id, other.role);
+        connected := NOT other.pooled AND uniphant_session_exists(other.id, other.role);
         IF NOT connected AND (own OR other.heartbeat_at < now() - other.stale_after) THEN
             DELETE FROM processes p WHERE p.id = other.id;
             CONTINUE;
@@ -137,6 +141,29 @@ BEGIN
     END LOOP;
     RAISE EXCEPTION 'worker % changed hands too often while registering; try again',
         register_process.worker_id USING ERRCODE = 'UN001';
+END
+$$;
+
+-- Version 2 gave register_process a sixth parameter: whoever could execute
+-- the version 1 function can execute this one, and the old one goes.
+DO $$
+DECLARE
+    old regprocedure := to_regprocedure('public.register_process(uuid, uuid, text, integer, interval)');
+    grantee name;
+BEGIN
+    IF old IS NULL THEN
+        RETURN;
+    END IF;
+    FOR grantee IN
+        SELECT coalesce(r.rolname, 'PUBLIC')
+        FROM pg_proc p, aclexplode(p.proacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+        WHERE p.oid = old AND a.privilege_type = 'EXECUTE'
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION public.register_process(uuid, uuid, text, '
+                       'integer, interval, boolean) TO %s',
+                       CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(grantee) END);
+    END LOOP;
+    EXECUTE 'DROP FUNCTION ' || old;
 END
 $$;
 
@@ -237,7 +264,7 @@ CREATE OR REPLACE FUNCTION public.uniphant_process_live(p public.processes)
 RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT p.heartbeat_at >= now() - p.stale_after
-        OR public.uniphant_session_exists(p.id, p.role);
+        OR (NOT p.pooled AND public.uniphant_session_exists(p.id, p.role));
 $$;
 
 CREATE OR REPLACE FUNCTION public.uniphant_notify_fleet() RETURNS trigger
@@ -274,7 +301,7 @@ BEGIN
     END IF;
     SELECT p.* INTO holder FROM managers m JOIN processes p ON p.id = m.process_id
     WHERE m.host_id = register_manager.host_id AND p.id <> me FOR UPDATE OF m;
-    IF FOUND AND (uniphant_session_exists(holder.id, holder.role)
+    IF FOUND AND ((NOT holder.pooled AND uniphant_session_exists(holder.id, holder.role))
                   OR (holder.role <> session_user AND uniphant_process_live(holder))) THEN
         RAISE EXCEPTION 'a manager already runs on this host: worker %, PID %',
             holder.worker_id, holder.pid USING ERRCODE = 'UN005';
@@ -486,9 +513,10 @@ $$;
 -- started by hand, workers that are being stopped).
 CREATE OR REPLACE VIEW public.fleet AS
 WITH live AS (
-    SELECT p.*, EXISTS (SELECT 1 FROM pg_stat_activity a
-                        WHERE a.application_name = p.id::text AND a.usename = p.role)
-                OR p.heartbeat_at >= now() - p.stale_after AS live
+    SELECT p.*, p.heartbeat_at >= now() - p.stale_after
+                OR (NOT p.pooled AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                                             WHERE a.application_name = p.id::text
+                                               AND a.usename = p.role)) AS live
     FROM processes p
 ), live_hosts AS (
     SELECT m.host_id FROM managers m JOIN live p ON p.id = m.process_id WHERE p.live
@@ -523,7 +551,7 @@ WHERE NOT EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = p.worker_id);
 REVOKE ALL ON public.fleet FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.register_host(uuid, text),
-    public.register_process(uuid, uuid, text, integer, interval),
+    public.register_process(uuid, uuid, text, integer, interval, boolean),
     public.keepalive(), public.disconnect(),
     public.uniphant_process_id(), public.uniphant_session_exists(uuid, name),
     public.processes_notify_stop(), public.uniphant_process_live(public.processes),

@@ -573,13 +573,24 @@ def test_signals_that_ask_a_process_to_end_stop_the_worker_cleanly(project, db, 
     assert db.process(worker_id) is None
 
 
-@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
+@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
                                  "SIGTRAP", "SIGRTMIN+3"])
 def test_other_signals_that_would_end_a_process_are_ignored(project, db, worker_id, sig):
     pid = start_daemon(project, worker_id)
     os.kill(pid, signal.SIGRTMIN + 3 if sig == "SIGRTMIN+3" else getattr(signal, sig))
     wait_for(lambda: f"ignoring {sig}" in project.log(worker_id), what=f"{sig} to be ignored")
     assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+def test_sigusr1_makes_a_worker_confirm_its_row_at_once(project, db, worker_id):
+    project.write("workers/test/uniphant.conf", "log_level=DEBUG\npooler=transaction\n")
+    pid = start_daemon(project, worker_id)
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: "but the row is still there: not a stop" in project.log(worker_id), what="a confirmation")
+    db.rows("DELETE FROM processes WHERE worker_id = %s::uuid", worker_id)  # no LISTEN: no notification
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: gone(pid), what="the worker to find its row gone")
+    assert "stopping: its process row was deleted" in project.log(worker_id)
 
 
 def write_worker(project, name: str, body: str, prelude: str = "") -> str:
@@ -920,6 +931,8 @@ def test_schema_upgrade_from_the_first_release_keeps_rows_and_grants_and_applies
         assert upgraded.rows("SELECT id::text, worker_id::text, pid FROM processes") == [(process, worker, 42)]
         assert upgraded.value("SELECT uniphant_schema_version()") == uniphant.SCHEMA_VERSION
         assert upgraded.value("SELECT has_function_privilege(%s, 'keepalive()', 'EXECUTE')", role)
+        assert upgraded.value("SELECT has_function_privilege(%s, 'register_process(uuid, uuid, text, "
+                              "integer, interval, boolean)', 'EXECUTE')", role)
         fresh = cluster.database("uniphant_fresh")
         assert _catalog(upgraded) == _catalog(fresh)
     finally:
@@ -999,7 +1012,7 @@ def make_role(db):
         role, password = f"{name}_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
         db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
         db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                f"register_process(uuid, uuid, text, integer, interval), keepalive(), disconnect() "
+                f"register_process(uuid, uuid, text, integer, interval, boolean), keepalive(), disconnect() "
                 f"TO {role}")
         made.append(role)
         return role, password
@@ -1038,7 +1051,7 @@ def test_notification_from_any_role_is_only_a_hint(project, db, worker_id, make_
         conn.cursor().execute(f"NOTIFY {channel}, 'st\u00f6p \u2603'")  # not ASCII
     finally:
         conn.close()
-    wait_for(lambda: "but its row is still there: not a stop" in project.log(worker_id), what="the hint")
+    wait_for(lambda: "but the row is still there: not a stop" in project.log(worker_id), what="the hint")
     ticks = project.log(worker_id).count("tick")
     wait_for(lambda: project.log(worker_id).count("tick") >= ticks + 3, what="work to go on")
     assert not gone(pid) and db.process(worker_id)[2] == pid
@@ -1347,7 +1360,7 @@ def password_role(db):
     password = "Secr3t-" + uuid.uuid4().hex
     db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-            f"register_process(uuid, uuid, text, integer, interval), keepalive(), disconnect() "
+            f"register_process(uuid, uuid, text, integer, interval, boolean), keepalive(), disconnect() "
             f"TO {role}")
     yield role, password
     db.rows("DELETE FROM processes WHERE role = %s", role)

@@ -111,6 +111,7 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 # second line is the manager's (README, "The fleet").
 RUNTIME_DEFAULTS: Dict[str, Any] = {
     "log_level": "INFO", "log_file": "on", "interval": 1.0, "stop_timeout": 10.0, "stale_after": 60.0,
+    "pooler": "none",
     "restart_delay": 1.0, "restart_delay_max": 60.0, "restart_reset_after": 600.0,
     "start_timeout": 30.0, "starts_per_second": 20.0,
 }
@@ -171,6 +172,7 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 _CHECKS: Dict[str, Callable[[str], Any]] = {
     "log_level": _choice(LOG_LEVELS, str.upper),
     "log_file": _choice(("on", "off"), str.lower),
+    "pooler": _choice(("none", "transaction"), str.lower),
     "interval": _number(0),
     "stop_timeout": _number(0, above=True),
     # A heartbeat every stale_after / 3 seconds, and never more than one a second.
@@ -612,6 +614,7 @@ class _Wire:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.identity: Tuple[Optional[str], Optional[str]] = (None, None)
+        self.pooled = False  # behind a transaction pooler: one transaction per statement
         self._in = bytearray()
         self._out = bytearray()
 
@@ -830,6 +833,7 @@ def connect_to_database(config: Config):
         wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
         statuses = connection.parameter_statuses
         wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
+        wire.pooled = config.get("pooler") == "transaction"
         connection.autocommit = True
         return connection
     raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
@@ -859,6 +863,9 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
     while answer is not None:
         if isinstance(answer, pg8000.dbapi.DatabaseError):
             code, message = _sql_error(answer)
+            if code == "53300":
+                message += (" (the server's max_connections is reached: raise it, or put PgBouncer "
+                            "in transaction mode between workers and server: README, \"Sizing\")")
             return message, code.startswith("28") or code == "3D000"
         answer = answer.__context__
     cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
@@ -914,11 +921,23 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
     """
     import pg8000.dbapi
 
+    wire = _wire_of(connection)
     try:
-        if params:
-            context = connection.execute_unnamed(sql, params)
-        else:
+        if not params:
             context = connection.execute_simple(sql)
+        elif wire is not None and wire.pooled:
+            # A parameterised statement takes pg8000 three round trips, which a
+            # transaction pooler may give to three server connections: one
+            # transaction keeps them on one.
+            connection.execute_simple("BEGIN")
+            try:
+                context = connection.execute_unnamed(sql, params)
+            except pg8000.dbapi.DatabaseError:
+                connection.execute_simple("ROLLBACK")
+                raise
+            connection.execute_simple("COMMIT")
+        else:
+            context = connection.execute_unnamed(sql, params)
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
         if code in ("UN001", "UN003", "UN004", "UN005", "22023"):
@@ -946,8 +965,11 @@ def register_host(config: Config, connection) -> None:
 
 
 def _listen(config: Config, connection) -> None:
-    # The channel is built from hex digits of our own process id: safe to format.
-    connection.execute_simple(f"LISTEN {_channel(config)}")
+    """Listen for the deletion of this process's row, unless a transaction pooler
+    is in the way (it would lose the LISTEN: the manager relays with SIGUSR1)."""
+    if config["pooler"] == "none":
+        # The channel is built from hex digits of our own process id: safe to format.
+        connection.execute_simple(f"LISTEN {_channel(config)}")
 
 
 # How long a start waits for the session of this host's previous process of
@@ -964,9 +986,9 @@ def register_process(config: Config, connection) -> None:
     while True:
         try:
             _call(connection, "SELECT public.register_process($1::uuid, $2::uuid, $3, $4, "
-                  "make_interval(secs => $5))",
+                  "make_interval(secs => $5), $6)",
                   (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
-                   float(config["stale_after"])))
+                   float(config["stale_after"]), config["pooler"] != "none"))
             break
         except _Refused as e:
             if e.code != "UN003" or time.monotonic() >= deadline:
@@ -1022,6 +1044,7 @@ class _Runtime:
         self.next_heartbeat = 0.0                # when keepalive() is due
         self.confirmed_at = 0.0                  # when the last call that found the row was sent
         self.row_gone = False                    # keepalive() found the row deleted
+        self.hinted = False                      # SIGUSR1: confirm the row at once
         self.watchdog: Optional[_Watchdog] = None
         self.warned: set = set()                 # the one-time warnings already given
         self.last_words = ""                     # why the run ended, for the manager
@@ -1037,7 +1060,8 @@ _runtime = _Runtime()
 # keep their default: a process that got a real one cannot run on.
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGXCPU", "SIGPWR")
 _REOPEN_SIGNAL = "SIGHUP"
-_IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
+_CONFIRM_SIGNAL = "SIGUSR1"  # confirm the row now: the manager's relay of a stop behind a pooler
+_IGNORED_SIGNALS = ("SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
                     "SIGSTKFLT", "SIGTRAP")  # and every real-time signal
 
 
@@ -1058,20 +1082,22 @@ def _signal_name(sig: int) -> str:
 def _install_signal_handlers() -> None:
     import signal
 
-    names = _STOP_SIGNALS + (_REOPEN_SIGNAL,) + _IGNORED_SIGNALS
+    names = _STOP_SIGNALS + (_REOPEN_SIGNAL, _CONFIRM_SIGNAL) + _IGNORED_SIGNALS
     signals = [getattr(signal, name) for name in names if hasattr(signal, name)]
     for sig in signals + list(range(signal.SIGRTMIN, signal.SIGRTMAX + 1)):
         signal.signal(sig, signal_handler)
 
 
 def _act_on_signals(config: Config) -> None:
-    """Act on the signals caught since the last look: note a stop, reopen the log,
-    or log that one was ignored."""
+    """Act on the signals caught since the last look: note a stop or a hint to
+    confirm the row, reopen the log, or log that one was ignored."""
     rt = _runtime
     while rt.signals:
         name = _signal_name(rt.signals.pop(0))
         if name in _STOP_SIGNALS:
             rt.stop_signal = rt.stop_signal or name
+        elif name == _CONFIRM_SIGNAL:
+            rt.hinted = True
         elif name == _REOPEN_SIGNAL:
             _reopen_log(config)
         else:
@@ -1423,15 +1449,16 @@ def _stop_reason(config: Config, connection) -> Optional[str]:
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
     now = time.monotonic()
-    hinted = _stop_hinted(config, connection)
+    hinted = _stop_hinted(config, connection) or _runtime.hinted
+    _runtime.hinted = False
     if hinted or now >= _runtime.next_heartbeat:
         _check_session(config, connection)
         if not keepalive(connection):
             _runtime.row_gone = True
             return "its process row was deleted"
         if hinted:
-            _logger(config).debug("a notification on this process's channel, but its row is "
-                                  "still there: not a stop")
+            _logger(config).debug("a hint to stop (a notification, or SIGUSR1), but the "
+                                  "row is still there: not a stop")
         _runtime.confirmed_at = now
         _runtime.next_heartbeat = now + _heartbeat_period(config)
     return None
@@ -1504,6 +1531,9 @@ class _Watchdog:
     def __init__(self, config: Config, logger: logging.Logger) -> None:
         import threading
 
+        # Behind a transaction pooler no session proves the process alive: the
+        # lease runs out whether or not the socket hangs up.
+        self._pooled = config["pooler"] != "none"
         stale_after = config["stale_after"]
         # The lease counts from the heartbeat before the last confirmed one: the
         # last may be lost in a crash of the server (schema.sql: keepalive), and
@@ -1511,16 +1541,16 @@ class _Watchdog:
         self._grace = stale_after - _heartbeat_period(config) - 1.0 - max(0.5, stale_after / 10)
         self._logger = logger
         self._lock = threading.Condition()
-        self._call: Optional[Tuple[int, int, float]] = None  # generation, fd, confirmed_at
+        self._call: Optional[Tuple[int, int]] = None  # generation, fd
         self._generation = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         threading.Thread(target=self._watch, name="uniphant-watchdog", daemon=True).start()
 
-    def enter(self, wire: Optional[_Wire], confirmed_at: float) -> None:
+    def enter(self, wire: Optional[_Wire]) -> None:
         """A call of the worker function begins on wire's session."""
         with self._lock:
             self._generation += 1
-            self._call = None if wire is None else (self._generation, wire.fileno(), confirmed_at)
+            self._call = None if wire is None else (self._generation, wire.fileno())
             self._lock.notify()
 
     def leave(self) -> None:
@@ -1538,9 +1568,9 @@ class _Watchdog:
             with self._lock:
                 while self._call is None:
                     self._lock.wait()
-                generation, fd, confirmed_at = self._call
-            if self._hung_up(fd):
-                self._expire_unless_left(generation, confirmed_at + self._grace)
+                generation, fd = self._call
+            if self._pooled or self._hung_up(fd):
+                self._expire_unless_left(generation)
 
     def _hung_up(self, fd: int) -> bool:
         """Wait until the session's socket hangs up (true) or the call ends (false)."""
@@ -1552,15 +1582,17 @@ class _Watchdog:
         lost = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
         return bool(events.get(fd, 0) & lost)
 
-    def _expire_unless_left(self, generation: int, deadline: float) -> None:
+    def _expire_unless_left(self, generation: int) -> None:
+        """Exit unless the call ends before the lease runs out (alive() renews it)."""
         with self._lock:
             while self._generation == generation:
-                remaining = deadline - time.monotonic()
+                remaining = _runtime.confirmed_at + self._grace - time.monotonic()
                 if remaining <= 0:
                     self._logger.critical(
-                        "exiting: the database session was lost during a call of the worker "
-                        "function, and the call did not return in time to confirm the process "
-                        "row before another host may take the worker over")
+                        "exiting: %s, and the call did not return in time to confirm the process "
+                        "row before another host may take the worker over",
+                        "the worker function ran long behind a transaction pooler" if self._pooled
+                        else "the database session was lost during a call of the worker function")
                     os._exit(EXIT_FAILURE)
                 self._lock.wait(remaining)
 
@@ -1599,7 +1631,7 @@ def _call_worker(config: Config, connection, worker_function: WorkerFunction,
     _ConnectionLost when the connection broke under it.
     """
     rt = _runtime
-    rt.watchdog.enter(_wire_of(connection), rt.confirmed_at)
+    rt.watchdog.enter(_wire_of(connection))
     try:
         worker_function(config, logger, connection)
     except UniphantError:
@@ -1701,6 +1733,10 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
                 config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
     if config["foreground"] and rt.announce_ready:
         _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
+    if connection.parameter_statuses.get("is_superuser") == "on":
+        logger.warning("connected as a superuser: each such worker takes one of the connections "
+                       "the server keeps for administrators (superuser_reserved_connections); "
+                       "give workers a role of their own (README, \"Database privileges\")")
     code = EXIT_FAILURE
     try:
         while True:
@@ -1939,9 +1975,12 @@ class _Manager:
             self._check_row(slot, running_pid)
 
     def _check_row(self, slot: _Slot, running_pid: Optional[int]) -> None:
-        """End a registered child that lives on without a live row (deleted, or a stale
-        heartbeat with no session): seen at two plans in a row, so one that is just
-        leaving is not hit."""
+        """A registered child without a live row (deleted, or a stale heartbeat with no
+        session) is told to look at once (SIGUSR1: behind a transaction pooler it
+        hears no notification), and killed if it still lives on at a plan
+        _PLAN_EVERY later."""
+        import signal
+
         child = slot.child
         if child is None or not child.ready or not slot.wanted:
             return
@@ -1949,6 +1988,7 @@ class _Manager:
             child.rowless_since = None
         elif child.rowless_since is None:
             child.rowless_since = time.monotonic()
+            child.signal(signal.SIGUSR1)
         elif time.monotonic() - child.rowless_since >= _PLAN_EVERY:
             self._end(child, "lived on without a live process row")
 
