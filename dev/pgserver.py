@@ -310,8 +310,10 @@ class Server:
             return False
         return ("with-openssl" in out or "with-ssl=openssl" in out) and bool(shutil.which("openssl"))
 
-    def init(self, ssl: bool = False) -> "Server":
-        """initdb; with ssl, a self-signed certificate for localhost (its copy: self.certificate)."""
+    def init(self, ssl: bool = False, settings: str = "") -> "Server":
+        """initdb; with ssl, a self-signed certificate for localhost (its copy: self.certificate).
+
+        settings: postgresql.conf lines, after (so over) the defaults here."""
         self._run("initdb", "-D", self.data, "-U", SUPERUSER, "-A", "trust",
                   "-E", "UTF8", "--locale=C", "--no-sync")
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
@@ -327,6 +329,7 @@ class Server:
                     "log_min_messages = warning\n")
             if ssl:
                 f.write("ssl = on\n")
+            f.write(settings)
         if ssl:
             self._run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                       "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
@@ -434,6 +437,63 @@ class Server:
                 raise ServerError(f"{what}: {e}") from None
             where = f", at character {fields['P']}" if "P" in fields else ""
             raise ServerError(f"{what}: {fields.get('M')} (SQLSTATE {fields.get('C')}{where})") from None
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode in front of server, on a Unix socket in the
+    server's directory; stopped with it.  A context manager."""
+
+    def __init__(self, server: Server, pool_size: int = 20) -> None:
+        self.server = server
+        self.binary = self.binary_path()
+        self.port = _free_port()
+        self.child: Optional[subprocess.Popen] = None
+        self.ini = os.path.join(server.dir, "pgbouncer.ini")
+        users = os.path.join(server.dir, "pgbouncer-users.txt")
+        with open(users, "w") as f:
+            f.write(f'"{SUPERUSER}" ""\n')
+        with open(self.ini, "w") as f:
+            f.write(f"[databases]\n* = host={server.dir} port={server.port}\n"
+                    f"[pgbouncer]\nlisten_addr =\nlisten_port = {self.port}\n"
+                    f"unix_socket_dir = {server.dir}\nauth_type = trust\nauth_file = {users}\n"
+                    f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
+                    f"max_db_connections = {pool_size}\nmax_client_conn = 2000\n"
+                    f"logfile = {server.dir}/pgbouncer.log\n")
+
+    @staticmethod
+    def binary_path() -> str:
+        return shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+    def __enter__(self) -> "PgBouncer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> "PgBouncer":
+        """Start it (it refuses to run as root: as the server's user); return once it listens."""
+        self.child = subprocess.Popen([self.binary, "-q", self.ini], user=self.server.user,
+                                      cwd=self.server.dir, start_new_session=True,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        socket_path = os.path.join(self.server.dir, f".s.PGSQL.{self.port}")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(socket_path):
+            if self.child.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(f"pgbouncer did not start:\n{_log_tail(os.path.join(self.server.dir, 'pgbouncer.log'))}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
+            self.child.wait()
+        self.child = None
+        with contextlib.suppress(FileNotFoundError):  # its socket, which a kill leaves behind
+            os.unlink(os.path.join(self.server.dir, f".s.PGSQL.{self.port}"))
+
+    def env(self, database: str = SUPERUSER) -> Dict[str, str]:
+        return dict(self.server.env(database), PGPORT=str(self.port))
 
 
 def _indent(text: str) -> str:
