@@ -1330,6 +1330,37 @@ def test_workers_wait_out_a_30_second_outage_without_spinning(private_server, tm
         project.cleanup()
 
 
+@pytest.mark.faults
+def test_a_server_out_of_connections_is_one_line_that_says_what_to_do(tmp_path):
+    import pgserver
+    with pgserver.Server() as server:
+        server.init(settings="max_connections = 4\nsuperuser_reserved_connections = 0\n").start()
+        server.create_database("uniphant")
+        project = server_project(tmp_path, "crowded", server)
+        held = []
+        try:
+            with pytest.raises(Exception):
+                while len(held) < 10:
+                    held.append(server.connect("uniphant"))
+            result = project.run(str(uuid.uuid4()), "start", "-f")
+            assert_clean_error(result, 1, "too many clients", "raise it, or put PgBouncer in transaction mode")
+        finally:
+            for conn in held:
+                conn.close()
+            project.cleanup()
+
+
+def test_a_worker_connected_as_a_superuser_says_so_once(project, db, worker_id, password_role):
+    role, password = password_role
+    start_daemon(project, worker_id)  # the test server's superuser
+    wait_for(lambda: "tick" in project.log(worker_id), what="a tick")
+    assert project.log(worker_id).count("connected as a superuser") == 1
+    other = str(uuid.uuid4())
+    start_daemon(project, other, env=dict(tcp_env(db, role), PGPASSWORD=password))
+    wait_for(lambda: "tick" in project.log(other), what="a tick")
+    assert "connected as a superuser" not in project.log(other)
+
+
 def pg8000_connect(server, port):
     import pg8000.dbapi
     conn = pg8000.dbapi.connect(user="postgres", database="uniphant",
