@@ -906,6 +906,22 @@ def _channel(config: Config) -> str:
     return "uniphant_" + config["process_id"].replace("-", "")
 
 
+def _take_notifications(connection, channel: str) -> bool:
+    """Whether notifications came on channel (taking them off the queue, and leaving
+    those of the worker's own channels); a full queue may have dropped one, so it
+    counts too."""
+    notes = connection.notifications
+    if not notes:
+        return False
+    full = notes.maxlen is not None and len(notes) >= notes.maxlen
+    others = [note for note in notes if note[1] != channel]
+    if len(others) == len(notes) and not full:
+        return False
+    notes.clear()
+    notes.extend(others)
+    return True
+
+
 def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
     """The first row of one of the runtime's own calls (see _rows)."""
     rows = _rows(connection, sql, params)
@@ -1413,25 +1429,6 @@ def _local_stop_reason(config: Config) -> Optional[str]:
     return None
 
 
-def _stop_hinted(config: Config, connection) -> bool:
-    """Whether a notification came on this process's channel (taking it off the queue).
-
-    A hint only: any role may NOTIFY any channel, so keepalive() confirms it.  A
-    full queue may have dropped one: that is a hint too.
-    """
-    notes = connection.notifications
-    if not notes:
-        return False
-    channel = _channel(config)
-    full = notes.maxlen is not None and len(notes) >= notes.maxlen
-    others = [note for note in notes if note[1] != channel]
-    if len(others) == len(notes) and not full:
-        return False
-    notes.clear()
-    notes.extend(others)
-    return True
-
-
 def _stop_reason(config: Config, connection) -> Optional[str]:
     """Why the worker must stop now, or None.
 
@@ -1449,7 +1446,8 @@ def _stop_reason(config: Config, connection) -> Optional[str]:
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
     now = time.monotonic()
-    hinted = _stop_hinted(config, connection) or _runtime.hinted
+    # A notification is a hint only: any role may NOTIFY any channel.
+    hinted = _take_notifications(connection, _channel(config)) or _runtime.hinted
     _runtime.hinted = False
     if hinted or now >= _runtime.next_heartbeat:
         _check_session(config, connection)
@@ -2221,19 +2219,6 @@ def _how_it_ended(child: _Child, status: Optional[int]) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {_signal_name(os.WTERMSIG(status))}{words}"
     return f"exit code {os.waitstatus_to_exitcode(status)}{words}"
-
-
-def _take_notifications(connection, channel: str) -> bool:
-    """Whether notifications came on channel (taking them off the queue); a full
-    queue may have dropped one, so it counts too."""
-    notes = connection.notifications
-    full = notes.maxlen is not None and len(notes) >= notes.maxlen
-    others = [note for note in notes if note[1] != channel]
-    if len(others) == len(notes) and not full:
-        return False
-    notes.clear()
-    notes.extend(others)
-    return True
 
 
 def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
