@@ -2292,6 +2292,8 @@ def manage(config: Config, logger: logging.Logger, connection) -> None:
     state outlives a lost connection: after a reconnect it carries on.
     """
     manager = _runtime.manager
+    if manager is None:  # _start prepares a manager only for main(manage) itself
+        raise UniphantError("the manager runs as main(manage), not inside another worker function")
     connection.execute_simple("LISTEN uniphant_fleet")
     manager.next_plan = 0.0  # a new connection may have missed a notification
     while alive(config, connection):
