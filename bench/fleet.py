@@ -42,6 +42,8 @@ for a condition, with a deadline; only the measuring windows are fixed.
 - CPU: from /proc over the window, as % of one core: PostgreSQL
   is the postmaster and all its children (those that ended meanwhile through
   its cutime), less the benchmark's own session; the managers; the workers.
+  The machine's other load in the window (/proc/stat's busy time less all of
+  that and the benchmark's) is printed too: a busy machine inflates them.
 - Memory: RSS and PSS (/proc/<pid>/smaps_rollup) after the window; per worker
   and per backend, the median over them.
 - For a profile, fleet.json also holds each run's calls and times of the SQL
@@ -268,6 +270,14 @@ def _cpu(pid: int, reaped: bool = False) -> float:
             return seconds
         seconds += (int(fields[13]) + int(fields[14])) / TICKS
     return seconds
+
+
+def _machine_cpu() -> Tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _, _, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / TICKS, steal / TICKS
 
 
 def _children(parent: int) -> List[int]:
@@ -555,6 +565,7 @@ class Run:
         beats: Dict[str, set] = {}
         since = time.time()
         cpu0 = (_server_cpu(postmaster, self.backend), sum(map(_cpu, managers)), sum(map(_cpu, workers)))
+        machine0, own0 = _machine_cpu(), sum(os.times()[:2])
         started = time.monotonic()
         end = started + self.args.window
         while True:
@@ -566,6 +577,7 @@ class Run:
                 break
             time.sleep(min(0.5, left))
         cpu1 = (_server_cpu(postmaster, self.backend), sum(map(_cpu, managers)), sum(map(_cpu, workers)))
+        machine1, own1 = _machine_cpu(), sum(os.times()[:2])
         elapsed = time.monotonic() - started
         until = time.time()
         stats1, wal1 = self.table_stats(), self.wal()
@@ -603,6 +615,11 @@ class Run:
         for key, before, after in zip(("pg_cpu", "managers_cpu", "workers_cpu"), cpu0, cpu1):
             self.add(key, (after - before) / elapsed * 100)
         self.details["steady_window_s"] = elapsed
+        # What else ran on the machine meanwhile: its busy time less everything above
+        # and the benchmark's own (its session included); and the VM's stolen time.
+        ours = sum(after - before for before, after in zip(cpu0, cpu1)) + (own1 - own0)
+        self.details["other_load_pct"] = ((machine1[0] - machine0[0]) - ours) / elapsed * 100
+        self.details["steal_pct"] = (machine1[1] - machine0[1]) / elapsed * 100
         self.details["table_stats_delta"] = {t: {k: delta(t, k) for k in ("ins", "upd", "hot_upd", "dele")}
                                              for t in stats1}
 
@@ -897,6 +914,13 @@ def _print_table(n: int, runs: List[Run], rows: List[Dict[str, Any]], args: argp
         print(f"crash loop: besides its delay a cycle takes {statistics.median(overheads):.3f} s (a run, and a "
               f"restart with no delay); 60 / (0.75 x cap + that) predicts {statistics.median(short):.1f}/min "
               f"at the short cap, to compare with the measured, and gives the default cap's line")
+    others = [run.details["other_load_pct"] for run in runs if "other_load_pct" in run.details]
+    if others:
+        steal = [run.details["steal_pct"] for run in runs if "steal_pct" in run.details]
+        print(f"other load on the machine during the steady windows: "
+              f"{', '.join(f'{o:.1f}' for o in others)} % of a core (stolen by the host: "
+              f"{', '.join(f'{x:.1f}' for x in steal)} %)"
+              + ("; the CPU figures of runs with more than 5 % are disturbed" if max(others) > 5 else ""))
     slow = [s for run in runs for s in run.samples.get("insert_one", []) if s > 1000]
     if slow:
         count = sum(len(run.samples.get("insert_one", [])) for run in runs)
