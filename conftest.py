@@ -201,7 +201,7 @@ def ssl_server():
         conn = server.connect("uniphant")
         conn.cursor().execute("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
         conn.cursor().execute("GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                              "register_process(uuid, uuid, text, integer, interval, boolean), "
+                              "register_process(uuid, uuid, text, integer, interval, boolean, integer), "
                               "keepalive(), disconnect() TO alice")
         conn.close()
         yield server

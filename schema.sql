@@ -78,19 +78,22 @@ $$;
 -- Registers the calling session's process for worker_id.  At most one live
 -- process per worker.  A row of another process is taken over only when no
 -- session of that process is connected (a pooled process has none), and either
---   * it is of this host and of the caller's role: the caller holds the
---     worker's PID-file lock on this host, so that process is gone; or
+--   * it is of this host and of the caller's role, and the caller has found
+--     its PID gone on this host (gone_pid): it holds the worker's PID-file
+--     lock, and a removed pid/ directory cannot fool that check; or
 --   * its heartbeat is older than the stale_after that process declared.
 -- Otherwise the call fails: UN003 when it is this host's own previous process
--- whose session has not ended yet (worth retrying for a moment), else UN001,
--- naming the running process's host and PID.
+-- (DETAIL: its PID, for the caller to look at; worth retrying for a moment
+-- while its process or session ends), else UN001, naming the running
+-- process's host and PID.  stale_after is from 3 seconds to a day.
 CREATE OR REPLACE FUNCTION public.register_process(
     worker_id   uuid,
     host_id     uuid DEFAULT NULL,
     worker_type text DEFAULT NULL,
     pid         integer DEFAULT NULL,
     stale_after interval DEFAULT '60 seconds',
-    pooled      boolean DEFAULT false)
+    pooled      boolean DEFAULT false,
+    gone_pid    integer DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
@@ -100,8 +103,9 @@ DECLARE
     own        boolean;
     connected  boolean;
 BEGIN
-    IF register_process.stale_after IS NULL OR register_process.stale_after < interval '3 seconds' THEN
-        RAISE EXCEPTION 'stale_after must be at least 3 seconds' USING ERRCODE = '22023';
+    IF register_process.stale_after IS NULL OR register_process.stale_after < interval '3 seconds'
+       OR register_process.stale_after > interval '1 day' THEN
+        RAISE EXCEPTION 'stale_after must be from 3 seconds to a day' USING ERRCODE = '22023';
     END IF;
     SELECT * INTO other FROM processes p WHERE p.id = me;
     IF FOUND AND other.worker_id <> register_process.worker_id THEN
@@ -129,7 +133,8 @@ BEGIN
         END IF;
         own := other.host_id = register_process.host_id AND other.role = session_user;
         connected := NOT other.pooled AND uniphant_session_exists(other.id, other.role);
-        IF NOT connected AND (own OR other.heartbeat_at < now() - other.stale_after) THEN
+        IF NOT connected AND ((own AND other.pid = register_process.gone_pid)
+                              OR other.heartbeat_at < now() - other.stale_after) THEN
             DELETE FROM processes p WHERE p.id = other.id;
             CONTINUE;
         END IF;
@@ -137,15 +142,16 @@ BEGIN
         RAISE EXCEPTION 'worker % is already running: PID % on host %',
             register_process.worker_id, coalesce(other.pid::text, '?'),
             coalesce(other_host, '?')
-            USING ERRCODE = CASE WHEN own THEN 'UN003' ELSE 'UN001' END;
+            USING ERRCODE = CASE WHEN own THEN 'UN003' ELSE 'UN001' END,
+                  DETAIL = coalesce(other.pid::text, '');
     END LOOP;
     RAISE EXCEPTION 'worker % changed hands too often while registering; try again',
         register_process.worker_id USING ERRCODE = 'UN001';
 END
 $$;
 
--- Version 2 gave register_process a sixth parameter: whoever could execute
--- the version 1 function can execute this one, and the old one goes.
+-- Version 2 gave register_process two parameters: whoever could execute the
+-- version 1 function can execute this one, and the old one goes.
 DO $$
 DECLARE
     old regprocedure := to_regprocedure('public.register_process(uuid, uuid, text, integer, interval)');
@@ -160,7 +166,7 @@ BEGIN
         WHERE p.oid = old AND a.privilege_type = 'EXECUTE'
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION public.register_process(uuid, uuid, text, '
-                       'integer, interval, boolean) TO %s',
+                       'integer, interval, boolean, integer) TO %s',
                        CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(grantee) END);
     END LOOP;
     EXECUTE 'DROP FUNCTION ' || old;
@@ -197,22 +203,37 @@ BEGIN
 END
 $$;
 
+-- Removes the caller's row, unless another session of its process is still
+-- connected: `stop` removes the row of a process it killed from a session of
+-- its own, and the killed process's backend may still be running a
+-- statement of the worker's (a pooled process has no session to wait for).
+-- Like a heartbeat, it does not wait for the disk: a removal lost in a crash
+-- of the server leaves a row whose process has gone, which the next start
+-- takes over.
 CREATE OR REPLACE FUNCTION public.disconnect() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
     me uuid := uniphant_process_id();
 BEGIN
-    DELETE FROM processes WHERE id = me AND role = session_user;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM processes p WHERE p.id = me AND p.role = session_user
+        AND (p.pooled OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                     WHERE a.application_name = me::text AND a.usename = p.role
+                                       AND a.pid <> pg_backend_pid()));
 END
 $$;
 
 -- A deleted row wakes its process at once: it LISTENs on this channel.  Any
 -- role can NOTIFY any channel, so the process treats this as a hint and asks
--- keepalive() before it stops.
+-- keepalive() before it stops.  A process that removes its own row as it
+-- leaves needs no word: every NOTIFY takes a lock that commits queue for, and
+-- hundreds of workers stopping at once would queue on it.
 CREATE OR REPLACE FUNCTION public.processes_notify_stop() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM pg_notify('uniphant_' || replace(OLD.id::text, '-', ''), 'stop');
+    IF OLD.id::text IS DISTINCT FROM current_setting('application_name') THEN
+        PERFORM pg_notify('uniphant_' || replace(OLD.id::text, '-', ''), 'stop');
+    END IF;
     RETURN OLD;
 END
 $$;
@@ -259,11 +280,12 @@ CREATE TABLE IF NOT EXISTS public.worker_states (
 REVOKE ALL ON public.workers, public.managers, public.worker_states FROM PUBLIC;
 
 -- Whether a process row belongs to a live process: a fresh heartbeat, or a
--- connected session (a process busy in one long call is slow, not dead).
+-- connected session (a process busy in one long call is slow, not dead).  No
+-- SET clause and qualified names: the planner inlines it into its callers.
 CREATE OR REPLACE FUNCTION public.uniphant_process_live(p public.processes)
 RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT p.heartbeat_at >= now() - p.stale_after
+LANGUAGE sql STABLE AS $$
+    SELECT p.heartbeat_at OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) p.stale_after)
         OR (NOT p.pooled AND public.uniphant_session_exists(p.id, p.role));
 $$;
 
@@ -278,10 +300,29 @@ $$;
 DROP TRIGGER IF EXISTS workers_notify_fleet ON public.workers;
 CREATE TRIGGER workers_notify_fleet AFTER INSERT OR UPDATE OR DELETE ON public.workers
     FOR EACH STATEMENT EXECUTE FUNCTION public.uniphant_notify_fleet();
--- A process that ends may free a worker for another host's manager.
+
+-- The managers hear of a deleted process row of a wanted worker when one of
+-- them has something to do: its own manager, if another session removed it
+-- (restart_worker(); behind a pooler the worker hears nothing itself), or
+-- the manager that waits to start it on another host.  A worker that leaves
+-- by itself, or that nobody wants any more, is its own manager's business.
+CREATE OR REPLACE FUNCTION public.processes_notify_fleet() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM gone g JOIN workers w ON w.worker_id = g.worker_id
+               LEFT JOIN worker_states s ON s.worker_id = g.worker_id
+               WHERE g.id::text IS DISTINCT FROM current_setting('application_name')
+                  OR s.host_id IS DISTINCT FROM g.host_id) THEN
+        PERFORM pg_notify('uniphant_fleet', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 DROP TRIGGER IF EXISTS processes_notify_fleet ON public.processes;
 CREATE TRIGGER processes_notify_fleet AFTER DELETE ON public.processes
-    FOR EACH STATEMENT EXECUTE FUNCTION public.uniphant_notify_fleet();
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION public.processes_notify_fleet();
 
 -- Makes the calling process (registered with register_process) the manager of
 -- host_id.  Refuses (UN005), naming it, while the host's manager is live: its
@@ -551,11 +592,12 @@ WHERE NOT EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = p.worker_id);
 REVOKE ALL ON public.fleet FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.register_host(uuid, text),
-    public.register_process(uuid, uuid, text, integer, interval, boolean),
+    public.register_process(uuid, uuid, text, integer, interval, boolean, integer),
     public.keepalive(), public.disconnect(),
     public.uniphant_process_id(), public.uniphant_session_exists(uuid, name),
     public.processes_notify_stop(), public.uniphant_process_live(public.processes),
-    public.uniphant_notify_fleet(), public.register_manager(uuid), public.manager_plan(uuid),
+    public.uniphant_notify_fleet(), public.processes_notify_fleet(),
+    public.register_manager(uuid), public.manager_plan(uuid),
     public.report_worker(uuid, text, integer, integer, text, double precision),
     public.add_worker(text, uuid), public.scale(text, integer, uuid),
     public.remove_worker(uuid), public.remove_workers(text),

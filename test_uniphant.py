@@ -932,7 +932,7 @@ def test_schema_upgrade_from_the_first_release_keeps_rows_and_grants_and_applies
         assert upgraded.value("SELECT uniphant_schema_version()") == uniphant.SCHEMA_VERSION
         assert upgraded.value("SELECT has_function_privilege(%s, 'keepalive()', 'EXECUTE')", role)
         assert upgraded.value("SELECT has_function_privilege(%s, 'register_process(uuid, uuid, text, "
-                              "integer, interval, boolean)', 'EXECUTE')", role)
+                              "integer, interval, boolean, integer)', 'EXECUTE')", role)
         fresh = cluster.database("uniphant_fresh")
         assert _catalog(upgraded) == _catalog(fresh)
     finally:
@@ -1012,7 +1012,7 @@ def make_role(db):
         role, password = f"{name}_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
         db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
         db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                f"register_process(uuid, uuid, text, integer, interval, boolean), keepalive(), disconnect() "
+                f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect() "
                 f"TO {role}")
         made.append(role)
         return role, password
@@ -1028,10 +1028,11 @@ def session_of(db, role: str, password: str, process_id: str):
                       unix_sock=None, application_name=process_id)
 
 
-def register(conn, worker_id: str, host_id: str, stale_after: str = "5 seconds") -> None:
+def register(conn, worker_id: str, host_id: str, stale_after: str = "5 seconds", gone_pid=None) -> None:
+    """register_process() for a process of PID 1; gone_pid: the PID the caller found gone."""
     conn.cursor().execute("SELECT register_host(%s::uuid, %s)", (host_id, f"host-{host_id[:8]}"))
-    conn.cursor().execute("SELECT register_process(%s::uuid, %s::uuid, 'test.sql', 1, %s::interval)",
-                          (worker_id, host_id, stale_after))
+    conn.cursor().execute("SELECT register_process(%s::uuid, %s::uuid, 'test.sql', 1, %s::interval, "
+                          "false, %s)", (worker_id, host_id, stale_after, gone_pid))
 
 
 def no_session(db, process_id: str) -> bool:
@@ -1106,10 +1107,11 @@ ROW_STATES = {
 
 @pytest.mark.faults
 @pytest.mark.parametrize("state", ROW_STATES)
+@pytest.mark.parametrize("looked", [True, False], ids=["its PID found gone", "its PID not looked at"])
 @pytest.mark.parametrize("same_host", [True, False], ids=["same host", "other host"])
 @pytest.mark.parametrize("same_role", [True, False], ids=["same role", "other role"])
 def test_a_row_is_taken_over_only_without_a_session_and_by_its_own_host_and_role_or_once_stale(
-        db, make_role, same_role, same_host, state):
+        db, make_role, same_role, same_host, looked, state):
     owner, other = make_role("owner"), make_role("other")
     host, elsewhere, worker = (str(uuid.uuid4()) for _ in range(3))
     for h in (host, elsewhere):
@@ -1124,13 +1126,14 @@ def test_a_row_is_taken_over_only_without_a_session_and_by_its_own_host_and_role
         first.close()
         wait_for(lambda: no_session(db, first_process), what="the session to end")
     caller = session_of(db, *(owner if same_role else other), second_process)
-    expected = not connected and ((same_host and same_role) or age > 5)
+    expected = not connected and ((same_host and same_role and looked) or age > 5)
     try:
-        register(caller, worker, host if same_host else elsewhere, "3 seconds")
+        register(caller, worker, host if same_host else elsewhere, "3 seconds", 1 if looked else None)
         taken = True
     except pg8000.dbapi.DatabaseError as e:
         taken, message = False, e.args[0]["M"]
         assert "PID 1 on host host-" in message and host not in message and elsewhere not in message
+        assert e.args[0]["C"] == ("UN003" if same_host and same_role else "UN001")
     finally:
         caller.close()
         if connected:
@@ -1391,7 +1394,7 @@ def password_role(db):
     password = "Secr3t-" + uuid.uuid4().hex
     db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-            f"register_process(uuid, uuid, text, integer, interval, boolean), keepalive(), disconnect() "
+            f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect() "
             f"TO {role}")
     yield role, password
     db.rows("DELETE FROM processes WHERE role = %s", role)

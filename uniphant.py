@@ -40,6 +40,7 @@ import fcntl
 import gc
 import os
 import select
+import stat
 import struct
 import sys
 import time
@@ -116,6 +117,10 @@ RUNTIME_DEFAULTS: Dict[str, Any] = {
     "start_timeout": 30.0, "starts_per_second": 20.0,
 }
 
+# What config files and settings strip around keys and values: ASCII
+# whitespace only, so that no other script's spaces pass for nothing.
+_SPACE = " \t\n\r\x0b\x0c"
+
 # No duration may exceed a day: larger values are typing mistakes, and some
 # (1e400 is infinity) would break the waits they set.
 _MAX_SECONDS = 86400
@@ -149,7 +154,7 @@ def _is_whole(value: str, low: int, high: int) -> bool:
 
 
 def _port_list(value: str) -> str:
-    if not all(_is_whole(port.strip(), 1, 65535) for port in value.split(",")):
+    if not all(_is_whole(port.strip(_SPACE), 1, 65535) for port in value.split(",")):
         raise ValueError("expected a port number from 1 to 65535 (or a comma-separated list)")
     return value
 
@@ -175,7 +180,7 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
     "pooler": _choice(("none", "transaction"), str.lower),
     "interval": _number(0),
     "stop_timeout": _number(0, above=True),
-    # A heartbeat every stale_after / 3 seconds, and never more than one a second.
+    # A heartbeat every 0.35 stale_after seconds, and never more than one a second.
     "stale_after": _number(3),
     "restart_delay": _number(0, above=True),
     "restart_delay_max": _number(0, above=True),
@@ -214,7 +219,7 @@ def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, st
     for number, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path}:{number}"
         try:
-            line = raw.decode("utf-8").strip()
+            line = raw.decode("utf-8").strip(_SPACE)
         except UnicodeDecodeError:
             raise ConfigError(f"{where}: not valid UTF-8") from None
         if "\0" in line:
@@ -222,7 +227,7 @@ def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, st
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
+        key, value = key.strip(_SPACE), value.strip(_SPACE)
         if not sep:
             raise ConfigError(f"{where}: expected key=value, but the line has no '='")
         if not key:
@@ -497,12 +502,17 @@ def _open_own_file(path: str, flags: int) -> int:
     FileNotFoundError passes unchanged, for the callers to whom it means "none".
     """
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        # Not blocking: a FIFO planted there must not hang us.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except FileNotFoundError:
         raise
     except OSError as e:
         reason = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
         raise UniphantError(f"cannot open {path}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UniphantError(f"cannot open {path}: it is not a regular file")
+    return fd
 
 
 def _open_log_stream(config: Config):
@@ -580,11 +590,13 @@ class ConnectError(UniphantError):
 
 
 class _Refused(UniphantError):
-    """register_process() refused: another process runs the worker (SQLSTATE in code)."""
+    """register_process() refused: another process runs the worker (SQLSTATE in
+    code; for UN003, the PID of this host's process in detail)."""
 
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str, detail: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.detail = detail
 
 
 class _SchemaMissing(UniphantError):
@@ -615,6 +627,7 @@ class _Wire:
         self.sock = sock
         self.identity: Tuple[Optional[str], Optional[str]] = (None, None)
         self.pooled = False  # behind a transaction pooler: one transaction per statement
+        self.newest_note: Any = None  # the newest notification seen on the last look
         self._in = bytearray()
         self._out = bytearray()
 
@@ -656,10 +669,10 @@ class _Wire:
 def _pg_setting(config: Config, key: str) -> str:
     """A connection key from the config files (checked when read), else the
     environment ('' if unset)."""
-    value = str(config.get(key) or "").strip()
+    value = str(config.get(key) or "").strip(_SPACE)
     if value:
         return value
-    value = os.environ.get(key, "").strip()
+    value = os.environ.get(key, "").strip(_SPACE)
     return _checked(key, value, "the environment") if value else ""
 
 
@@ -793,6 +806,15 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
     return _Wire(sock)
 
 
+def _connect(config: Config):
+    """connect_to_database(), given up at once when a stop signal comes (_Interrupted)."""
+    _runtime.connecting = True
+    try:
+        return connect_to_database(config)
+    finally:
+        _runtime.connecting = False
+
+
 def connect_to_database(config: Config):
     """A pg8000 connection in autocommit mode whose application_name is the process id.
 
@@ -810,11 +832,16 @@ def connect_to_database(config: Config):
     for host, port in _targets(config):
         where = f"socket {host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
         password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
+        wire = None
         try:
             wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
             connection = pg8000.dbapi.connect(
                 user=user, database=database, password=password, sock=wire,
                 ssl_context=False, application_name=config["process_id"])
+        except _Interrupted:
+            if wire is not None:
+                wire.close()
+            raise
         except ConnectError as e:
             raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", e.permanent) from None
         except Exception as e:
@@ -913,13 +940,17 @@ def _take_notifications(connection, channel: str) -> bool:
     notes = connection.notifications
     if not notes:
         return False
-    full = notes.maxlen is not None and len(notes) >= notes.maxlen
+    wire = _wire_of(connection)
+    full = (notes.maxlen is not None and len(notes) >= notes.maxlen
+            and (wire is None or notes[-1] is not wire.newest_note))  # and something came since
     others = [note for note in notes if note[1] != channel]
-    if len(others) == len(notes) and not full:
-        return False
-    notes.clear()
-    notes.extend(others)
-    return True
+    hinted = full or len(others) != len(notes)
+    if hinted:
+        notes.clear()
+        notes.extend(others)
+    if wire is not None:
+        wire.newest_note = notes[-1] if notes else None
+    return hinted
 
 
 def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
@@ -957,7 +988,7 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
         if code in ("UN001", "UN003", "UN004", "UN005", "22023"):
-            raise _Refused(message, code) from None
+            raise _Refused(message, code, e.args[0].get("D", "")) from None
         if code in ("42883", "42P01", "3F000"):
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
@@ -988,27 +1019,33 @@ def _listen(config: Config, connection) -> None:
         connection.execute_simple(f"LISTEN {_channel(config)}")
 
 
-# How long a start waits for the session of this host's previous process of
-# the worker to end (its process is gone: the caller holds the PID-file lock).
+# How long a start waits for this host's previous process of the worker, and
+# its session, to end.
 _SESSION_END_WAIT = 2.0
 
 
 def register_process(config: Config, connection) -> None:
     """Register this process for its worker, then listen for the deletion of its row.
 
-    Raises UniphantError naming the running process when another one runs the worker.
+    A row of this host's previous process is taken over once that PID is gone
+    here (the database cannot look: it asks, UN003).  Raises UniphantError
+    naming the running process when another one runs the worker.
     """
-    deadline = time.monotonic() + _SESSION_END_WAIT
+    deadline, gone_pid = time.monotonic() + _SESSION_END_WAIT, None
     while True:
         try:
             _call(connection, "SELECT public.register_process($1::uuid, $2::uuid, $3, $4, "
-                  "make_interval(secs => $5), $6)",
+                  "make_interval(secs => $5), $6, $7)",
                   (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
-                   float(config["stale_after"]), config["pooler"] != "none"))
+                   float(config["stale_after"]), config["pooler"] != "none", gone_pid))
             break
         except _Refused as e:
             if e.code != "UN003" or time.monotonic() >= deadline:
                 raise
+            holder = int(e.detail) if e.detail.isdigit() else None
+            if holder is not None and holder != gone_pid and not is_pid_alive(holder):
+                gone_pid = holder
+                continue  # ask again at once, now that we have looked
         time.sleep(0.02)
     _listen(config, connection)
 
@@ -1032,6 +1069,36 @@ def disconnect(connection) -> None:
     """Remove this process's row, then close the connection."""
     try:
         _call(connection, "SELECT public.disconnect()")
+    finally:
+        _close_quietly(connection)
+
+
+def _disconnect_quietly(connection) -> None:
+    """After a failed start: remove a row it may have made, as far as the database
+    still answers (the start's own error is the one to report)."""
+    try:
+        disconnect(connection)
+    except Exception:
+        return  # the start's error says what went wrong; a row left is taken over
+
+
+def _remove_row(config: Config, patience: float) -> bool:
+    """Remove this process's row from a new session; whether it is gone.
+
+    disconnect() leaves the row while another session of the process is still
+    connected (a killed process's backend running on): wait for that up to
+    patience seconds.
+    """
+    connection = _connect(config)
+    deadline = time.monotonic() + patience
+    try:
+        while True:
+            _call(connection, "SELECT public.disconnect()")
+            if not keepalive(connection):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
     finally:
         _close_quietly(connection)
 
@@ -1067,6 +1134,9 @@ class _Runtime:
         self.report_fd: Optional[int] = None     # a pipe to the manager that forked this process
         self.manager: Optional[_Manager] = None  # in a manager's process: its state
         self.announce_ready = True               # tell systemd READY=1 once registered
+        self.pid = os.getpid()                   # the process that runs the worker
+        self.config: Optional[Config] = None     # the runtime's own copy of the configuration
+        self.connecting = False                  # a stop signal interrupts the connect under way
 
 
 _runtime = _Runtime()
@@ -1081,9 +1151,17 @@ _IGNORED_SIGNALS = ("SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
                     "SIGSTKFLT", "SIGTRAP")  # and every real-time signal
 
 
+class _Interrupted(UniphantError):
+    """A stop signal came while connecting, which may wait for ever (PGCONNECT_TIMEOUT=0)."""
+
+
 def signal_handler(sig: int, frame: Any) -> None:
-    """Note a signal; the run loop acts on it at once (the wakeup pipe wakes it)."""
+    """Note a signal; the run loop acts on it at once (the wakeup pipe wakes it).
+    A stop signal also interrupts a connection attempt under way."""
     _runtime.signals.append(sig)
+    if _runtime.connecting and _signal_name(sig) in _STOP_SIGNALS:
+        _runtime.connecting = False
+        raise _Interrupted(f"{_signal_name(sig)} received while connecting")
 
 
 def _signal_name(sig: int) -> str:
@@ -1366,13 +1444,13 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         if not _lock_pid_file(config, pid_file):
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
         setup_logging(config)
-        connection = connect_to_database(config)
+        connection = _connect(config)
         try:
             register_process(config, connection)
             if worker_function is manage:
                 _prepare_manager(config, connection)
         except BaseException:
-            _close_quietly(connection)
+            _disconnect_quietly(connection)
             raise
     except BaseException as e:
         _tell(ready_w, f"error {_explain(e)}")
@@ -1408,9 +1486,11 @@ class _ConnectionLost(Exception):
 
 
 def _heartbeat_period(config: Config) -> float:
-    """Seconds between heartbeats: a third of stale_after, so the row never looks
-    stale.  A deleted row reaches the process by notification, not by heartbeat."""
-    return config["stale_after"] / 3
+    """Seconds between heartbeats: 0.35 of stale_after (21 s at the default 60), so
+    the row never looks stale, a 200-worker fleet writes under 10 a second, and the
+    smallest stale_after (3 s) writes no more than one a second.  A deleted row
+    reaches the process by notification, not by heartbeat."""
+    return config["stale_after"] * 0.35
 
 
 def _warn_once(logger: logging.Logger, message: str) -> None:
@@ -1466,10 +1546,10 @@ def alive(config: Config, connection) -> bool:
     """Whether the worker should go on: no signal, parent alive (foreground), row present.
 
     Cheap enough to call in a tight loop: it writes a heartbeat every
-    stale_after / 3 seconds and asks the database nothing else unless a
+    0.35 stale_after seconds and asks the database nothing else unless a
     message has arrived.  Inside a transaction it looks at signals only.
     """
-    return _stop_reason(config, connection) is None
+    return _stop_reason(_runtime.config or config, connection) is None
 
 
 def _drain(fd: int) -> None:
@@ -1545,21 +1625,29 @@ class _Watchdog:
         threading.Thread(target=self._watch, name="uniphant-watchdog", daemon=True).start()
 
     def enter(self, wire: Optional[_Wire]) -> None:
-        """A call of the worker function begins on wire's session."""
+        """A call of the worker function begins on wire's session.
+
+        The thread watches a duplicate of the socket: the worker function may
+        close its connection, and its descriptor number may then name a file.
+        """
         with self._lock:
             self._generation += 1
-            self._call = None if wire is None else (self._generation, wire.fileno())
+            self._call = None if wire is None else (self._generation, os.dup(wire.fileno()))
             self._lock.notify()
 
     def leave(self) -> None:
         with self._lock:
             self._generation += 1
-            self._call = None
+            call, self._call = self._call, None
             self._lock.notify()
         try:
             os.write(self._wake_w, b".")
         except BlockingIOError:
-            return  # the pipe is full: the thread has wake-ups enough
+            pass  # the pipe is full: the thread has wake-ups enough
+        if call is not None:
+            # The thread may still poll this number, even once reused: the wake-up
+            # ends that poll, and the generation voids what it saw.
+            os.close(call[1])
 
     def _watch(self) -> None:
         while True:
@@ -1621,9 +1709,10 @@ def _settle(config: Config, connection, logger: logging.Logger) -> None:
     _check_session(config, connection)
 
 
-def _call_worker(config: Config, connection, worker_function: WorkerFunction,
-                 logger: logging.Logger) -> None:
-    """Call the worker function once, under the watchdog, and settle the session.
+def _call_worker(config: Config, worker_config: Config, connection,
+                 worker_function: WorkerFunction, logger: logging.Logger) -> None:
+    """Call the worker function once (with worker_config, its own copy of the
+    configuration), under the watchdog, and settle the session.
 
     Raises _WorkerExit when the worker function ends the worker, and
     _ConnectionLost when the connection broke under it.
@@ -1631,26 +1720,57 @@ def _call_worker(config: Config, connection, worker_function: WorkerFunction,
     rt = _runtime
     rt.watchdog.enter(_wire_of(connection))
     try:
-        worker_function(config, logger, connection)
-    except UniphantError:
-        raise  # from alive(): the runtime's own, never the worker function's failure
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
-        rt.last_words = f"the worker function raised SystemExit({e.code!r})"
-        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.last_words)
-        raise _WorkerExit(code) from None
+        worker_function(worker_config, logger, connection)
+        if os.getpid() != rt.pid:
+            _end_forked_child(logger, EXIT_OK)
     except BaseException as e:
-        if _is_lost(connection):
-            raise _ConnectionLost(e) from None
-        logger.exception("stopping: the worker function failed")
-        rt.last_words = _explain(e)  # the exception's last line, for the manager
-        raise _WorkerExit(EXIT_FAILURE) from None
+        if os.getpid() != rt.pid:
+            _end_forked_child(logger, _exit_code(e))
+        raise _worker_failure(config, connection, logger, e) from None
     finally:
-        rt.watchdog.leave()
+        if os.getpid() == rt.pid:
+            rt.watchdog.leave()
     _settle(config, connection, logger)
 
 
-def _serve(config: Config, connection, worker_function: WorkerFunction, logger: logging.Logger) -> str:
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, SystemExit):
+        code = error.code
+        return code if isinstance(code, int) else EXIT_OK if code is None else EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+def _end_forked_child(logger: logging.Logger, code: int) -> None:
+    """A process that the worker function forked came back into the runtime
+    (returned or raised instead of exiting): end it, touching nothing of the
+    worker's (its row, its session, its PID file)."""
+    logger.warning("a process the worker function forked returned into uniphant: "
+                   "ending it with exit code %d", code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _worker_failure(config: Config, connection, logger: logging.Logger, error: BaseException) -> BaseException:
+    """What a worker function's exception means: the runtime's own error, an exit
+    it asked for, a lost connection, or its failure (logged with its traceback)."""
+    rt = _runtime
+    if isinstance(error, UniphantError):
+        return error  # from alive(): the runtime's own, never the worker function's failure
+    if isinstance(error, SystemExit):
+        code = _exit_code(error)
+        rt.last_words = f"the worker function raised SystemExit({error.code!r})"
+        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.last_words)
+        return _WorkerExit(code)
+    if _is_lost(connection):
+        return _ConnectionLost(error)
+    logger.error("stopping: the worker function failed", exc_info=error)
+    rt.last_words = _explain(error)  # the exception's last line, for the manager
+    return _WorkerExit(EXIT_FAILURE)
+
+
+def _serve(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
+           logger: logging.Logger) -> str:
     """Call the worker function every interval until it must stop; return why.
 
     The schedule lives in the runtime state, so a reconnect does not bring the
@@ -1663,7 +1783,7 @@ def _serve(config: Config, connection, worker_function: WorkerFunction, logger: 
             return reason
         now = time.monotonic()
         if now >= rt.next_call:
-            _call_worker(config, connection, worker_function, logger)
+            _call_worker(config, worker_config, connection, worker_function, logger)
             rt.next_call = time.monotonic() + config["interval"]
         else:
             _wait(min(rt.next_call, rt.next_heartbeat) - now, connection)
@@ -1689,7 +1809,9 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
     lost_at, delay, seen = time.monotonic(), _BACKOFF_FIRST, set()
     while _local_stop_reason(config) is None:
         try:
-            connection = connect_to_database(config)
+            connection = _connect(config)
+        except _Interrupted:
+            continue  # the loop's condition sees the signal
         except ConnectError as e:
             if e.permanent:
                 raise
@@ -1722,6 +1844,10 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     """
     logger = _logger(config)
     rt = _runtime
+    # The worker function gets config, and may change it; the runtime acts on
+    # its own copy (a changed process_id must not aim its calls at another row).
+    worker_config, config = config, dict(config)
+    rt.config, rt.pid = config, os.getpid()
     _watch_for_wakeups(config)
     _tolerate_any_notification(connection)
     rt.watchdog = _Watchdog(config, logger)
@@ -1739,7 +1865,7 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     try:
         while True:
             try:
-                rt.last_words = _serve(config, connection, worker_function, logger)
+                rt.last_words = _serve(config, worker_config, connection, worker_function, logger)
                 logger.info("stopping: %s", rt.last_words)
                 code = EXIT_OK
                 break
@@ -1797,10 +1923,13 @@ def _leave(config: Config, connection, logger: logging.Logger) -> None:
         _close_quietly(connection)
         logger.debug("cannot remove the process row on its own connection: %s", _explain(e))
     try:
-        disconnect(connect_to_database(config))  # a new session is this process's own again
+        # A new session is this process's own again, once the old one has ended.
+        if _remove_row(config, patience=_SESSION_END_WAIT):
+            return
+        reason = "its old session did not end"
     except Exception as e:
-        logger.warning("could not remove the process row (%s); the next start takes it over",
-                       _explain(e))
+        reason = _explain(e)
+    logger.warning("could not remove the process row (%s); the next start takes it over", reason)
 
 
 def _leftover_threads() -> list:
@@ -1947,6 +2076,8 @@ class _Manager:
                     if slot.wanted and slot.startable and slot.child is None]
         if _watchdog_period():
             moments.append(self.next_watchdog)
+        if any(note[1] == "uniphant_fleet" for note in connection.notifications):
+            return  # read with a reply during the last step: no byte waits on the socket for it
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
         _wait(min(moments) - time.monotonic(), connection, tuple(fds))
 
@@ -2602,9 +2733,12 @@ def _stop(config: Config, pid_file: str) -> int:
 
 
 def _remove_row_of(config: Config, process_id: str) -> None:
-    """Remove the row of a killed process, connecting under its process id."""
+    """Remove the row of a killed process, connecting under its process id; not
+    while its backend still runs a statement of the worker's."""
     try:
-        disconnect(connect_to_database(dict(config, process_id=process_id)))
+        if not _remove_row(dict(config, process_id=process_id), patience=0):
+            print("Its process row stays while its database session still runs a statement; "
+                  "the next start takes it over once that ends.", file=sys.stderr)
     except UniphantError as e:
         print(f"Its process row stays until the next start takes it over: {e}", file=sys.stderr)
 
@@ -2623,7 +2757,7 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     if here and not _lock_pid_file(config, pid_file):
         print(_already_running(config, get_pid_for_running_process(pid_file)), file=sys.stderr)
         return EXIT_FAILURE
-    connection = connect_to_database(config)
+    connection = _connect(config)
     # What exists now, pg8000's many modules above all, lives until exit: kept
     # out of the collector's way, it makes every collection, and the exit of
     # this process and of the daemon, some 30 ms cheaper.
@@ -2637,7 +2771,7 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
         if worker_function is manage:
             _prepare_manager(config, connection)
     except BaseException:
-        _close_quietly(connection)
+        _disconnect_quietly(connection)
         raise
     _report_to_manager(f"ready {os.getpid()} {config['stop_timeout']}")
     return run(config, connection, worker_function, pid_file)
