@@ -275,7 +275,10 @@ class Project:
             return
         for directory, _, files in os.walk(self.path("pid")):
             for name in files:
-                pid = uniphant.get_pid_for_running_process(os.path.join(directory, name))
+                try:
+                    pid = uniphant.get_pid_for_running_process(os.path.join(directory, name))
+                except uniphant.UniphantError:
+                    continue  # not a PID file (a test planted something else there)
                 if pid:
                     os.kill(pid, signal.SIGKILL)
         for child in self.children:

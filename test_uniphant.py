@@ -1247,6 +1247,162 @@ def test_example_jobs_drains_the_queue(project, db, worker_id):
 
 
 # ---------------------------------------------------------------------------
+# Attacks that once worked (each a promise above, tried the hard way)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.faults
+def test_a_removed_pid_directory_and_a_dropped_session_do_not_let_a_second_copy_start(project, db, worker_id):
+    project.write("workers/test/uniphant.conf", "mode=sleep\n")
+    pid = start_daemon(project, worker_id)
+    wait_for(lambda: "sleeping" in project.log(worker_id), what="the worker asleep in its call")
+    shutil.rmtree(project.path("pid"))
+    db.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            str(db.process(worker_id)[0]))
+    wait_for(lambda: no_session(db, str(db.process(worker_id)[0])), what="its session to end")
+    assert_clean_error(project.run(worker_id, "start", "-f"), 1, "already running", f"PID {pid}")
+    assert not gone(pid) and db.process(worker_id)[2] == pid
+
+
+@pytest.mark.faults
+def test_stop_leaves_the_row_of_a_killed_worker_whose_backend_still_runs_its_statement(project, db, worker_id):
+    write_worker(project, "stuck", """
+        logger.info("querying")
+        connection.cursor().execute("SELECT pg_sleep(60)")
+        """, prelude="import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    project.write("workers/test/uniphant.conf", "stop_timeout=0.5\n")
+    start_daemon(project, worker_id, script="workers/test/stuck.py")
+    wait_for(lambda: "querying" in project.log(worker_id, "test.stuck"), what="the long statement")
+    process_id = str(db.process(worker_id)[0])
+    stop = project.run(worker_id, "stop", script="workers/test/stuck.py")
+    assert stop.returncode == 0 and "still runs a statement" in stop.stderr
+    assert db.process(worker_id) is not None  # its backend still works for it
+    assert_clean_error(project.run(worker_id, "start", "-f", script="workers/test/stuck.py"), 1, "already running")
+    db.rows("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s", process_id)
+    wait_for(lambda: no_session(db, process_id), what="the killed worker's backend to end")
+    start_daemon(project, worker_id, script="workers/test/stuck.py")
+
+
+@pytest.mark.faults
+def test_a_worker_that_closes_its_connection_and_works_on_is_ended_before_a_takeover(project, db, worker_id):
+    write_worker(project, "closer", """
+        connection.close()
+        held = open(os.devnull)  # the connection's descriptor number now names a file
+        logger.info("working on without a session")
+        time.sleep(60)
+        """)
+    project.write("workers/test/uniphant.conf", "stale_after=3\n")
+    child = project.popen(worker_id, "start", "-f", script="workers/test/closer.py")
+    wait_for(lambda: "working on without a session" in project.log(worker_id, "test.closer"), what="the call")
+    child.communicate(timeout=10)  # its lease of 3 s runs out long before
+    assert "exiting: the database session was lost" in project.log(worker_id, "test.closer")
+
+
+@pytest.mark.parametrize("how", ["raise SystemExit(0)", "return"])
+def test_a_process_the_worker_forks_never_acts_for_the_worker(project, db, worker_id, how):
+    write_worker(project, "forker", f"""
+        if not os.path.exists("forked"):
+            open("forked", "w").close()
+            if os.fork() == 0:
+                {how}
+        logger.info("tick")
+        """)
+    pid = start_daemon(project, worker_id, script="workers/test/forker.py")
+    log = lambda: project.log(worker_id, "test.forker")  # noqa: E731
+    wait_for(lambda: "returned into uniphant" in log(), what="the child to be ended")
+    ticks = log().count("tick")
+    wait_for(lambda: log().count("tick") >= ticks + 2, what="the worker to go on")
+    assert db.process(worker_id)[2] == pid and not gone(pid)
+
+
+@pytest.mark.faults
+def test_a_stop_signal_ends_a_start_that_waits_for_a_silent_server(project, worker_id):
+    import socket
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        child = project.popen(worker_id, "start", "-f", env={
+            "PGHOST": "127.0.0.1", "PGPORT": str(silent.getsockname()[1]), "PGCONNECT_TIMEOUT": "0"})
+        wait_for(lambda: tcp_sockets(child.pid), what="the connection attempt")
+        child.terminate()
+        _, err = child.communicate(timeout=10)
+    assert child.returncode == 1 and "SIGTERM received while connecting" in err
+
+
+def tcp_sockets(pid: int) -> list:
+    """The TCP sockets of process pid, from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    with open(f"/proc/{pid}/net/tcp") as f:
+        return [line for line in f.read().splitlines()[1:] if line.split()[9] in inodes]
+
+
+def test_a_fifo_planted_at_the_pid_file_is_refused_not_waited_on(project, worker_id):
+    os.makedirs(project.path("pid/test.probe"))
+    os.mkfifo(project.path(f"pid/test.probe/{worker_id}.pid"))
+    for command in ("status", "stop", "start"):
+        assert_clean_error(project.run(worker_id, command, timeout=10), 1, "not a regular file")
+
+
+def test_a_full_queue_of_the_workers_own_notifications_costs_no_queries(project, db, worker_id):
+    write_worker(project, "busy_listener", """
+        connection.cursor().execute("LISTEN jobs")
+        logger.info("listening")
+        while not os.path.exists("sent"):
+            time.sleep(0.01)
+        calls, started = 0, time.monotonic()
+        while alive(config, connection) and time.monotonic() < started + 2:
+            calls += 1
+        logger.info("alive() calls: %d", calls)
+        raise SystemExit(0)
+        """)
+    project.popen(worker_id, "start", "-f", script="workers/test/busy_listener.py")
+    wait_for(lambda: "listening" in project.log(worker_id, "test.busy_listener"), what="the LISTEN")
+    for n in range(150):
+        db.rows(f"NOTIFY jobs, '{n}'")
+    project.write("sent", "")
+    wait_for(lambda: "alive() calls:" in project.log(worker_id, "test.busy_listener"), what="the count")
+    calls = int(project.log(worker_id, "test.busy_listener").split("alive() calls: ")[1].split()[0])
+    assert calls > 100_000  # a query per call would allow some thousands
+
+
+def test_a_worker_that_changes_its_configs_process_id_touches_no_other_row(project, db, worker_id):
+    victim = str(uuid.uuid4())
+    victim_pid = start_daemon(project, victim)
+    write_worker(project, "meddler", f"""
+        config["process_id"] = "{db.process(victim)[0]}"
+        logger.info("meddled")
+        """)
+    child = project.popen(worker_id, "start", "-f", script="workers/test/meddler.py")
+    wait_for(lambda: "meddled" in project.log(worker_id, "test.meddler"), what="the meddling")
+    child.terminate()
+    child.communicate(timeout=10)
+    assert db.process(worker_id) is None
+    assert db.process(victim)[2] == victim_pid and not gone(victim_pid)
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u2003", "\u3000", "\x1c", "\x85"])
+def test_other_scripts_spaces_around_a_number_are_an_error(project, worker_id, space):
+    conf = project.write("workers/test/uniphant.conf", f"stale_after={space}5\n")
+    assert_clean_error(project.run(worker_id, "start", "-f"), 2, f"{conf}:1", "bad value for stale_after")
+
+
+def test_register_process_refuses_a_staleness_above_a_day(db, worker_id):
+    conn = db.connect(application_name=str(uuid.uuid4()))
+    try:
+        with pytest.raises(pg8000.dbapi.DatabaseError) as refused:
+            register(conn, worker_id, str(uuid.uuid4()), "1000 years")
+        assert refused.value.args[0]["C"] == "22023"
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
 # Faults: crashes, outages, races and hostile input (pytest -m faults)
 # ---------------------------------------------------------------------------
 

@@ -1265,9 +1265,9 @@ def _release_pid_file() -> None:
 def _process_id_in(pid_file: str) -> Optional[str]:
     """The process id that the PID file's holder wrote on its second line."""
     try:
-        with open(pid_file, encoding="ascii", errors="replace") as f:
+        with os.fdopen(_open_own_file(pid_file, os.O_RDONLY), encoding="ascii", errors="replace") as f:
             lines = f.read(200).splitlines()
-    except OSError:
+    except (OSError, UniphantError):
         return None  # no file, or not ours to read: no process id to clean up after
     return lines[1] if len(lines) > 1 and is_valid_uuid(lines[1]) else None
 
