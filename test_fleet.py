@@ -70,7 +70,8 @@ def test_a_desired_worker_runs_within_moments_and_stops_when_removed(project, db
     worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
     pid = wait_for(lambda: running(db, worker), what="the desired worker to register")
     assert open(f"/proc/{pid}/stat").read().split(") ", 1)[1].split()[1] == str(manager_pid)  # forked
-    assert fleet(db, worker)["state"] == "running" and fleet(db, worker)["pid"] == pid
+    wait_for(lambda: fleet(db, worker)["state"] == "running" and fleet(db, worker)["pid"] == pid,
+             what="its state: running")
     assert project.run(worker, "status").stdout.strip().endswith(f"running with PID {pid}.")
     assert db.value("SELECT remove_worker(%s::uuid)", worker) is True
     wait_for(lambda: gone(pid) and running(db, worker) is None, what="the worker to stop")
@@ -180,7 +181,7 @@ def test_a_dead_hosts_any_host_worker_comes_back_elsewhere_after_stale_after(pro
             os.kill(doomed, signal.SIGKILL)
         wait_for(lambda: db.value("SELECT host_id::text FROM processes WHERE worker_id = %s::uuid", worker)
                  == host_of(other), timeout=30, what="the worker on the other host")
-        assert fleet(db, worker)["state"] == "running"
+        wait_for(lambda: fleet(db, worker)["state"] == "running", what="its state: running")
     finally:
         other.cleanup()
 
