@@ -5,7 +5,7 @@ bench/results/fleet.png: medians with min-max bars, the goals dashed.
 
     python bench/plot.py [--input bench/results/fleet.json] [--output bench/results/fleet.png]
 
-Needs matplotlib, a development requirement (./dev/setup installs it).
+Needs matplotlib (requirements-plot.txt; ./dev/bench-fleet --plot installs it).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import matplotlib
     except ImportError:
-        print("plot: matplotlib is missing: run ./dev/setup and use .venv/bin/python", file=sys.stderr)
+        print("plot: matplotlib is missing: pip install -r requirements-plot.txt (./dev/bench-fleet --plot does)", file=sys.stderr)
         return 1
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
