@@ -203,23 +203,16 @@ BEGIN
 END
 $$;
 
--- Removes the caller's row, unless another session of its process is still
--- connected: `stop` removes the row of a process it killed from a session of
--- its own, and the killed process's backend may still be running a
--- statement of the worker's (a pooled process has no session to wait for).
--- Like a heartbeat, it does not wait for the disk: a removal lost in a crash
--- of the server leaves a row whose process has gone, which the next start
--- takes over.
+-- Removes the caller's row.  Like a heartbeat, it does not wait for the disk:
+-- a removal lost in a crash of the server leaves a row whose process has gone,
+-- which the next start takes over.
 CREATE OR REPLACE FUNCTION public.disconnect() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
 DECLARE
     me uuid := uniphant_process_id();
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    DELETE FROM processes p WHERE p.id = me AND p.role = session_user
-        AND (p.pooled OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                     WHERE a.application_name = me::text AND a.usename = p.role
-                                       AND a.pid <> pg_backend_pid()));
+    DELETE FROM processes WHERE id = me AND role = session_user;
 END
 $$;
 

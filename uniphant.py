@@ -1083,22 +1083,23 @@ def _disconnect_quietly(connection) -> None:
 
 
 def _remove_row(config: Config, patience: float) -> bool:
-    """Remove this process's row from a new session; whether it is gone.
+    """Remove this process's row from a new session; whether it did.
 
-    disconnect() leaves the row while another session of the process is still
-    connected (a killed process's backend running on): wait for that up to
-    patience seconds.
+    Not while another session of the process is still connected (the backend
+    of a process that was killed may run on in one of its statements): wait
+    for that up to patience seconds.  Behind a pooler there is no such session.
     """
     connection = _connect(config)
     deadline = time.monotonic() + patience
     try:
-        while True:
-            _call(connection, "SELECT public.disconnect()")
-            if not keepalive(connection):
-                return True
+        while config["pooler"] == "none" and _call(
+                connection, "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                "AND application_name = current_setting('application_name'))")[0]:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
+        _call(connection, "SELECT public.disconnect()")
+        return True
     finally:
         _close_quietly(connection)
 
@@ -2275,9 +2276,11 @@ class _Manager:
         return True
 
     def _report(self, connection) -> None:
-        """Write to worker_states what changed since the last write, and nothing else."""
-        now = time.monotonic()
-        for slot in list(self.slots.values()):
+        """Write to worker_states what changed since the last write, and nothing else:
+        in one transaction, so that a burst of changes (a fleet starting or
+        stopping) costs the server one commit."""
+        now, changed = time.monotonic(), []
+        for slot in self.slots.values():
             state = slot.state
             if state == "starting" and slot.child is not None and slot.child.ready:
                 state = "running"
@@ -2286,11 +2289,21 @@ class _Manager:
             facts = None if state is None else (
                 state, slot.child.pid if slot.child else None, slot.restarts, slot.last_exit,
                 slot.due if state == "backoff" else None)
-            if facts == slot.reported:
-                continue
-            _call(connection, "SELECT public.report_worker($1::uuid, $2, $3, $4, $5, $6)",
-                  (slot.worker_id, state, facts and facts[1], slot.restarts, slot.last_exit,
-                   max(slot.due - now, 0.0) if state == "backoff" else None))
+            if facts != slot.reported:
+                changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
+                                              slot.last_exit, max(slot.due - now, 0.0) if facts and
+                                              state == "backoff" else None)))
+        if not changed:
+            return
+        connection.execute_simple("BEGIN")
+        try:
+            for _, _, params in changed:
+                _call(connection, "SELECT public.report_worker($1::uuid, $2, $3, $4, $5, $6)", params)
+        except BaseException:
+            connection.execute_simple("ROLLBACK")
+            raise
+        connection.execute_simple("COMMIT")
+        for slot, facts, _ in changed:
             slot.reported = facts
             if facts is None:
                 del self.slots[slot.worker_id]
