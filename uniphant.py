@@ -1553,6 +1553,14 @@ def alive(config: Config, connection) -> bool:
     return _stop_reason(_runtime.config or config, connection) is None
 
 
+def _poke(fd: int) -> None:
+    """Wake whoever polls the pipe that fd writes to."""
+    try:
+        os.write(fd, b".")
+    except BlockingIOError:
+        return  # the pipe is full: it is awake already
+
+
 def _drain(fd: int) -> None:
     try:
         while os.read(fd, 512):
@@ -1641,10 +1649,7 @@ class _Watchdog:
             self._generation += 1
             call, self._call = self._call, None
             self._lock.notify()
-        try:
-            os.write(self._wake_w, b".")
-        except BlockingIOError:
-            pass  # the pipe is full: the thread has wake-ups enough
+        _poke(self._wake_w)
         if call is not None:
             # The thread may still poll this number, even once reused: the wake-up
             # ends that poll, and the generation voids what it saw.
