@@ -1887,7 +1887,7 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
                     raise
                 error = _explain(e)
             _close_quietly(connection)
-            connection = None
+            connection = None  # should reconnecting fail, there is none to leave on
             connection = _reconnect(config, logger, error)
             if connection is None:
                 rt.last_words = _local_stop_reason(config)
