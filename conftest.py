@@ -215,7 +215,6 @@ class Project:
         self.home = home
         self.env = env
         self.children: List[subprocess.Popen] = []
-        self.daemons: List[int] = []  # PIDs that start_daemon() reported
         self.write("workers/test/probe.py", PROBE)
 
     def path(self, relative: str) -> str:
@@ -265,12 +264,16 @@ class Project:
         """Kill whatever a test left running: daemons (by their PID files) and children."""
         import uniphant
 
-        for pid in self.daemons:  # also those whose PID file a test removed
+        # Every process at work in the project: daemons whose PID file a test
+        # removed, and workers that a killed manager forked before they registered.
+        for name in os.listdir("/proc"):
             try:
-                if os.readlink(f"/proc/{pid}/cwd").startswith(self.root):
-                    os.kill(pid, signal.SIGKILL)
+                cwd = os.readlink(f"/proc/{name}/cwd")
+                if name.isdigit() and int(name) != os.getpid() and \
+                        (cwd + "/").startswith(self.root + "/"):
+                    os.kill(int(name), signal.SIGKILL)
             except OSError:
-                continue  # gone
+                continue  # gone, or not a process
         if os.path.islink(self.path("pid")):
             return
         for directory, _, files in os.walk(self.path("pid")):

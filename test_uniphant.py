@@ -32,9 +32,7 @@ def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragment
 def start_daemon(project, worker_id, *args, **kwargs) -> int:
     result = project.run(worker_id, "start", *args, **kwargs)
     assert result.returncode == 0, (result.stdout, result.stderr)
-    pid = int(result.stdout.strip().rsplit(" ", 1)[1].rstrip("."))
-    project.daemons.append(pid)
-    return pid
+    return int(result.stdout.strip().rsplit(" ", 1)[1].rstrip("."))
 
 
 def show_config(project, *keys: str) -> list:
