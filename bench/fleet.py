@@ -69,11 +69,12 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
+from lifecycle import IDLE  # noqa: E402  (bench/ is on the path: the script's own directory)
 
 PYTHON = sys.executable
 HOSTS = 4
@@ -81,16 +82,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 RESTART_DELAY = 0.1    # the crash-looping worker's manager: restart_delay
 SINGLES = 5            # single workers added and removed, per run
 CLI_STARTS = 3         # CLI starts of each kind, per run
-
-IDLE = """\
-from uniphant import main
-
-def work(config, logger, connection):
-    pass
-
-if __name__ == "__main__":
-    main(work)
-"""
 
 CRASH = """\
 from uniphant import main
@@ -379,22 +370,6 @@ def _end_processes_in(directory: str) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP arriving in the block take effect when it ends:
-    a second Ctrl-C does not cut the clean-up short."""
-    caught: List[int] = []
-    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number))
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
 
 
 # ---------------------------------------------------------------------------
@@ -806,7 +781,7 @@ def run_once(server: pgserver.Server, base: str, n: int, number: int, args: argp
             print(f"  N={n} run {number}: {name}", file=sys.stderr, flush=True)
             step()
     finally:
-        with _interrupts_deferred():
+        with pgserver.interrupts_deferred():
             run.teardown()
     return run
 
@@ -999,7 +974,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"bench: {e}", file=sys.stderr)
         return 1
     finally:
-        with _interrupts_deferred():
+        with pgserver.interrupts_deferred():
             _end_processes_in(base)
             if server is not None:
                 server.destroy()

@@ -212,7 +212,7 @@ def _mirror_install(bindir: str, into: str) -> str:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP arriving in the block take effect when it ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -360,7 +360,7 @@ class Server:
         takes effect afterwards."""
         if not self.dir:
             return
-        with _interrupts_deferred():
+        with interrupts_deferred():
             if os.path.exists(os.path.join(self.data, "postmaster.pid")):
                 with contextlib.suppress(ServerError):
                     self.stop("immediate")
@@ -531,7 +531,7 @@ def _unprivileged_user() -> str:
 def _run_command(command: List[str], env: Dict[str, str]) -> int:
     child: Optional[subprocess.Popen] = None
     try:
-        with _interrupts_deferred():  # else a Ctrl-C inside Popen could leave the command running
+        with interrupts_deferred():  # else a Ctrl-C inside Popen could leave the command running
             try:
                 child = subprocess.Popen(command, env=env)
             except OSError as e:
