@@ -972,17 +972,11 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
     try:
         if not params:
             context = connection.execute_simple(sql)
-        elif wire is not None and wire.pooled:
+        elif wire is not None and wire.pooled and not _in_transaction(connection):
             # A parameterised statement takes pg8000 three round trips, which a
             # transaction pooler may give to three server connections: one
             # transaction keeps them on one.
-            connection.execute_simple("BEGIN")
-            try:
-                context = connection.execute_unnamed(sql, params)
-            except pg8000.dbapi.DatabaseError:
-                connection.execute_simple("ROLLBACK")
-                raise
-            connection.execute_simple("COMMIT")
+            context = _in_one_transaction(connection, lambda: connection.execute_unnamed(sql, params))
         else:
             context = connection.execute_unnamed(sql, params)
     except pg8000.dbapi.DatabaseError as e:
@@ -994,6 +988,18 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
                                 f"load schema.sql") from None
         raise UniphantError(f"database error {code}: {message}") from None
     return context.rows or []
+
+
+def _in_one_transaction(connection, action: Callable[[], Any]) -> Any:
+    """action()'s result, with all it sends in one transaction (rolled back if it fails)."""
+    connection.execute_simple("BEGIN")
+    try:
+        result = action()
+    except BaseException:
+        connection.execute_simple("ROLLBACK")
+        raise
+    connection.execute_simple("COMMIT")
+    return result
 
 
 def register_host(config: Config, connection) -> None:
@@ -2300,14 +2306,9 @@ class _Manager:
                                               state == "backoff" else None)))
         if not changed:
             return
-        connection.execute_simple("BEGIN")
-        try:
-            for _, _, params in changed:
-                _call(connection, "SELECT public.report_worker($1::uuid, $2, $3, $4, $5, $6)", params)
-        except BaseException:
-            connection.execute_simple("ROLLBACK")
-            raise
-        connection.execute_simple("COMMIT")
+        _in_one_transaction(connection, lambda: [
+            _call(connection, "SELECT public.report_worker($1::uuid, $2, $3, $4, $5, $6)", params)
+            for _, _, params in changed])
         for slot, facts, _ in changed:
             slot.reported = facts
             if facts is None:
@@ -2567,11 +2568,16 @@ def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
     return ps
 
 
-def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
+def _ops_type_and_host(args: List[str], config: Config, usage: str) -> Tuple[str, Optional[str], list]:
+    """(worker type, host id or None, the other positional arguments) of `TYPE ... [--host HOST]`."""
     positional, options = _ops_arguments(args, (), ("--host",))
-    if len(positional) != 1:
-        raise UsageError("add takes a worker type (and --host HOST)")
-    worker_type, host_id = _ops_type(positional[0]), _ops_host(config, options.get("--host"))
+    if len(positional) != usage.count(" ") + 1:
+        raise UsageError(f"expected {usage} [--host HOST]")
+    return _ops_type(positional[0]), _ops_host(config, options.get("--host")), positional[1:]
+
+
+def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
+    worker_type, host_id, _ = _ops_type_and_host(args, config, "TYPE")
 
     def add(connection) -> int:
         print(_call(connection, "SELECT public.add_worker($1, $2::uuid)::text", (worker_type, host_id))[0])
@@ -2580,13 +2586,10 @@ def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
 
 
 def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
-    positional, options = _ops_arguments(args, (), ("--host",))
-    if len(positional) != 2:
-        raise UsageError("scale takes a worker type and a number (and --host HOST)")
-    worker_type, host_id = _ops_type(positional[0]), _ops_host(config, options.get("--host"))
-    if not _is_whole(positional[1], 0, 100000):
-        raise UsageError(f"N must be a whole number from 0 to 100000, got {_shorten(positional[1])}")
-    n = int(positional[1])
+    worker_type, host_id, (count,) = _ops_type_and_host(args, config, "TYPE N")
+    if not _is_whole(count, 0, 100000):
+        raise UsageError(f"N must be a whole number from 0 to 100000, got {_shorten(count)}")
+    n = int(count)
 
     def scale(connection) -> int:
         change = _call(connection, "SELECT public.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
