@@ -113,8 +113,9 @@ def _connector(env: Dict[str, str], database: str) -> Callable[..., object]:
         port = int(env.get("PGPORT") or 5432)
         where = ({"unix_sock": f"{host}/.s.PGSQL.{port}"} if host.startswith("/")
                  else {"host": host, "port": port})
+        # The tests name uniphant's objects as a user who set search_path would.
         params = dict(user=env["PGUSER"], password=env.get("PGPASSWORD") or None,
-                      database=database, **where)
+                      database=database, startup_params={"search_path": "public, uniphant"}, **where)
         params.update(kwargs)
         conn = pg8000.dbapi.connect(**params)
         conn.autocommit = True
@@ -200,9 +201,7 @@ def ssl_server():
     with own_server(ssl=True) as server:
         conn = server.connect("uniphant")
         conn.cursor().execute("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
-        conn.cursor().execute("GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                              "register_process(uuid, uuid, text, integer, interval, boolean, integer), "
-                              "keepalive(), disconnect() TO alice")
+        conn.cursor().execute("SELECT uniphant.grant_role('alice', 'worker')")
         conn.close()
         yield server
 

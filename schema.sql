@@ -1,52 +1,221 @@
--- uniphant: every database object the runtime needs.
+-- uniphant: every database object the runtime needs, in the schema `uniphant`.
 --
 -- Load it with `psql -v ON_ERROR_STOP=1 -f schema.sql` as the role that will
--- own the objects.  Loading it again, or over an older version, is safe and
--- keeps every row and every grant.  Everything lives in the schema `public`;
--- the API functions are SECURITY DEFINER with a pinned search_path, so a
--- worker role needs only EXECUTE on them (see the README, "Database privileges").
+-- own the objects.  Loading it again, or over an older release, is safe and
+-- keeps every row and every grant; a release that kept its objects in
+-- `public` is moved here whole.  Then give each role its part with one call
+-- (README, "Database privileges"):
+--
+--     SELECT uniphant.grant_role('app_worker', 'worker');
+--
+-- Trust (README, "Trust model"): the API functions are SECURITY DEFINER and
+-- run with search_path = pg_catalog, pg_temp, naming each object of ours with
+-- its schema, so nothing another role creates in `public` (or anywhere) can
+-- take their place.  This file runs under the same path for the same reason.
+--
+-- The errors the functions raise, by SQLSTATE:
+--   UN001  another live process runs the worker (names its host name and PID)
+--   UN002  the session's application_name is not a uniphant process id
+--   UN003  this host's own previous process still holds the worker's row
+--          (DETAIL: its PID, for the caller to look at)
+--   UN004  this session's process already runs another worker
+--   UN005  a manager already runs on this host
+--   UN006  the session is not the registered process or manager it must be
+--   UN007  the host belongs to another manager role
+--   22023  a bad argument (a staleness, a count, a state, a worker type)
 
 BEGIN;
+SET LOCAL search_path = pg_catalog, pg_temp;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'uniphant'
+               AND nspowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)) THEN
+        RAISE EXCEPTION 'the schema uniphant exists and belongs to another role: load schema.sql as its owner'
+            USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+CREATE SCHEMA IF NOT EXISTS uniphant;
+
+-- An earlier release kept its objects in public (it is recognised by its
+-- keepalive() beside its processes table).  Its tables move here with their
+-- rows, indexes and grants; its functions and view are dropped, and whoever
+-- could use them is given the same part here (uniphant.grant_role, at the end).
+DO $$
+DECLARE
+    name text;
+    old  text;
+BEGIN
+    IF to_regprocedure('public.keepalive()') IS NULL OR to_regclass('public.processes') IS NULL
+       OR to_regclass('uniphant.processes') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    CREATE TEMPORARY TABLE uniphant_earlier_grants ON COMMIT DROP AS
+    SELECT DISTINCT coalesce(r.rolname, 'PUBLIC') AS role,
+           CASE WHEN p.proname IN ('register_manager', 'manager_plan', 'report_worker') THEN 'manager'
+                WHEN p.proname IN ('add_worker', 'scale', 'remove_worker', 'remove_workers',
+                                   'restart_worker', 'restart_workers') THEN 'operator'
+                ELSE 'worker' END AS kind
+    FROM pg_proc p, aclexplode(p.proacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+    WHERE p.pronamespace = 'public'::regnamespace AND a.privilege_type = 'EXECUTE'
+      AND a.grantee <> p.proowner
+      AND p.proname IN ('register_host', 'register_process', 'keepalive', 'disconnect',
+                        'register_manager', 'manager_plan', 'report_worker', 'add_worker', 'scale',
+                        'remove_worker', 'remove_workers', 'restart_worker', 'restart_workers')
+    UNION
+    SELECT coalesce(r.rolname, 'PUBLIC'), 'operator'
+    FROM pg_class c, aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+    WHERE c.oid = to_regclass('public.fleet') AND a.privilege_type = 'SELECT' AND a.grantee <> c.relowner;
+    DROP VIEW IF EXISTS public.fleet;
+    FOREACH name IN ARRAY ARRAY['hosts', 'processes', 'workers', 'managers', 'worker_states'] LOOP
+        IF to_regclass('public.' || name) IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE public.%I SET SCHEMA uniphant', name);
+        END IF;
+    END LOOP;
+    FOREACH old IN ARRAY ARRAY[
+        'public.uniphant_schema_version()', 'public.uniphant_process_id()',
+        'public.register_host(uuid, text)',
+        'public.register_process(uuid, uuid, text, integer, interval)',
+        'public.register_process(uuid, uuid, text, integer, interval, boolean, integer)',
+        'public.keepalive()', 'public.disconnect()', 'public.processes_notify_stop()',
+        'public.uniphant_session_exists(uuid, name)', 'public.uniphant_process_live(uniphant.processes)',
+        'public.uniphant_notify_fleet()', 'public.processes_notify_fleet()',
+        'public.register_manager(uuid)', 'public.manager_plan(uuid)',
+        'public.report_worker(uuid, text, integer, integer, text, double precision)',
+        'public.add_worker(text, uuid)', 'public.scale(text, integer, uuid)',
+        'public.remove_worker(uuid)', 'public.remove_workers(text)',
+        'public.restart_worker(uuid)', 'public.restart_workers(text)'] LOOP
+        IF to_regprocedure(old) IS NOT NULL THEN
+            EXECUTE 'DROP FUNCTION ' || old || ' CASCADE';  -- with the old triggers
+        END IF;
+    END LOOP;
+END
+$$;
 
 -- The version of these objects; the runtime refuses a database whose version
 -- is older than the one it needs, and says to load this file.
-CREATE OR REPLACE FUNCTION public.uniphant_schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 2';
+CREATE OR REPLACE FUNCTION uniphant.schema_version() RETURNS integer
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS 'SELECT 3';
 
-CREATE TABLE IF NOT EXISTS public.hosts (
+-- Whether text is a worker type the fleet can run: at most 100 characters in
+-- at most 10 dot-separated parts, each a file name of letters, digits, _ and -
+-- (the script workers/a/b.py, or workers/a.b.py, is of type a.b).
+CREATE OR REPLACE FUNCTION uniphant.is_worker_type(worker_type text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT length(worker_type) <= 100 AND worker_type ~ '^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,9}$';
+$$;
+
+-- manager_role: the role that first registered a manager for the host; only
+-- that role's managers may run it.
+CREATE TABLE IF NOT EXISTS uniphant.hosts (
     id            uuid PRIMARY KEY,
     name          text NOT NULL,
-    registered_at timestamptz NOT NULL DEFAULT now()
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    manager_role  name
 );
+ALTER TABLE uniphant.hosts ADD COLUMN IF NOT EXISTS manager_role name;
 
 -- No index on heartbeat_at and a low fillfactor: the heartbeat UPDATE then
--- stays a HOT update, which writes no index entry.
-CREATE TABLE IF NOT EXISTS public.processes (
+-- stays a HOT update, which writes no index entry.  A row is taken over by
+-- the staleness its own process declared, never by the one a caller claims;
+-- a process that reaches the server through a transaction pooler (pooled)
+-- has no session of its own, so only its heartbeat says whether it lives.
+CREATE TABLE IF NOT EXISTS uniphant.processes (
     id           uuid PRIMARY KEY,
     worker_id    uuid NOT NULL UNIQUE,
-    host_id      uuid REFERENCES public.hosts (id),
+    host_id      uuid REFERENCES uniphant.hosts (id),
     worker_type  text,
     pid          integer,
     role         name NOT NULL DEFAULT session_user,
     started_at   timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at timestamptz NOT NULL DEFAULT now()
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    stale_after  interval NOT NULL DEFAULT '60 seconds',
+    pooled       boolean NOT NULL DEFAULT false
 ) WITH (fillfactor = 50);
-
--- Version 2: a row is taken over by the staleness its own process declared,
--- never by the one a caller claims; a process that reaches the server through
--- a transaction pooler (pooled) has no session of its own, so only its
--- heartbeat says whether it lives.
-ALTER TABLE public.processes
+ALTER TABLE uniphant.processes
     ADD COLUMN IF NOT EXISTS stale_after interval NOT NULL DEFAULT '60 seconds',
     ADD COLUMN IF NOT EXISTS pooled boolean NOT NULL DEFAULT false;
-ALTER TABLE public.processes SET (fillfactor = 50);
+ALTER TABLE uniphant.processes SET (fillfactor = 50);
 
-REVOKE ALL ON public.hosts, public.processes FROM PUBLIC;
+-- Desired state: a row present means "keep it running".  host_id NULL: any
+-- host whose manager has the worker's script.
+CREATE TABLE IF NOT EXISTS uniphant.workers (
+    worker_id   uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    worker_type text NOT NULL,
+    host_id     uuid,
+    added_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS workers_worker_type ON uniphant.workers (worker_type);
+
+-- The manager of each host: a uniphant process of its own, and the worker
+-- types its project root has scripts for.
+CREATE TABLE IF NOT EXISTS uniphant.managers (
+    host_id      uuid PRIMARY KEY,
+    process_id   uuid NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    worker_types text[] NOT NULL DEFAULT '{}'
+);
+ALTER TABLE uniphant.managers ADD COLUMN IF NOT EXISTS worker_types text[] NOT NULL DEFAULT '{}';
+
+-- What the managers did, written on change only.  host_id: the host whose
+-- manager is responsible for the worker (NULL: nobody yet).
+CREATE TABLE IF NOT EXISTS uniphant.worker_states (
+    worker_id     uuid PRIMARY KEY,
+    host_id       uuid,
+    state         text NOT NULL,
+    pid           integer,
+    since         timestamptz NOT NULL DEFAULT now(),
+    restarts      integer NOT NULL DEFAULT 0,
+    last_exit     text,
+    next_start_at timestamptz
+);
+
+-- The roles given a part with grant_role(): each load of this file gives
+-- them what their part needs of it (new functions included).
+CREATE TABLE IF NOT EXISTS uniphant.role_grants (
+    role name NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('worker', 'manager', 'operator')),
+    PRIMARY KEY (role, kind)
+);
+
+-- The checks on values, added here so that an earlier release's tables get
+-- them too; rows an earlier release let in that break one are kept, and the
+-- check then holds for new rows only (NOT VALID).
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT * FROM (VALUES
+        ('uniphant.workers', 'workers_worker_type_check', 'uniphant.is_worker_type(worker_type)'),
+        ('uniphant.worker_states', 'worker_states_state_check',
+         'state IN (''starting'', ''running'', ''backoff'', ''moving'', ''unplaced'')'),
+        ('uniphant.worker_states', 'worker_states_restarts_check', 'restarts >= 0'),
+        ('uniphant.worker_states', 'worker_states_pid_check', 'pid > 0')) AS t (tab, con, expr)
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', c.tab, c.con);
+        EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I CHECK (%s) NOT VALID', c.tab, c.con, c.expr);
+        BEGIN
+            EXECUTE format('ALTER TABLE %s VALIDATE CONSTRAINT %I', c.tab, c.con);
+        EXCEPTION WHEN check_violation THEN
+            RAISE WARNING '%: rows of an earlier release break the check %; they are kept', c.tab, c.con;
+        END;
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON uniphant.hosts, uniphant.processes, uniphant.workers, uniphant.managers,
+    uniphant.worker_states, uniphant.role_grants FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- Processes: the manual's four functions, keyed by the session's
+-- application_name (the process id)
+-- ---------------------------------------------------------------------------
 
 -- The process id of the calling session: its application_name.  Checked with
 -- a pattern rather than a cast in an EXCEPTION block, which would cost a
 -- subtransaction on every heartbeat.
-CREATE OR REPLACE FUNCTION public.uniphant_process_id() RETURNS uuid
+CREATE OR REPLACE FUNCTION uniphant.process_id() RETURNS uuid
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     name text := current_setting('application_name');
@@ -59,20 +228,32 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION public.register_host(host_id uuid, host_name text)
+-- The first registration of a host id names it (up to 255 characters).
+CREATE OR REPLACE FUNCTION uniphant.register_host(host_id uuid, host_name text)
 RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-    INSERT INTO hosts (id, name) VALUES (host_id, host_name)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO uniphant.hosts (id, name) VALUES (host_id, left(host_name, 255))
     ON CONFLICT (id) DO NOTHING;
 $$;
 
 -- Whether a session of process_id, logged in as role, is connected.  The role
 -- must match: any session may borrow an application_name.
-CREATE OR REPLACE FUNCTION public.uniphant_session_exists(process_id uuid, role name)
+CREATE OR REPLACE FUNCTION uniphant.session_exists(process_id uuid, role name)
 RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_stat_activity a
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                    WHERE a.application_name = process_id::text AND a.usename = role);
+$$;
+
+-- Whether a process row belongs to a live process: a fresh heartbeat, or a
+-- connected session (a process busy in one long call is slow, not dead).
+-- The one rule of liveness, for the planner and the fleet view alike.  No SET
+-- clause and qualified operators: the planner inlines it into its callers.
+CREATE OR REPLACE FUNCTION uniphant.process_live(p uniphant.processes)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT p.heartbeat_at OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) p.stale_after)
+        OR (NOT p.pooled AND uniphant.session_exists(p.id, p.role));
 $$;
 
 -- Registers the calling session's process for worker_id.  At most one live
@@ -86,7 +267,7 @@ $$;
 -- (DETAIL: its PID, for the caller to look at; worth retrying for a moment
 -- while its process or session ends), else UN001, naming the running
 -- process's host and PID.  stale_after is from 3 seconds to a day.
-CREATE OR REPLACE FUNCTION public.register_process(
+CREATE OR REPLACE FUNCTION uniphant.register_process(
     worker_id   uuid,
     host_id     uuid DEFAULT NULL,
     worker_type text DEFAULT NULL,
@@ -95,10 +276,10 @@ CREATE OR REPLACE FUNCTION public.register_process(
     pooled      boolean DEFAULT false,
     gone_pid    integer DEFAULT NULL)
 RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE
-    me         uuid := uniphant_process_id();
-    other      processes%ROWTYPE;
+    me         uuid := uniphant.process_id();
+    other      uniphant.processes%ROWTYPE;
     other_host text;
     own        boolean;
     connected  boolean;
@@ -107,7 +288,7 @@ BEGIN
        OR register_process.stale_after > interval '1 day' THEN
         RAISE EXCEPTION 'stale_after must be from 3 seconds to a day' USING ERRCODE = '22023';
     END IF;
-    SELECT * INTO other FROM processes p WHERE p.id = me;
+    SELECT * INTO other FROM uniphant.processes p WHERE p.id = me;
     IF FOUND AND other.worker_id <> register_process.worker_id THEN
         RAISE EXCEPTION 'this session''s process already runs worker %', other.worker_id
             USING ERRCODE = 'UN004';
@@ -115,10 +296,10 @@ BEGIN
     -- Each pass either returns, raises, or removes a row that is gone for
     -- good; three passes are more than any interleaving of starts needs.
     FOR attempt IN 1..3 LOOP
-        SELECT * INTO other FROM processes p
+        SELECT * INTO other FROM uniphant.processes p
         WHERE p.worker_id = register_process.worker_id FOR UPDATE;
         IF NOT FOUND THEN
-            INSERT INTO processes (id, worker_id, host_id, worker_type, pid, stale_after, pooled)
+            INSERT INTO uniphant.processes (id, worker_id, host_id, worker_type, pid, stale_after, pooled)
             VALUES (me, register_process.worker_id, register_process.host_id,
                     register_process.worker_type, register_process.pid,
                     register_process.stale_after, coalesce(register_process.pooled, false))
@@ -132,13 +313,13 @@ BEGIN
             RETURN;
         END IF;
         own := other.host_id = register_process.host_id AND other.role = session_user;
-        connected := NOT other.pooled AND uniphant_session_exists(other.id, other.role);
+        connected := NOT other.pooled AND uniphant.session_exists(other.id, other.role);
         IF NOT connected AND ((own AND other.pid = register_process.gone_pid)
                               OR other.heartbeat_at < now() - other.stale_after) THEN
-            DELETE FROM processes p WHERE p.id = other.id;
+            DELETE FROM uniphant.processes p WHERE p.id = other.id;
             CONTINUE;
         END IF;
-        SELECT h.name INTO other_host FROM hosts h WHERE h.id = other.host_id;
+        SELECT h.name INTO other_host FROM uniphant.hosts h WHERE h.id = other.host_id;
         RAISE EXCEPTION 'worker % is already running: PID % on host %',
             register_process.worker_id, coalesce(other.pid::text, '?'),
             coalesce(other_host, '?')
@@ -147,29 +328,6 @@ BEGIN
     END LOOP;
     RAISE EXCEPTION 'worker % changed hands too often while registering; try again',
         register_process.worker_id USING ERRCODE = 'UN001';
-END
-$$;
-
--- Version 2 gave register_process two parameters: whoever could execute the
--- version 1 function can execute this one, and the old one goes.
-DO $$
-DECLARE
-    old regprocedure := to_regprocedure('public.register_process(uuid, uuid, text, integer, interval)');
-    grantee name;
-BEGIN
-    IF old IS NULL THEN
-        RETURN;
-    END IF;
-    FOR grantee IN
-        SELECT coalesce(r.rolname, 'PUBLIC')
-        FROM pg_proc p, aclexplode(p.proacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
-        WHERE p.oid = old AND a.privilege_type = 'EXECUTE'
-    LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION public.register_process(uuid, uuid, text, '
-                       'integer, interval, boolean, integer) TO %s',
-                       CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(grantee) END);
-    END LOOP;
-    EXECUTE 'DROP FUNCTION ' || old;
 END
 $$;
 
@@ -188,31 +346,31 @@ $$;
 -- Each statement here finds its row by its primary key whatever the
 -- statistics say (enable_seqscan off): with few rows, or statistics taken
 -- while the table was empty, the planner would otherwise scan the table.
-CREATE OR REPLACE FUNCTION public.keepalive() RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
+CREATE OR REPLACE FUNCTION uniphant.keepalive() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE
-    me uuid := uniphant_process_id();
+    me uuid := uniphant.process_id();
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    UPDATE processes SET heartbeat_at = now()
+    UPDATE uniphant.processes SET heartbeat_at = now()
     WHERE id = me AND role = session_user AND heartbeat_at < now() - interval '1 second';
     IF FOUND THEN
         RETURN true;
     END IF;
-    RETURN EXISTS (SELECT 1 FROM processes WHERE id = me AND role = session_user);
+    RETURN EXISTS (SELECT 1 FROM uniphant.processes WHERE id = me AND role = session_user);
 END
 $$;
 
 -- Removes the caller's row.  Like a heartbeat, it does not wait for the disk:
 -- a removal lost in a crash of the server leaves a row whose process has gone,
 -- which the next start takes over.
-CREATE OR REPLACE FUNCTION public.disconnect() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp SET enable_seqscan = off AS $$
+CREATE OR REPLACE FUNCTION uniphant.disconnect() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE
-    me uuid := uniphant_process_id();
+    me uuid := uniphant.process_id();
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    DELETE FROM processes WHERE id = me AND role = session_user;
+    DELETE FROM uniphant.processes WHERE id = me AND role = session_user;
 END
 $$;
 
@@ -221,7 +379,7 @@ $$;
 -- keepalive() before it stops.  A process that removes its own row as it
 -- leaves needs no word: every NOTIFY takes a lock that commits queue for, and
 -- hundreds of workers stopping at once would queue on it.
-CREATE OR REPLACE FUNCTION public.processes_notify_stop() RETURNS trigger
+CREATE OR REPLACE FUNCTION uniphant.processes_notify_stop() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF OLD.id::text IS DISTINCT FROM current_setting('application_name') THEN
@@ -231,58 +389,46 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS processes_notify_stop ON public.processes;
-CREATE TRIGGER processes_notify_stop AFTER DELETE ON public.processes
-    FOR EACH ROW EXECUTE FUNCTION public.processes_notify_stop();
+DROP TRIGGER IF EXISTS processes_notify_stop ON uniphant.processes;
+CREATE TRIGGER processes_notify_stop AFTER DELETE ON uniphant.processes
+    FOR EACH ROW EXECUTE FUNCTION uniphant.processes_notify_stop();
 
 -- ---------------------------------------------------------------------------
 -- Fleet control (README, "The fleet"): what should run (workers), the managers
 -- that make it so, one per host, and what happened (worker_states).
 -- ---------------------------------------------------------------------------
 
--- Desired state: a row present means "keep it running".  host_id NULL: any
--- host whose manager has the worker's script.
-CREATE TABLE IF NOT EXISTS public.workers (
-    worker_id   uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    worker_type text NOT NULL CHECK (worker_type ~ '^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$'),
-    host_id     uuid,
-    added_at    timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS workers_worker_type ON public.workers (worker_type);
-
--- The manager of each host: a uniphant process of its own.
-CREATE TABLE IF NOT EXISTS public.managers (
-    host_id    uuid PRIMARY KEY,
-    process_id uuid NOT NULL,
-    started_at timestamptz NOT NULL DEFAULT now()
-);
-
--- What the managers did, written on change only.  host_id: the host whose
--- manager is responsible for the worker (NULL: nobody yet).
-CREATE TABLE IF NOT EXISTS public.worker_states (
-    worker_id     uuid PRIMARY KEY,
-    host_id       uuid,
-    state         text NOT NULL,
-    pid           integer,
-    since         timestamptz NOT NULL DEFAULT now(),
-    restarts      integer NOT NULL DEFAULT 0,
-    last_exit     text,
-    next_start_at timestamptz
-);
-
-REVOKE ALL ON public.workers, public.managers, public.worker_states FROM PUBLIC;
-
--- Whether a process row belongs to a live process: a fresh heartbeat, or a
--- connected session (a process busy in one long call is slow, not dead).  No
--- SET clause and qualified names: the planner inlines it into its callers.
-CREATE OR REPLACE FUNCTION public.uniphant_process_live(p public.processes)
-RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT p.heartbeat_at OPERATOR(pg_catalog.>=) (pg_catalog.now() OPERATOR(pg_catalog.-) p.stale_after)
-        OR (NOT p.pooled AND public.uniphant_session_exists(p.id, p.role));
+-- The managers that are live, and the worker types each provides: a manager
+-- counts while its process row (on its own host, of the host's manager role)
+-- is live.  One rule for the planner and the fleet view.
+CREATE OR REPLACE FUNCTION uniphant.live_managers()
+RETURNS TABLE (host_id uuid, worker_types text[])
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT m.host_id, m.worker_types
+    FROM uniphant.managers m
+    JOIN uniphant.processes p ON p.id = m.process_id AND p.host_id = m.host_id
+    JOIN uniphant.hosts h ON h.id = m.host_id AND h.manager_role = p.role
+    WHERE uniphant.process_live(p);
 $$;
 
-CREATE OR REPLACE FUNCTION public.uniphant_notify_fleet() RETURNS trigger
+-- The host whose manager the calling session is; UN006 if it is none.
+CREATE OR REPLACE FUNCTION uniphant.managed_host() RETURNS uuid
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here uuid;
+BEGIN
+    SELECT m.host_id INTO here FROM uniphant.managers m
+    JOIN uniphant.processes p ON p.id = m.process_id AND p.host_id = m.host_id
+    JOIN uniphant.hosts h ON h.id = m.host_id AND h.manager_role = p.role
+    WHERE p.id = uniphant.process_id() AND p.role = session_user;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'this session is not a manager' USING ERRCODE = 'UN006';
+    END IF;
+    RETURN here;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.notify_fleet() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('uniphant_fleet', '');
@@ -290,20 +436,20 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS workers_notify_fleet ON public.workers;
-CREATE TRIGGER workers_notify_fleet AFTER INSERT OR UPDATE OR DELETE ON public.workers
-    FOR EACH STATEMENT EXECUTE FUNCTION public.uniphant_notify_fleet();
+DROP TRIGGER IF EXISTS workers_notify_fleet ON uniphant.workers;
+CREATE TRIGGER workers_notify_fleet AFTER INSERT OR UPDATE OR DELETE ON uniphant.workers
+    FOR EACH STATEMENT EXECUTE FUNCTION uniphant.notify_fleet();
 
 -- The managers hear of a deleted process row of a wanted worker when one of
 -- them has something to do: its own manager, if another session removed it
 -- (restart_worker(); behind a pooler the worker hears nothing itself), or
 -- the manager that waits to start it on another host.  A worker that leaves
 -- by itself, or that nobody wants any more, is its own manager's business.
-CREATE OR REPLACE FUNCTION public.processes_notify_fleet() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+CREATE OR REPLACE FUNCTION uniphant.processes_notify_fleet() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM gone g JOIN workers w ON w.worker_id = g.worker_id
-               LEFT JOIN worker_states s ON s.worker_id = g.worker_id
+    IF EXISTS (SELECT 1 FROM gone g JOIN uniphant.workers w ON w.worker_id = g.worker_id
+               LEFT JOIN uniphant.worker_states s ON s.worker_id = g.worker_id
                WHERE g.id::text IS DISTINCT FROM current_setting('application_name')
                   OR s.host_id IS DISTINCT FROM g.host_id) THEN
         PERFORM pg_notify('uniphant_fleet', '');
@@ -312,177 +458,258 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS processes_notify_fleet ON public.processes;
-CREATE TRIGGER processes_notify_fleet AFTER DELETE ON public.processes
+DROP TRIGGER IF EXISTS processes_notify_fleet ON uniphant.processes;
+CREATE TRIGGER processes_notify_fleet AFTER DELETE ON uniphant.processes
     REFERENCING OLD TABLE AS gone
-    FOR EACH STATEMENT EXECUTE FUNCTION public.processes_notify_fleet();
+    FOR EACH STATEMENT EXECUTE FUNCTION uniphant.processes_notify_fleet();
 
--- Makes the calling process (registered with register_process) the manager of
--- host_id.  Refuses (UN005), naming it, while the host's manager is live: its
--- session is connected, or its heartbeat is fresh and it is of another role
--- (a new manager of the same role holds the root's manager lock, so the old
--- one is gone: the rule of register_process).
-CREATE OR REPLACE FUNCTION public.register_manager(host_id uuid) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+-- Makes the calling process (registered with register_process on host_id)
+-- the manager of host_id.  A host belongs to the role that first registered
+-- a manager for it: another role is refused (UN007), whoever knows the host
+-- id.  Refuses (UN005), naming it, while the host's manager still has a
+-- connected session (a new manager holds the root's manager lock, so a
+-- manager whose session has gone is gone).
+CREATE OR REPLACE FUNCTION uniphant.register_manager(host_id uuid) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    me     uuid := uniphant_process_id();
-    holder processes%ROWTYPE;
+    me     uuid := uniphant.process_id();
+    owner_role name;
+    holder uniphant.processes%ROWTYPE;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = me AND p.role = session_user
+    IF NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.id = me AND p.role = session_user
                    AND p.host_id = register_manager.host_id) THEN
         RAISE EXCEPTION 'register this process on host % first', register_manager.host_id
             USING ERRCODE = 'UN006';
     END IF;
-    SELECT p.* INTO holder FROM managers m JOIN processes p ON p.id = m.process_id
+    SELECT h.manager_role INTO owner_role FROM uniphant.hosts h WHERE h.id = register_manager.host_id FOR UPDATE;
+    IF owner_role IS NULL THEN
+        UPDATE uniphant.hosts h SET manager_role = session_user WHERE h.id = register_manager.host_id;
+    ELSIF owner_role <> session_user THEN
+        RAISE EXCEPTION 'host % belongs to the managers of role %', register_manager.host_id, owner_role
+            USING ERRCODE = 'UN007';
+    END IF;
+    SELECT p.* INTO holder FROM uniphant.managers m JOIN uniphant.processes p ON p.id = m.process_id
     WHERE m.host_id = register_manager.host_id AND p.id <> me FOR UPDATE OF m;
-    IF FOUND AND ((NOT holder.pooled AND uniphant_session_exists(holder.id, holder.role))
-                  OR (holder.role <> session_user AND uniphant_process_live(holder))) THEN
+    IF FOUND AND NOT holder.pooled AND uniphant.session_exists(holder.id, holder.role) THEN
         RAISE EXCEPTION 'a manager already runs on this host: worker %, PID %',
             holder.worker_id, holder.pid USING ERRCODE = 'UN005';
     END IF;
-    INSERT INTO managers (host_id, process_id) VALUES (register_manager.host_id, me)
+    INSERT INTO uniphant.managers (host_id, process_id) VALUES (register_manager.host_id, me)
     ON CONFLICT ON CONSTRAINT managers_pkey
     DO UPDATE SET process_id = EXCLUDED.process_id, started_at = now();
     PERFORM pg_notify('uniphant_fleet', '');
 END
 $$;
 
+-- The manager says which worker types its project root has scripts for: it
+-- is given any-host workers of those types only.
+CREATE OR REPLACE FUNCTION uniphant.set_worker_types(worker_types text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here  uuid := uniphant.managed_host();
+    types text[];
+BEGIN
+    IF worker_types IS NULL OR cardinality(worker_types) > 10000 THEN
+        RAISE EXCEPTION 'expected at most 10000 worker types' USING ERRCODE = '22023';
+    END IF;
+    IF NOT (SELECT bool_and(uniphant.is_worker_type(t)) FROM unnest(worker_types) t) THEN
+        RAISE EXCEPTION 'not a worker type: %',
+            (SELECT t FROM unnest(worker_types) t WHERE NOT uniphant.is_worker_type(t) LIMIT 1)
+            USING ERRCODE = '22023';
+    END IF;
+    types := ARRAY(SELECT DISTINCT t FROM unnest(worker_types) t ORDER BY t);
+    UPDATE uniphant.managers m SET worker_types = types
+    WHERE m.host_id = here AND m.worker_types IS DISTINCT FROM types;
+    IF FOUND THEN
+        PERFORM pg_notify('uniphant_fleet', '');
+    END IF;
+END
+$$;
+
 -- What the manager of host_id should run now (wanted): the workers pinned to
--- it and its share of the any-host workers; and (not wanted) the live
--- processes on its host of managed workers that should run elsewhere or not
--- at all.  Placement happens here, one manager at a time (an advisory lock),
--- and writes only when it changes:
+-- it and its share of the any-host workers of the types it provides; and
+-- (not wanted) the live processes on its host of managed workers that
+-- should run elsewhere or not at all.  Placement happens here, one manager
+-- at a time (an advisory lock), and writes only when it changes:
 --   * a claim of a host without a live manager goes back to the pool, unless
---     the worker still runs there;
---   * a manager holds at most its fair share, ceil(pool / live managers):
---     above it, it gives workers back; below it, it claims unplaced ones;
+--     the worker still runs there, and so does a claim of a type its host
+--     no longer provides;
+--   * of each type, a manager holds at most its fair share,
+--     ceil(workers of the type / live managers that provide it): above it,
+--     it gives workers back; below it, it claims unplaced ones;
 --   * the states of workers that are gone from this host and from `workers`
 --     are dropped.
--- startable is false while a live copy of the worker runs elsewhere (it is
--- moving); running_pid is the PID of its live process on this host, if any.
-CREATE OR REPLACE FUNCTION public.manager_plan(host_id uuid)
+-- startable is false while a live copy of the worker runs on another host
+-- (it is moving).  row_pid and row_live describe the worker's process row on
+-- this host, if any: data for the manager, which acts only on processes it
+-- forked or finds holding the worker's PID-file lock.
+CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid)
 RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
-               running_pid integer, restarts integer)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+               row_pid integer, row_live boolean, restarts integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
-    me     uuid := uniphant_process_id();
-    here   uuid := manager_plan.host_id;
-    live   uuid[];
-    pool   integer;
-    target integer;
-    mine   integer;
+    here     uuid := manager_plan.host_id;
+    provided text[];
+    live     uuid[];
+    kind     record;
+    target   integer;
+    mine     integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('uniphant.manager_plan'));
-    IF NOT EXISTS (SELECT 1 FROM managers m JOIN processes p ON p.id = m.process_id
-                   WHERE m.host_id = here AND p.id = me AND p.role = session_user) THEN
+    IF uniphant.managed_host() IS DISTINCT FROM here THEN
         RAISE EXCEPTION 'this session is not the manager of host %', here USING ERRCODE = 'UN006';
     END IF;
-    live := ARRAY(SELECT m.host_id FROM managers m JOIN processes p ON p.id = m.process_id
-                  WHERE uniphant_process_live(p));
-    UPDATE worker_states s
+    SELECT m.worker_types INTO provided FROM uniphant.managers m WHERE m.host_id = here;
+    live := ARRAY(SELECT l.host_id FROM uniphant.live_managers() l);
+    UPDATE uniphant.worker_states s
     SET host_id = NULL, state = 'unplaced', pid = NULL, since = now(), next_start_at = NULL
-    FROM workers w
-    WHERE w.worker_id = s.worker_id AND w.host_id IS NULL
-      AND s.host_id IS NOT NULL AND NOT s.host_id = ANY (live)
-      AND NOT EXISTS (SELECT 1 FROM processes p
-                      WHERE p.worker_id = s.worker_id AND uniphant_process_live(p));
-    SELECT count(*) INTO pool FROM workers w LEFT JOIN worker_states s ON s.worker_id = w.worker_id
-    WHERE w.host_id IS NULL AND (s.host_id IS NULL OR s.host_id = ANY (live));
-    target := ceil(pool::numeric / greatest(cardinality(live), 1));
-    SELECT count(*) INTO mine FROM workers w JOIN worker_states s ON s.worker_id = w.worker_id
-    WHERE w.host_id IS NULL AND s.host_id = here;
-    IF mine > target THEN
-        UPDATE worker_states s SET host_id = NULL, state = 'unplaced', pid = NULL, since = now(),
-                                   next_start_at = NULL
-        WHERE s.worker_id IN (
-            SELECT s2.worker_id FROM worker_states s2 JOIN workers w ON w.worker_id = s2.worker_id
-            WHERE w.host_id IS NULL AND s2.host_id = here
-            ORDER BY s2.state = 'running', s2.since DESC LIMIT mine - target);
-        PERFORM pg_notify('uniphant_fleet', '');
-    ELSIF mine < target THEN
-        INSERT INTO worker_states AS s (worker_id, host_id, state)
-        SELECT w.worker_id, here, 'starting' FROM workers w
-        LEFT JOIN worker_states s2 ON s2.worker_id = w.worker_id
-        WHERE w.host_id IS NULL AND s2.host_id IS NULL
-        ORDER BY w.added_at, w.worker_id LIMIT target - mine
-        ON CONFLICT ON CONSTRAINT worker_states_pkey
-        DO UPDATE SET host_id = EXCLUDED.host_id, state = 'starting', since = now();
-    END IF;
-    DELETE FROM worker_states s
-    WHERE s.host_id = here AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = s.worker_id)
-      AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.worker_id = s.worker_id AND p.host_id = here);
+    FROM uniphant.workers w
+    WHERE w.worker_id = s.worker_id AND w.host_id IS NULL AND s.host_id IS NOT NULL
+      AND ((NOT s.host_id = ANY (live)
+            AND NOT EXISTS (SELECT 1 FROM uniphant.processes p
+                            WHERE p.worker_id = s.worker_id AND uniphant.process_live(p)))
+           OR (s.host_id = here AND NOT w.worker_type = ANY (provided)));
+    FOR kind IN
+        WITH providers AS (SELECT l.worker_types FROM uniphant.live_managers() l)
+        SELECT w.worker_type AS name, count(*) AS pool,
+               (SELECT count(*) FROM providers pr WHERE w.worker_type = ANY (pr.worker_types)) AS hosts
+        FROM uniphant.workers w LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
+        WHERE w.host_id IS NULL AND w.worker_type = ANY (provided)
+          AND (s.host_id IS NULL OR s.host_id = ANY (live))
+        GROUP BY w.worker_type
+    LOOP
+        target := ceil(kind.pool::numeric / greatest(kind.hosts, 1));
+        SELECT count(*) INTO mine FROM uniphant.workers w
+        JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
+        WHERE w.host_id IS NULL AND w.worker_type = kind.name AND s.host_id = here;
+        IF mine > target THEN
+            UPDATE uniphant.worker_states s
+            SET host_id = NULL, state = 'unplaced', pid = NULL, since = now(), next_start_at = NULL
+            WHERE s.worker_id IN (
+                SELECT s2.worker_id FROM uniphant.worker_states s2
+                JOIN uniphant.workers w ON w.worker_id = s2.worker_id
+                WHERE w.host_id IS NULL AND w.worker_type = kind.name AND s2.host_id = here
+                ORDER BY s2.state = 'running', s2.since DESC LIMIT mine - target);
+            PERFORM pg_notify('uniphant_fleet', '');
+        ELSIF mine < target THEN
+            INSERT INTO uniphant.worker_states AS s (worker_id, host_id, state)
+            SELECT w.worker_id, here, 'starting' FROM uniphant.workers w
+            LEFT JOIN uniphant.worker_states s2 ON s2.worker_id = w.worker_id
+            WHERE w.host_id IS NULL AND w.worker_type = kind.name AND s2.host_id IS NULL
+            ORDER BY w.added_at, w.worker_id LIMIT target - mine
+            ON CONFLICT ON CONSTRAINT worker_states_pkey
+            DO UPDATE SET host_id = EXCLUDED.host_id, state = 'starting', since = now();
+        END IF;
+    END LOOP;
+    DELETE FROM uniphant.worker_states s
+    WHERE s.host_id = here
+      AND NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = s.worker_id)
+      AND NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = s.worker_id AND p.host_id = here);
     RETURN QUERY
     WITH planned AS (
         SELECT w.worker_id, w.worker_type, coalesce(s.restarts, 0) AS restarts
-        FROM workers w LEFT JOIN worker_states s ON s.worker_id = w.worker_id
+        FROM uniphant.workers w LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
         WHERE w.host_id = here OR (w.host_id IS NULL AND s.host_id = here))
     SELECT pl.worker_id, pl.worker_type, true,
-           NOT EXISTS (SELECT 1 FROM processes p WHERE p.worker_id = pl.worker_id
-                       AND p.host_id IS DISTINCT FROM here AND uniphant_process_live(p)),
-           (SELECT p.pid FROM processes p WHERE p.worker_id = pl.worker_id
-            AND p.host_id = here AND uniphant_process_live(p)),
-           pl.restarts
+           NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = pl.worker_id
+                       AND p.host_id IS DISTINCT FROM here AND uniphant.process_live(p)),
+           p.pid, uniphant.process_live(p), pl.restarts
     FROM planned pl
+    LEFT JOIN uniphant.processes p ON p.worker_id = pl.worker_id AND p.host_id = here
     UNION ALL
-    SELECT p.worker_id, p.worker_type, false, false, p.pid, 0
-    FROM processes p
-    WHERE p.host_id = here AND uniphant_process_live(p)
-      AND p.id NOT IN (SELECT m.process_id FROM managers m)
-      AND (EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = p.worker_id)
-           OR EXISTS (SELECT 1 FROM worker_states s WHERE s.worker_id = p.worker_id))
+    SELECT p.worker_id, p.worker_type, false, false, p.pid, true, 0
+    FROM uniphant.processes p
+    WHERE p.host_id = here AND uniphant.process_live(p)
+      AND p.id NOT IN (SELECT m.process_id FROM uniphant.managers m)
+      AND (EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = p.worker_id)
+           OR EXISTS (SELECT 1 FROM uniphant.worker_states s WHERE s.worker_id = p.worker_id))
       AND NOT EXISTS (SELECT 1 FROM planned pl WHERE pl.worker_id = p.worker_id);
 END
 $$;
 
--- A manager records what happened to a worker it is responsible for (state
--- NULL: it forgets the worker, which it no longer runs).
-CREATE OR REPLACE FUNCTION public.report_worker(
+-- A manager records what happened to a worker it is planned to run (state
+-- NULL: it forgets a worker it no longer runs).  A report about a worker
+-- that is not planned on the manager's host (placement moved since its last
+-- plan) changes nothing; values no manager sends are refused (22023).
+CREATE OR REPLACE FUNCTION uniphant.report_worker(
     worker_id uuid, state text, pid integer DEFAULT NULL, restarts integer DEFAULT 0,
     last_exit text DEFAULT NULL, next_start_in double precision DEFAULT NULL)
 RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
-    me   uuid := uniphant_process_id();
-    here uuid;
+    here uuid := uniphant.managed_host();
 BEGIN
-    SELECT m.host_id INTO here FROM managers m JOIN processes p ON p.id = m.process_id
-    WHERE p.id = me AND p.role = session_user;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'this session is not a manager' USING ERRCODE = 'UN006';
-    END IF;
     IF report_worker.state IS NULL THEN
-        DELETE FROM worker_states s WHERE s.worker_id = report_worker.worker_id AND s.host_id = here;
+        DELETE FROM uniphant.worker_states s WHERE s.worker_id = report_worker.worker_id AND s.host_id = here;
         RETURN;
     END IF;
-    INSERT INTO worker_states AS s (worker_id, host_id, state, pid, restarts, last_exit, next_start_at)
-    VALUES (report_worker.worker_id, here, report_worker.state, report_worker.pid,
-            report_worker.restarts, left(report_worker.last_exit, 500),
-            now() + make_interval(secs => report_worker.next_start_in))
-    ON CONFLICT ON CONSTRAINT worker_states_pkey DO UPDATE
-    SET state = EXCLUDED.state, pid = EXCLUDED.pid, restarts = EXCLUDED.restarts,
-        last_exit = EXCLUDED.last_exit, next_start_at = EXCLUDED.next_start_at,
-        since = CASE WHEN s.state = EXCLUDED.state THEN s.since ELSE now() END
-    WHERE s.host_id IS NULL OR s.host_id = here;
+    IF report_worker.state NOT IN ('starting', 'running', 'backoff', 'moving')
+       OR report_worker.pid <= 0 OR report_worker.restarts IS NULL OR report_worker.restarts < 0
+       OR report_worker.next_start_in < 0 OR report_worker.next_start_in > 86400 THEN
+        RAISE EXCEPTION 'not a report a manager makes: state %, PID %, restarts %, next start in % s',
+            report_worker.state, report_worker.pid, report_worker.restarts, report_worker.next_start_in
+            USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
+               AND w.host_id = here) THEN
+        INSERT INTO uniphant.worker_states AS s
+            (worker_id, host_id, state, pid, restarts, last_exit, next_start_at)
+        VALUES (report_worker.worker_id, here, report_worker.state, report_worker.pid,
+                report_worker.restarts, left(report_worker.last_exit, 500),
+                now() + make_interval(secs => report_worker.next_start_in))
+        ON CONFLICT ON CONSTRAINT worker_states_pkey DO UPDATE
+        SET host_id = EXCLUDED.host_id, state = EXCLUDED.state, pid = EXCLUDED.pid,
+            restarts = EXCLUDED.restarts, last_exit = EXCLUDED.last_exit,
+            next_start_at = EXCLUDED.next_start_at,
+            since = CASE WHEN s.state = EXCLUDED.state THEN s.since ELSE now() END;
+        RETURN;
+    END IF;
+    -- An any-host worker: the planner made the claim; only its holder updates it.
+    UPDATE uniphant.worker_states s
+    SET state = report_worker.state, pid = report_worker.pid, restarts = report_worker.restarts,
+        last_exit = left(report_worker.last_exit, 500),
+        next_start_at = now() + make_interval(secs => report_worker.next_start_in),
+        since = CASE WHEN s.state = report_worker.state THEN s.since ELSE now() END
+    WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
+      AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
+                  AND w.host_id IS NULL);
+END
+$$;
+
+-- The manager of a host found that no process of worker_id runs there as
+-- PID pid (no process holds the worker's PID-file lock, and that PID has not
+-- the worker's PID file open): the process row of the worker on its host
+-- naming that PID is stale, or forged, and goes.  Rows of other hosts are
+-- not the manager's to judge.
+CREATE OR REPLACE FUNCTION uniphant.clear_process(worker_id uuid, pid integer) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here uuid := uniphant.managed_host();
+BEGIN
+    DELETE FROM uniphant.processes p
+    WHERE p.worker_id = clear_process.worker_id AND p.host_id = here AND p.pid = clear_process.pid
+      AND p.id <> uniphant.process_id();
+    RETURN FOUND;
 END
 $$;
 
 -- The operators' API: change what should run.  Each is one statement, so
 -- the managers learn of it by one notification.
-CREATE OR REPLACE FUNCTION public.add_worker(worker_type text, host_id uuid DEFAULT NULL)
+CREATE OR REPLACE FUNCTION uniphant.add_worker(worker_type text, host_id uuid DEFAULT NULL)
 RETURNS uuid
-LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-    INSERT INTO workers (worker_type, host_id) VALUES (add_worker.worker_type, add_worker.host_id)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO uniphant.workers (worker_type, host_id) VALUES (add_worker.worker_type, add_worker.host_id)
     RETURNING worker_id;
 $$;
 
 -- Makes n the number of workers of worker_type on host_id (NULL: any-host
 -- workers); returns how many it added (negative: removed).  Removes workers
 -- that do not run first, then the newest.
-CREATE OR REPLACE FUNCTION public.scale(worker_type text, n integer, host_id uuid DEFAULT NULL)
+CREATE OR REPLACE FUNCTION uniphant.scale(worker_type text, n integer, host_id uuid DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     now_there integer;
@@ -491,16 +718,16 @@ BEGIN
         RAISE EXCEPTION 'n must be from 0 to 100000' USING ERRCODE = '22023';
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('uniphant.scale'));
-    SELECT count(*) INTO now_there FROM workers w
+    SELECT count(*) INTO now_there FROM uniphant.workers w
     WHERE w.worker_type = scale.worker_type AND w.host_id IS NOT DISTINCT FROM scale.host_id;
     IF n > now_there THEN
-        INSERT INTO workers (worker_type, host_id)
+        INSERT INTO uniphant.workers (worker_type, host_id)
         SELECT scale.worker_type, scale.host_id FROM generate_series(1, n - now_there);
     ELSIF n < now_there THEN
-        DELETE FROM workers w WHERE w.worker_id IN (
-            SELECT w2.worker_id FROM workers w2
+        DELETE FROM uniphant.workers w WHERE w.worker_id IN (
+            SELECT w2.worker_id FROM uniphant.workers w2
             WHERE w2.worker_type = scale.worker_type AND w2.host_id IS NOT DISTINCT FROM scale.host_id
-            ORDER BY EXISTS (SELECT 1 FROM processes p WHERE p.worker_id = w2.worker_id),
+            ORDER BY EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = w2.worker_id),
                      w2.added_at DESC
             LIMIT now_there - n);
     END IF;
@@ -508,93 +735,185 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION public.remove_worker(worker_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+CREATE OR REPLACE FUNCTION uniphant.remove_worker(worker_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    DELETE FROM workers w WHERE w.worker_id = remove_worker.worker_id;
+    DELETE FROM uniphant.workers w WHERE w.worker_id = remove_worker.worker_id;
     RETURN FOUND;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION public.remove_workers(worker_type text) RETURNS integer
-LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-    WITH gone AS (DELETE FROM workers w WHERE w.worker_type = remove_workers.worker_type
+CREATE OR REPLACE FUNCTION uniphant.remove_workers(worker_type text) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (DELETE FROM uniphant.workers w WHERE w.worker_type = remove_workers.worker_type
                   RETURNING 1)
     SELECT count(*)::integer FROM gone;
 $$;
 
 -- A restart ends the worker's process (its row deleted): its manager starts
 -- it again at once, without backoff.
-CREATE OR REPLACE FUNCTION public.restart_worker(worker_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+CREATE OR REPLACE FUNCTION uniphant.restart_worker(worker_id uuid) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    DELETE FROM processes p WHERE p.worker_id = restart_worker.worker_id
-        AND EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = restart_worker.worker_id);
+    DELETE FROM uniphant.processes p WHERE p.worker_id = restart_worker.worker_id
+        AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = restart_worker.worker_id);
     RETURN FOUND;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION public.restart_workers(worker_type text) RETURNS integer
-LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-    WITH gone AS (DELETE FROM processes p USING workers w
+CREATE OR REPLACE FUNCTION uniphant.restart_workers(worker_type text) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (DELETE FROM uniphant.processes p USING uniphant.workers w
                   WHERE w.worker_id = p.worker_id AND w.worker_type = restart_workers.worker_type
                   RETURNING 1)
     SELECT count(*)::integer FROM gone;
 $$;
 
--- One row per desired worker, what it is doing and why its last run ended;
--- then every process that no desired worker accounts for (managers, workers
--- started by hand, workers that are being stopped).
-CREATE OR REPLACE VIEW public.fleet AS
+-- One row per desired worker, what it is doing, why (detail) and why its
+-- last run ended; then every process that no desired worker accounts for
+-- (managers, workers started by hand, workers that are being stopped).
+CREATE OR REPLACE VIEW uniphant.fleet AS
 WITH live AS (
-    SELECT p.*, p.heartbeat_at >= now() - p.stale_after
-                OR (NOT p.pooled AND EXISTS (SELECT 1 FROM pg_stat_activity a
-                                             WHERE a.application_name = p.id::text
-                                               AND a.usename = p.role)) AS live
-    FROM processes p
-), live_hosts AS (
-    SELECT m.host_id FROM managers m JOIN live p ON p.id = m.process_id WHERE p.live
+    SELECT p.*, uniphant.process_live(p) AS live FROM uniphant.processes p
+), lm AS (
+    SELECT * FROM uniphant.live_managers()
+), placed AS (
+    SELECT w.*, s.host_id AS state_host, s.state AS reported, s.pid AS state_pid, s.since,
+           s.restarts, s.last_exit, s.next_start_at,
+           CASE
+               WHEN s.host_id IN (SELECT lm.host_id FROM lm) THEN s.state
+               WHEN EXISTS (SELECT 1 FROM live p WHERE p.worker_id = w.worker_id AND p.live)
+                   THEN 'running unsupervised'
+               WHEN w.host_id IS NOT NULL THEN 'waiting for its host'
+               ELSE 'unplaced'
+           END AS state
+    FROM uniphant.workers w LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
 )
-SELECT w.worker_id, w.worker_type,
-       CASE
-           WHEN s.host_id IN (SELECT host_id FROM live_hosts) THEN s.state
-           WHEN p.live THEN 'running unsupervised'
-           WHEN w.host_id IS NOT NULL THEN 'waiting for its host'
-           ELSE 'unplaced'
-       END AS state,
+SELECT pl.worker_id, pl.worker_type, pl.state,
        coalesce(hp.name, hs.name, hw.name) AS host,
-       coalesce(p.host_id, s.host_id, w.host_id) AS host_id,
-       w.host_id IS NOT NULL AS pinned,
-       p.pid, coalesce(s.since, p.started_at) AS since, coalesce(s.restarts, 0) AS restarts,
-       s.last_exit, s.next_start_at, p.heartbeat_at
-FROM workers w
-LEFT JOIN worker_states s ON s.worker_id = w.worker_id
-LEFT JOIN live p ON p.worker_id = w.worker_id
-LEFT JOIN hosts hp ON hp.id = p.host_id
-LEFT JOIN hosts hs ON hs.id = s.host_id
-LEFT JOIN hosts hw ON hw.id = w.host_id
+       coalesce(p.host_id, pl.state_host, pl.host_id) AS host_id,
+       pl.host_id IS NOT NULL AS pinned,
+       p.pid, coalesce(pl.since, p.started_at) AS since, coalesce(pl.restarts, 0) AS restarts,
+       pl.last_exit, pl.next_start_at, p.heartbeat_at,
+       CASE pl.state
+           WHEN 'moving' THEN 'its copy on host ' || coalesce(hp.name, '?') || ' still runs'
+           WHEN 'waiting for its host' THEN 'its host has no live manager'
+           WHEN 'unplaced' THEN
+               CASE WHEN EXISTS (SELECT 1 FROM lm WHERE pl.worker_type = ANY (lm.worker_types))
+                    THEN 'no manager has claimed it yet'
+                    ELSE 'no live manager provides worker type ' || pl.worker_type END
+           WHEN 'running unsupervised' THEN 'its manager is not live'
+       END AS detail
+FROM placed pl
+LEFT JOIN live p ON p.worker_id = pl.worker_id AND p.live
+LEFT JOIN uniphant.hosts hp ON hp.id = p.host_id
+LEFT JOIN uniphant.hosts hs ON hs.id = pl.state_host
+LEFT JOIN uniphant.hosts hw ON hw.id = pl.host_id
 UNION ALL
 SELECT p.worker_id, p.worker_type,
        CASE WHEN m.host_id IS NOT NULL THEN 'manager' ELSE 'not wanted' END,
-       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at
+       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at, NULL
 FROM live p
-LEFT JOIN hosts h ON h.id = p.host_id
-LEFT JOIN managers m ON m.process_id = p.id
-WHERE NOT EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = p.worker_id);
+LEFT JOIN uniphant.hosts h ON h.id = p.host_id
+LEFT JOIN uniphant.managers m ON m.process_id = p.id
+WHERE p.live AND NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = p.worker_id);
 
-REVOKE ALL ON public.fleet FROM PUBLIC;
+REVOKE ALL ON uniphant.fleet FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION public.register_host(uuid, text),
-    public.register_process(uuid, uuid, text, integer, interval, boolean, integer),
-    public.keepalive(), public.disconnect(),
-    public.uniphant_process_id(), public.uniphant_session_exists(uuid, name),
-    public.processes_notify_stop(), public.uniphant_process_live(public.processes),
-    public.uniphant_notify_fleet(), public.processes_notify_fleet(),
-    public.register_manager(uuid), public.manager_plan(uuid),
-    public.report_worker(uuid, text, integer, integer, text, double precision),
-    public.add_worker(text, uuid), public.scale(text, integer, uuid),
-    public.remove_worker(uuid), public.remove_workers(text),
-    public.restart_worker(uuid), public.restart_workers(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION public.uniphant_schema_version() TO PUBLIC;
+-- ---------------------------------------------------------------------------
+-- Privileges: each role's part, given with one call by the owner
+-- ---------------------------------------------------------------------------
+
+-- Gives role (a role name, or PUBLIC) what a worker, a manager (a worker's
+-- part too) or an operator needs, and records it: every later load of this
+-- file gives it what its part needs then.
+CREATE OR REPLACE FUNCTION uniphant.grant_role(role name, kind text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    grantee text := CASE WHEN role = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(role) END;
+    object  text;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('worker', 'manager', 'operator') THEN
+        RAISE EXCEPTION 'kind must be worker, manager or operator, not %', kind USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO uniphant.role_grants VALUES (role, kind) ON CONFLICT DO NOTHING;
+    EXECUTE 'GRANT USAGE ON SCHEMA uniphant TO ' || grantee;
+    FOREACH object IN ARRAY uniphant.privileges_of(kind) LOOP
+        EXECUTE format('GRANT %s TO %s', object, grantee);
+    END LOOP;
+END
+$$;
+
+-- Takes back every part grant_role() gave role.
+CREATE OR REPLACE FUNCTION uniphant.revoke_role(role name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    grantee text := CASE WHEN role = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(role) END;
+    object  text;
+BEGIN
+    DELETE FROM uniphant.role_grants g WHERE g.role = revoke_role.role;
+    FOREACH object IN ARRAY uniphant.privileges_of('manager') || uniphant.privileges_of('operator') LOOP
+        EXECUTE format('REVOKE %s FROM %s', object, grantee);
+    END LOOP;
+    EXECUTE 'REVOKE USAGE ON SCHEMA uniphant FROM ' || grantee;
+END
+$$;
+
+-- What each part may use: the one list of privileges.  A manager is a worker
+-- too.
+CREATE OR REPLACE FUNCTION uniphant.privileges_of(kind text) RETURNS text[]
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(p.privilege ORDER BY p.n) FROM (VALUES
+        (1, 'worker', 'EXECUTE ON FUNCTION uniphant.register_host(uuid, text)'),
+        (2, 'worker', 'EXECUTE ON FUNCTION uniphant.register_process(uuid, uuid, text, integer, interval, '
+                      'boolean, integer)'),
+        (3, 'worker', 'EXECUTE ON FUNCTION uniphant.keepalive()'),
+        (4, 'worker', 'EXECUTE ON FUNCTION uniphant.disconnect()'),
+        (5, 'manager', 'EXECUTE ON FUNCTION uniphant.register_manager(uuid)'),
+        (6, 'manager', 'EXECUTE ON FUNCTION uniphant.set_worker_types(text[])'),
+        (7, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid)'),
+        (8, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
+                       'double precision)'),
+        (9, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
+        (10, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid)'),
+        (11, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
+        (12, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
+        (13, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
+        (14, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
+        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text)'),
+        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
+        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
+        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
+        (19, 'operator', 'SELECT ON uniphant.fleet')) AS p (n, part, privilege)
+    WHERE p.part = kind OR (kind = 'manager' AND p.part = 'worker');
+$$;
+
+-- Nothing here is anyone's but its owner's unless a part gives it: every
+-- function (made by this file or by an earlier release) is taken from PUBLIC,
+-- but the version, which any role may read to learn what to load.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_proc p WHERE p.pronamespace = 'uniphant'::regnamespace LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
+GRANT EXECUTE ON FUNCTION uniphant.schema_version() TO PUBLIC;
+
+-- The roles of an earlier release keep their part; every recorded role gets
+-- what its part needs now.
+DO $$
+BEGIN
+    IF to_regclass('pg_temp.uniphant_earlier_grants') IS NOT NULL THEN
+        PERFORM uniphant.grant_role(g.role, g.kind) FROM pg_temp.uniphant_earlier_grants g
+        WHERE g.role = 'PUBLIC' OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = g.role);
+    END IF;
+    DELETE FROM uniphant.role_grants g
+    WHERE g.role <> 'PUBLIC' AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = g.role);
+    PERFORM uniphant.grant_role(g.role, g.kind) FROM uniphant.role_grants g;
+END
+$$;
 
 COMMIT;

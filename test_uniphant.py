@@ -766,7 +766,7 @@ def test_worker_that_changes_its_search_path_still_reaches_uniphant(project, db,
     first = wait_for(lambda: db.value("SELECT heartbeat_at FROM processes WHERE worker_id = %s::uuid",
                                       worker_id), what="the process row")
     wait_for(lambda: db.value("SELECT heartbeat_at > %s FROM processes WHERE worker_id = %s::uuid",
-                              first, worker_id), what="a heartbeat through public.keepalive()")
+                              first, worker_id), what="a heartbeat through uniphant.keepalive()")
     child.terminate()
     out, err = child.communicate(timeout=10)
     assert child.returncode == 0, err
@@ -896,42 +896,58 @@ def test_hosts_of_pghost_are_tried_in_order(project, db, worker_id, tmp_path):
 
 
 def _catalog(database) -> dict:
-    """What schema.sql makes: columns, storage parameters and function sources."""
+    """What schema.sql makes: columns, constraints, storage parameters, function
+    sources and settings, triggers, and that nothing of it is left in public."""
     return {
         "columns": database.rows(
             "SELECT table_name::text, column_name::text, data_type::text, column_default "
-            "FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2"),
+            "FROM information_schema.columns WHERE table_schema = 'uniphant' ORDER BY 1, 2"),
+        "constraints": database.rows(
+            "SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid), convalidated "
+            "FROM pg_constraint WHERE connamespace = 'uniphant'::regnamespace ORDER BY 1, 2"),
         "options": database.rows(
             "SELECT relname::text, reloptions::text FROM pg_class "
-            "WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' ORDER BY 1"),
+            "WHERE relnamespace = 'uniphant'::regnamespace AND relkind = 'r' ORDER BY 1"),
         "functions": database.rows(
             "SELECT p.oid::regprocedure::text, prosrc, proconfig::text, prosecdef FROM pg_proc p "
-            "WHERE pronamespace = 'public'::regnamespace ORDER BY 1"),
-        "triggers": database.rows("SELECT tgname::text FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1"),
+            "WHERE pronamespace = 'uniphant'::regnamespace ORDER BY 1"),
+        "triggers": database.rows("SELECT tgrelid::regclass::text, tgname::text, tgfoid::regproc::text "
+                                  "FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2"),
+        "public": database.rows("SELECT oid::regclass::text FROM pg_class WHERE relnamespace = "
+                                "'public'::regnamespace UNION ALL SELECT oid::regprocedure::text FROM "
+                                "pg_proc WHERE pronamespace = 'public'::regnamespace"),
     }
 
 
-def test_schema_upgrade_from_the_first_release_keeps_rows_and_grants_and_applies_every_change(cluster):
+@pytest.mark.parametrize("release, grants", [
+    ("schema-v1.sql", "register_process(uuid, uuid, text, integer, interval), keepalive()"),
+    ("schema-v2.sql", "register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), "
+                      "manager_plan(uuid)"),
+])
+def test_schema_upgrade_from_an_earlier_release_keeps_rows_and_grants_and_applies_every_change(
+        cluster, release, grants):
     import pgserver
-    upgraded = cluster.database("uniphant_upgrade", schema=False)
-    pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "fixtures", "schema-v1.sql"))
+    upgraded = cluster.database(f"uniphant_upgrade_{release[8:10]}", schema=False)
+    pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "fixtures", release))
     host, worker, process = (str(uuid.uuid4()) for _ in range(3))
-    upgraded.rows("INSERT INTO hosts (id, name) VALUES (%s::uuid, 'old-host')", host)
-    upgraded.rows("INSERT INTO processes (id, worker_id, host_id, worker_type, pid) "
+    upgraded.rows("INSERT INTO public.hosts (id, name) VALUES (%s::uuid, 'old-host')", host)
+    upgraded.rows("INSERT INTO public.processes (id, worker_id, host_id, worker_type, pid) "
                   "VALUES (%s::uuid, %s::uuid, %s::uuid, 'a.b', 42)", process, worker, host)
     role = f"upgrade_{uuid.uuid4().hex[:8]}"
     upgraded.rows(f"CREATE ROLE {role}")
     try:
-        upgraded.rows(f"GRANT EXECUTE ON FUNCTION register_process(uuid, uuid, text, integer, interval), "
-                      f"keepalive() TO {role}")
+        upgraded.rows(f"GRANT EXECUTE ON FUNCTION {grants} TO {role}")
         pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "schema.sql"))
-        assert upgraded.rows("SELECT id::text, name FROM hosts") == [(host, "old-host")]
-        assert upgraded.rows("SELECT id::text, worker_id::text, pid FROM processes") == [(process, worker, 42)]
-        assert upgraded.value("SELECT uniphant_schema_version()") == uniphant.SCHEMA_VERSION
-        assert upgraded.value("SELECT has_function_privilege(%s, 'keepalive()', 'EXECUTE')", role)
-        assert upgraded.value("SELECT has_function_privilege(%s, 'register_process(uuid, uuid, text, "
+        assert upgraded.rows("SELECT id::text, name FROM uniphant.hosts") == [(host, "old-host")]
+        assert upgraded.rows("SELECT id::text, worker_id::text, pid FROM uniphant.processes") == \
+            [(process, worker, 42)]
+        assert upgraded.value("SELECT uniphant.schema_version()") == uniphant.SCHEMA_VERSION
+        assert upgraded.value("SELECT has_function_privilege(%s, 'uniphant.keepalive()', 'EXECUTE')", role)
+        assert upgraded.value("SELECT has_function_privilege(%s, 'uniphant.register_process(uuid, uuid, text, "
                               "integer, interval, boolean, integer)', 'EXECUTE')", role)
-        fresh = cluster.database("uniphant_fresh")
+        assert upgraded.value("SELECT has_function_privilege(%s, 'uniphant.manager_plan(uuid)', 'EXECUTE')",
+                              role) == ("manager_plan" in grants)
+        fresh = cluster.database(f"uniphant_fresh_{release[8:10]}")
         assert _catalog(upgraded) == _catalog(fresh)
     finally:
         upgraded.rows(f"DROP OWNED BY {role}")
@@ -948,8 +964,8 @@ def test_start_against_the_first_schema_says_which_version_to_load(cluster, tmp_
     database = cluster.database("uniphant_old_schema", schema=False)
     pgserver.load_sql(database.connect(), os.path.join(REPO, "fixtures", "schema-v1.sql"))
     project = project_on(database, tmp_path)
-    assert_clean_error(project.run(worker_id, "start", "-f"), 1, "uniphant schema version 1",
-                       f"needs version {uniphant.SCHEMA_VERSION}: load schema.sql")
+    assert_clean_error(project.run(worker_id, "start", "-f"), 1, f"database {database.env['PGDATABASE']} has "
+                       "uniphant schema version 1", f"needs version {uniphant.SCHEMA_VERSION}: load schema.sql")
 
 
 def test_worker_whose_database_lost_the_schema_says_so(cluster, tmp_path, worker_id):
@@ -1009,9 +1025,7 @@ def make_role(db):
     def make(name: str = "role") -> tuple:
         role, password = f"{name}_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
         db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-        db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect() "
-                f"TO {role}")
+        db.rows("SELECT uniphant.grant_role(%s, 'worker')", role)
         made.append(role)
         return role, password
     yield make
@@ -1471,7 +1485,7 @@ def test_workers_wait_out_a_30_second_outage_without_spinning(private_server, tm
         # Back for an operator only (on another port), who deletes one worker's row.
         private_server.start(port=private_server.port + 1 if private_server.port < 65535 else 1024)
         operator = pg8000_connect(private_server, private_server.port + 1)
-        operator.cursor().execute("DELETE FROM processes WHERE worker_id = %s::uuid", (deleted,))
+        operator.cursor().execute("DELETE FROM uniphant.processes WHERE worker_id = %s::uuid", (deleted,))
         operator.close()
         private_server.stop("fast")
         time.sleep(20)  # more of the outage
@@ -1547,9 +1561,7 @@ def password_role(db):
     role = f"pw_{uuid.uuid4().hex[:8]}"
     password = "Secr3t-" + uuid.uuid4().hex
     db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-    db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-            f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect() "
-            f"TO {role}")
+    db.rows("SELECT uniphant.grant_role(%s, 'worker')", role)
     yield role, password
     db.rows("DELETE FROM processes WHERE role = %s", role)
     db.rows(f"DROP OWNED BY {role}")
@@ -1846,12 +1858,26 @@ def test_log_file_off_logs_to_stdout_only(project, db, worker_id):
     project.write("workers/test/uniphant.conf", "log_file=off\n")
     assert_clean_error(project.run(worker_id, "start"), 2, "log_file=off", "start -f")
     child = project.popen(worker_id, "start", "-f")
-    wait_for(lambda: db.process(worker_id), what="the process row")
+    seen = read_until(child.stdout, "tick")
     child.terminate()
     out, err = child.communicate(timeout=10)
     assert child.returncode == 0, err
-    assert "tick" in out and "stopping: SIGTERM received" in out
+    assert "stopping: SIGTERM received" in seen + out
     assert not os.path.exists(project.path("log"))
+
+
+def read_until(stream, text: str, timeout: float = 15) -> str:
+    """Lines of a child's output up to the first that holds text."""
+    import select
+    got, deadline = "", time.monotonic() + timeout
+    while text not in got:
+        if not select.select([stream], [], [], max(deadline - time.monotonic(), 0))[0]:
+            pytest.fail(f"timed out after {timeout} s waiting for {text!r} in {got!r}")
+        line = stream.readline()
+        if not line:
+            pytest.fail(f"the output ended before {text!r}: {got!r}")
+        got += line
+    return got
 
 
 # ---------------------------------------------------------------------------

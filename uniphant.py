@@ -63,7 +63,7 @@ __all__ = [
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 # The version of schema.sql this file needs (uniphant_schema_version()).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UniphantError(Exception):
@@ -82,7 +82,7 @@ def _reason(error: BaseException) -> str:
     """An exception as a user should read it: its message, else its type's name."""
     fields = error.args[0] if error.args and isinstance(error.args[0], dict) else None
     if fields is not None and "M" in fields:  # pg8000's DatabaseError: the server's message
-        return fields["M"]
+        return _printable(fields["M"])
     return str(error).strip() or type(error).__name__
 
 
@@ -340,19 +340,52 @@ def get_script_details() -> Tuple[str, str, str]:
     return os.path.dirname(workers), os.path.dirname(path), _worker_type(workers, path)
 
 
+# A worker type the fleet can run (schema.sql: is_worker_type): up to 100
+# characters in up to 10 dot-separated parts, each a file name of these.
+_TYPE_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_TYPE_LENGTH, _TYPE_PARTS = 100, 10
+
+
+def _is_worker_type(text: str) -> bool:
+    parts = text.split(".")
+    return (len(text) <= _TYPE_LENGTH and len(parts) <= _TYPE_PARTS
+            and all(part and _TYPE_CHARACTERS.issuperset(part) for part in parts))
+
+
 def _scripts_of_type(root_dir: str, worker_type: str) -> List[str]:
     """Every Python script below root_dir/workers whose worker type is worker_type:
-    `a.b.c` may be workers/a/b/c.py, workers/a/b.c.py, workers/a.b/c.py or workers/a.b.c.py."""
-    parts = worker_type.split(".")
-    found = []
-    for joins in range(2 ** (len(parts) - 1)):  # each way to join the parts with / or .
-        name = parts[0]
-        for i, part in enumerate(parts[1:]):
-            name += ("/" if joins >> i & 1 else ".") + part
-        path = os.path.join(root_dir, "workers", name + ".py")
-        if os.path.isfile(path):
-            found.append(path)
+    `a.b.c` may be workers/a/b/c.py, workers/a/b.c.py, workers/a.b/c.py or workers/a.b.c.py.
+
+    Only directories that exist are entered, so the cost follows the tree (a
+    look per part where nothing matches), not the 2**(parts - 1) ways to split.
+    """
+    found: List[str] = []
+
+    def look(directory: str, parts: List[str]) -> None:
+        for taken in range(1, len(parts) + 1):
+            path = os.path.join(directory, ".".join(parts[:taken]))
+            if taken == len(parts):
+                if os.path.isfile(path + ".py"):
+                    found.append(path + ".py")
+            elif os.path.isdir(path):
+                look(path, parts[taken:])
+
+    look(os.path.join(root_dir, "workers"), worker_type.split("."))
     return found
+
+
+def _worker_types(root_dir: str) -> List[str]:
+    """The worker types of the scripts below root_dir/workers that the fleet can run."""
+    workers = os.path.join(root_dir, "workers")
+    types = set()
+    for directory, subdirectories, files in os.walk(workers, followlinks=True):
+        depth = os.path.relpath(directory, workers).count(os.sep) + 1
+        # Deeper scripts make no worker type, and a symlink loop ends here.
+        subdirectories[:] = [] if depth >= _TYPE_PARTS else [
+            name for name in subdirectories if not name.startswith(".") and name != "__pycache__"]
+        types.update(_worker_type(workers, os.path.join(directory, name)) for name in files
+                     if name.endswith(".py") and not name.startswith("."))
+    return sorted(t for t in types if _is_worker_type(t))
 
 
 def _refuse_shared_type(config: Config) -> None:
@@ -366,7 +399,11 @@ def _refuse_shared_type(config: Config) -> None:
 
 
 def get_pid_file_path(config: Config) -> str:
-    return os.path.join(config["state_dir"], "pid", config["worker_type"], f"{config['worker_id']}.pid")
+    return _pid_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
+
+
+def _pid_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
+    return os.path.join(state_dir, "pid", worker_type, f"{worker_id}.pid")
 
 
 def _log_file_path(config: Config) -> str:
@@ -555,6 +592,17 @@ def setup_logging(config: Config) -> logging.Logger:
         logger.addHandler(handler)
     _runtime.logger = logger
     return logger
+
+
+def _printable(text: str) -> str:
+    """text with each character that is not printable shown as an escape (\\x1b,
+    \\u202e): text from the database or from a worker can then neither move a
+    terminal's cursor, retitle it, forge a line, nor reverse what follows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
 def _logger(config: Config) -> logging.Logger:
@@ -862,6 +910,7 @@ def connect_to_database(config: Config):
         wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
         wire.pooled = config.get("pooler") == "transaction"
         connection.autocommit = True
+        connection.password = None  # pg8000 keeps it, and needs it only to log in
         return connection
     raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
 
@@ -875,7 +924,7 @@ def _asks_for_password(error: BaseException) -> bool:
 def _sql_error(error: BaseException) -> Tuple[str, str]:
     """(SQLSTATE, message) of a pg8000 DatabaseError."""
     fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
-    return fields.get("C", ""), fields.get("M", str(error))
+    return fields.get("C", ""), _printable(fields.get("M", str(error)))
 
 
 def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[str, bool]:
@@ -986,6 +1035,9 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
         if code in ("42883", "42P01", "3F000"):
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
+        if code == "42501":
+            raise UniphantError(f"{message}: the database's owner gives a role its part with "
+                                f"uniphant.grant_role() (README, \"Database privileges\")") from None
         raise UniphantError(f"database error {code}: {message}") from None
     return context.rows or []
 
@@ -1005,16 +1057,18 @@ def _in_one_transaction(connection, action: Callable[[], Any]) -> Any:
 def register_host(config: Config, connection) -> None:
     """Register this host, and check that the database's schema is recent enough."""
     try:
-        row = _call(connection, "SELECT public.uniphant_schema_version(), "
-                    "public.register_host($1::uuid, $2)", (config["host_id"], config["host_name"]))
+        row = _call(connection, "SELECT uniphant.schema_version(), current_database(), "
+                    "uniphant.register_host($1::uuid, $2)", (config["host_id"], config["host_name"]))
     except _SchemaMissing:
-        # Version 1 had no version function; its keepalive() tells it apart from nothing.
-        row = _call(connection, "SELECT 1 WHERE to_regprocedure('public.keepalive()') IS NOT NULL")
-    version = row[0] if row else None
+        # Releases 1 and 2 kept their objects in public; 1 had no version function.
+        row = _call(connection, "SELECT CASE WHEN to_regprocedure('public.uniphant_schema_version()') "
+                    "IS NOT NULL THEN 2 WHEN to_regprocedure('public.keepalive()') IS NOT NULL THEN 1 END, "
+                    "current_database()")
+    version, database = row[:2]
     if version is None or version < SCHEMA_VERSION:
         found = "no uniphant schema" if version is None else f"uniphant schema version {version}"
-        raise UniphantError(f"the database has {found}, and this uniphant needs version "
-                            f"{SCHEMA_VERSION}: load schema.sql")
+        raise UniphantError(f"the database {_printable(database)} has {found}, and this uniphant "
+                            f"needs version {SCHEMA_VERSION}: load schema.sql")
 
 
 def _listen(config: Config, connection) -> None:
@@ -1033,14 +1087,15 @@ _SESSION_END_WAIT = 2.0
 def register_process(config: Config, connection) -> None:
     """Register this process for its worker, then listen for the deletion of its row.
 
-    A row of this host's previous process is taken over once that PID is gone
-    here (the database cannot look: it asks, UN003).  Raises UniphantError
+    A row of this host's previous process is taken over once the kernel says
+    that PID does not run the worker here, that is has not its PID file open
+    (the database cannot look: it asks, UN003).  Raises UniphantError
     naming the running process when another one runs the worker.
     """
     deadline, gone_pid = time.monotonic() + _SESSION_END_WAIT, None
     while True:
         try:
-            _call(connection, "SELECT public.register_process($1::uuid, $2::uuid, $3, $4, "
+            _call(connection, "SELECT uniphant.register_process($1::uuid, $2::uuid, $3, $4, "
                   "make_interval(secs => $5), $6, $7)",
                   (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
                    float(config["stale_after"]), config["pooler"] != "none", gone_pid))
@@ -1049,7 +1104,7 @@ def register_process(config: Config, connection) -> None:
             if e.code != "UN003" or time.monotonic() >= deadline:
                 raise
             holder = int(e.detail) if e.detail.isdigit() else None
-            if holder is not None and holder != gone_pid and not is_pid_alive(holder):
+            if holder is not None and holder != gone_pid and not _holds_open(holder, get_pid_file_path(config)):
                 gone_pid = holder
                 continue  # ask again at once, now that we have looked
         time.sleep(0.02)
@@ -1058,7 +1113,7 @@ def register_process(config: Config, connection) -> None:
 
 def keepalive(connection) -> bool:
     """Record a heartbeat; false when the process row is gone and the worker must stop."""
-    return bool(_call(connection, "SELECT public.keepalive()")[0])
+    return bool(_call(connection, "SELECT uniphant.keepalive()")[0])
 
 
 def _close_quietly(connection) -> None:
@@ -1074,7 +1129,7 @@ def _close_quietly(connection) -> None:
 def disconnect(connection) -> None:
     """Remove this process's row, then close the connection."""
     try:
-        _call(connection, "SELECT public.disconnect()")
+        _call(connection, "SELECT uniphant.disconnect()")
     finally:
         _close_quietly(connection)
 
@@ -1104,7 +1159,7 @@ def _remove_row(config: Config, patience: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
-        _call(connection, "SELECT public.disconnect()")
+        _call(connection, "SELECT uniphant.disconnect()")
         return True
     finally:
         _close_quietly(connection)
@@ -1213,6 +1268,28 @@ def is_pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, and belongs to another user
     return True
+
+
+def _holds_open(pid: int, path: str) -> bool:
+    """Whether process pid has the file at path open, also if it was removed since.
+
+    The kernel's word on a PID that a process row names: a live copy of a
+    worker keeps its PID file open (a removed pid/ directory or not), any other
+    process does not.  A process this user may not look into is not one of its
+    workers: a project root's PID files are one user's.
+    """
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    for name in descriptors:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") in (target, target + " (deleted)"):
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
 
 
 def is_parent_alive(parent_pid: int) -> bool:
@@ -1973,15 +2050,18 @@ _ROW_DELETED = "its process row was deleted"
 
 class _Child:
     """A worker process on this host that the manager watches: one it forked, or
-    one it adopted (started by an earlier manager, or by hand)."""
+    one it adopted (started by an earlier manager, or by hand), found holding
+    the worker's PID-file lock; never a PID that the database names."""
 
     def __init__(self, pid: int, report_fd: Optional[int]) -> None:
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)      # readable once it has exited
         self.forked = report_fd is not None  # ours to reap; an adopted one is not
-        # Its process group, if it leads one (it outlives the leader while
-        # grandchildren remain, and its number is not reused meanwhile).
-        self.group = pid if self.forked or os.getpgid(pid) == pid else None
+        # Its process group, if it made a session of its own as the workers a
+        # manager forks do (the group outlives its leader while grandchildren
+        # remain, and its number is not reused meanwhile).  A worker started in
+        # a shell's job shares its group with the job: only the worker goes.
+        self.group = pid if self.forked or os.getsid(pid) == pid else None
         self.report_fd = report_fd           # its reports, until it closes them
         self.started = time.monotonic()
         self.ready = report_fd is None       # registered (an adopted one long since)
@@ -2046,6 +2126,8 @@ class _Slot:
         self.worker_type = worker_type
         self.wanted = True
         self.startable = True
+        self.row_pid: Optional[int] = None  # its process row on this host says: data, not a PID to act on
+        self.row_live = False
         self.child: Optional[_Child] = None
         self.state = "starting"
         self.due = 0.0                   # when it may start (time.monotonic)
@@ -2068,6 +2150,7 @@ class _Manager:
         self.ready_told = False
         self.status_told = ""
         self.next_watchdog = 0.0
+        self.worker_types: Optional[List[str]] = None  # what this root provides, as last told
 
     # One pass: see who ended, read the plan when it may have changed, then
     # act on it and write down what changed.
@@ -2076,7 +2159,7 @@ class _Manager:
         if _take_notifications(connection, "uniphant_fleet") or time.monotonic() >= self.next_plan:
             self._plan(connection)
         self._enforce_deadlines()
-        self._start_due()
+        self._start_due(connection)
         self._report(connection)
         self._tell_systemd()
 
@@ -2094,28 +2177,40 @@ class _Manager:
         _wait(min(moments) - time.monotonic(), connection, tuple(fds))
 
     def _plan(self, connection) -> None:
-        rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, running_pid, "
-                     "restarts FROM public.manager_plan($1::uuid)", (self.config["host_id"],))
+        if self.worker_types is None or time.monotonic() >= self.next_plan:
+            self._tell_worker_types(connection)
+        rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, "
+                     "row_live, restarts FROM uniphant.manager_plan($1::uuid)", (self.config["host_id"],))
         self.next_plan = time.monotonic() + _PLAN_EVERY
         planned = {row[0] for row in rows if row[2]}
         for slot in list(self.slots.values()):
             if slot.wanted and slot.worker_id not in planned:
                 self._unwant(slot, "no longer wanted on this host")
-        for worker_id, worker_type, wanted, startable, running_pid, restarts in rows:
+        for worker_id, worker_type, wanted, startable, row_pid, row_live, restarts in rows:
             slot = self.slots.get(worker_id)
             if slot is None:
+                if not wanted and not _is_worker_type(worker_type):
+                    continue  # a process row of a type no worker of this root can have
                 slot = self.slots[worker_id] = _Slot(worker_id, worker_type)
                 slot.wanted, slot.restarts = wanted, restarts
                 if not wanted:  # a copy here that should run elsewhere, or not at all
-                    self._adopt(slot, running_pid)
+                    self._adopt(slot)
                     self._unwant(slot, "not wanted on this host")
                     continue
             elif wanted and not slot.wanted:
                 slot.wanted, slot.state = True, "starting"
-            slot.startable = startable
-            self._check_row(slot, running_pid)
+            slot.startable, slot.row_pid, slot.row_live = startable, row_pid, bool(row_live)
+            self._check_row(slot)
 
-    def _check_row(self, slot: _Slot, running_pid: Optional[int]) -> None:
+    def _tell_worker_types(self, connection) -> None:
+        """Tell the database which worker types this root has scripts for, when that
+        changed: placement gives it any-host workers of those only."""
+        types = [t for t in _worker_types(self.config["root_dir"]) if t != self.config["worker_type"]]
+        if types != self.worker_types:
+            _call(connection, "SELECT uniphant.set_worker_types($1::text[])", (types,))
+            self.worker_types = types
+
+    def _check_row(self, slot: _Slot) -> None:
         """A registered child without a live row (deleted, or a stale heartbeat with no
         session) is told to look at once (SIGUSR1: behind a transaction pooler it
         hears no notification), and killed if it still lives on at a plan
@@ -2125,7 +2220,7 @@ class _Manager:
         child = slot.child
         if child is None or not child.ready or not slot.wanted:
             return
-        if running_pid == child.pid:
+        if slot.row_pid == child.pid and slot.row_live:
             child.rowless_since = None
         elif child.rowless_since is None:
             child.rowless_since = time.monotonic()
@@ -2138,7 +2233,7 @@ class _Manager:
         if slot.child is None:
             self._forget(slot)
         elif slot.child.kill_at is None:
-            self.logger.info("stopping worker %s (%s): %s", slot.worker_id, slot.worker_type, why)
+            self.logger.info("stopping worker %s (%s): %s", slot.worker_id, _printable(slot.worker_type), why)
             self._stop(slot.child)
 
     def _forget(self, slot: _Slot) -> None:
@@ -2192,7 +2287,7 @@ class _Manager:
     def _ended(self, slot: _Slot, child: _Child, status: Optional[int]) -> None:
         how = _how_it_ended(child, status)
         if not slot.wanted:
-            self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, how)
+            self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, _printable(how))
             self._forget(slot)
             return
         now = time.monotonic()
@@ -2205,7 +2300,7 @@ class _Manager:
         slot.last_exit, slot.due = how, now + delay
         slot.state = "backoff" if delay else "starting"
         self.logger.warning("worker %s (%s) ended: %s; starting it again in %.1f s",
-                            slot.worker_id, slot.worker_type, how, delay)
+                            slot.worker_id, slot.worker_type, _printable(how), delay)
 
     def _backoff(self, failures: int) -> float:
         """The first restart at once, then restart_delay doubling up to restart_delay_max,
@@ -2217,7 +2312,7 @@ class _Manager:
         delay = min(self.config["restart_delay"] * 2 ** (failures - 2), self.config["restart_delay_max"])
         return random.uniform(delay / 2, delay)
 
-    def _start_due(self) -> None:
+    def _start_due(self, connection) -> None:
         import random
 
         now = time.monotonic()
@@ -2226,30 +2321,45 @@ class _Manager:
         for slot in sorted(due, key=lambda s: s.due):
             if self.next_start > now:
                 return
-            self._start(slot)
+            self._start(connection, slot)
             pause = random.uniform(0.5, 1.5) / self.config["starts_per_second"]
             self.next_start = max(now, self.next_start) + pause
 
-    def _start(self, slot: _Slot) -> None:
-        """Fork a worker of slot, or adopt the one that already runs here."""
-        config = dict(self.config, worker_type=slot.worker_type, worker_id=slot.worker_id)
-        if self._adopt(slot, get_pid_for_running_process(get_pid_file_path(config))):
-            return
-        scripts = _scripts_of_type(self.config["root_dir"], slot.worker_type)
-        if len(scripts) != 1:
-            failure = (f"no script {slot.worker_type.replace('.', '/')}.py below "
-                       f"{self.config['root_dir']}/workers" if not scripts
-                       else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
-            self._ended(slot, _Unstarted(failure), None)
-            return
+    def _start(self, connection, slot: _Slot) -> None:
+        """Fork a worker of slot, or adopt the one that already runs here.  Whatever
+        keeps it from starting (no script, a name the file system refuses) is the
+        worker's failure, shown in its state, never the manager's."""
         try:
+            if self._adopt(slot):
+                return
+            self._clear_stale_row(connection, slot)
+            scripts = _scripts_of_type(self.config["root_dir"], slot.worker_type)
+            if len(scripts) != 1:
+                raise UniphantError(f"no script {slot.worker_type.replace('.', '/')}.py below "
+                                    f"{self.config['root_dir']}/workers" if not scripts
+                                    else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
             slot.child = self._fork(scripts[0], slot.worker_id)
-        except OSError as e:  # out of processes or descriptors: a failed start, tried again
+        except (UniphantError, OSError) as e:  # OSError: out of processes or descriptors, say
             self._ended(slot, _Unstarted(f"could not start: {_explain(e)}"), None)
             return
         if slot.started_once:
             slot.restarts += 1
         slot.started_once, slot.state = True, "starting"
+
+    def _pid_file(self, slot: _Slot) -> str:
+        return _pid_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
+
+    def _clear_stale_row(self, connection, slot: _Slot) -> None:
+        """No process holds the worker's PID-file lock here; if its process row on this
+        host names a PID that has not its PID file open either, the row is stale or
+        forged, and this host's manager says so (uniphant.clear_process): it would
+        keep the worker from registering until its stale_after passed."""
+        if slot.row_pid is None or _holds_open(slot.row_pid, self._pid_file(slot)):
+            return
+        if _call(connection, "SELECT uniphant.clear_process($1::uuid, $2)", (slot.worker_id, slot.row_pid))[0]:
+            self.logger.warning("removed the process row of worker %s on this host: it names PID %d, "
+                                "which does not run the worker", slot.worker_id, slot.row_pid)
+        slot.row_pid = None
 
     def _fork(self, script: str, worker_id: str) -> _Child:
         import signal
@@ -2275,14 +2385,25 @@ class _Manager:
             os.close(report_r)
             raise
 
-    def _adopt(self, slot: _Slot, pid: Optional[int]) -> bool:
-        """Watch a process that already runs slot's worker here; whether there was one."""
+    def _adopt(self, slot: _Slot) -> bool:
+        """Watch the process that holds slot's PID-file lock in this root, if one does;
+        whether there was one.  Its PID comes from the kernel, never from a row."""
+        pid_file = self._pid_file(slot)
+        try:
+            pid = get_pid_for_running_process(pid_file)
+        except UniphantError as e:  # not a file of ours (a FIFO planted there, say)
+            self.logger.warning("worker %s: %s", slot.worker_id, e)
+            return False
         if pid is None:
             return False
         try:
-            slot.child = _Child(pid, None)
+            child = _Child(pid, None)
         except ProcessLookupError:
             return False
+        if get_pid_for_running_process(pid_file) != pid:  # it went, and its PID may be another's now
+            child.close()
+            return False
+        slot.child = child
         self.logger.info("adopted worker %s (%s): PID %d", slot.worker_id, slot.worker_type, pid)
         return True
 
@@ -2307,7 +2428,7 @@ class _Manager:
         if not changed:
             return
         _in_one_transaction(connection, lambda: [
-            _call(connection, "SELECT public.report_worker($1::uuid, $2, $3, $4, $5, $6)", params)
+            _call(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6)", params)
             for _, _, params in changed])
         for slot, facts, _ in changed:
             slot.reported = facts
@@ -2398,6 +2519,11 @@ def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
         for logger in logging.Logger.manager.loggerDict.values():
             if isinstance(logger, logging.Logger):
                 logger.handlers.clear()  # the manager's: their files are closed here
+        # The manager's configuration (its password, say) is not the worker's,
+        # which reads its own: empty both copies, which its frames and objects
+        # still reach (the one it was given, and the run loop's own).
+        _runtime.manager.config.clear()
+        _runtime.config.clear()
         _runtime = _Runtime()
         _runtime.report_fd = report_fd
         sys.argv = [script, worker_id, "start"]
@@ -2429,7 +2555,7 @@ def _prepare_manager(config: Config, connection) -> None:
         os.close(os.pidfd_open(os.getpid()))
     except (AttributeError, OSError):
         raise UniphantError("the manager needs pidfds (Linux 5.3 or newer)") from None
-    _call(connection, "SELECT public.register_manager($1::uuid)", (config["host_id"],))
+    _call(connection, "SELECT uniphant.register_manager($1::uuid)", (config["host_id"],))
     _runtime.manager = _Manager(config, logging.getLogger(f"uniphant.{config['worker_type']}"))
     _runtime.announce_ready = False  # the manager is ready after its first pass
 
@@ -2508,10 +2634,10 @@ def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, .
 
 
 def _ops_type(text: str) -> str:
-    parts = text.split(".")
-    if not all(part and all(c.isascii() and (c.isalnum() or c in "_-") for c in part) for part in parts):
-        raise UsageError(f"{_shorten(text)} is not a worker type (like a.b: letters, digits, _ and -, "
-                         f"joined with dots)")
+    if not _is_worker_type(text):
+        raise UsageError(f"{_printable(_shorten(text))} is not a worker type (like a.b: letters, digits, "
+                         f"_ and -, in up to {_TYPE_PARTS} parts joined with dots, up to "
+                         f"{_TYPE_LENGTH} characters)")
     return text
 
 
@@ -2546,21 +2672,22 @@ def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
     def ps(connection) -> int:
         rows = _rows(connection, "SELECT worker_id::text, worker_type, state, host, pid, "
                      "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
-                     "extract(epoch FROM next_start_at - now())::float8 FROM public.fleet "
+                     "extract(epoch FROM next_start_at - now())::float8, detail FROM uniphant.fleet "
                      "ORDER BY worker_type, host, worker_id")
         keys = ("worker_id", "worker_type", "state", "host", "pid", "since_seconds", "restarts",
-                "last_exit", "next_start_in")
+                "last_exit", "next_start_in", "detail")
         if options.get("--json"):
             import json
 
             print(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
             return EXIT_OK
-        table = [("WORKER", "TYPE", "STATE", "HOST", "PID", "SINCE", "RESTARTS", "LAST EXIT")]
-        for worker_id, worker_type, state, host, pid, since, restarts, last_exit, next_in in rows:
+        table = [("WORKER", "TYPE", "STATE", "HOST", "PID", "SINCE", "RESTARTS", "DETAIL", "LAST EXIT")]
+        for worker_id, worker_type, state, host, pid, since, restarts, last_exit, next_in, detail in rows:
             if state == "backoff" and next_in is not None:
                 state = f"backoff {_age(next_in)}"
-            table.append((worker_id, worker_type, state, host or "", str(pid or ""), _age(since),
-                          str(restarts), last_exit or ""))
+            table.append(tuple(_printable(cell) for cell in (
+                worker_id, worker_type, state, host or "", str(pid or ""), _age(since), str(restarts),
+                detail or "", last_exit or "")))
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
         for row in table:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -2580,7 +2707,15 @@ def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
     worker_type, host_id, _ = _ops_type_and_host(args, config, "TYPE")
 
     def add(connection) -> int:
-        print(_call(connection, "SELECT public.add_worker($1, $2::uuid)::text", (worker_type, host_id))[0])
+        worker_id, provided = _call(
+            connection, "SELECT uniphant.add_worker($1, $2::uuid)::text, EXISTS (SELECT 1 FROM "
+            "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
+            "AND m.host_id = coalesce($2::uuid, m.host_id))", (worker_type, host_id))
+        print(worker_id)
+        if not provided:
+            where = f"host {host_id}" if host_id else "any host"
+            print(f"uniphant.py: warning: no live manager on {where} has a script of worker type "
+                  f"{worker_type}: the worker waits until one does", file=sys.stderr)
         return EXIT_OK
     return add
 
@@ -2592,7 +2727,7 @@ def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
     n = int(count)
 
     def scale(connection) -> int:
-        change = _call(connection, "SELECT public.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
+        change = _call(connection, "SELECT uniphant.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
         where = f"on host {host_id}" if host_id else "for any host"
         done = f"added {change}" if change > 0 else f"removed {-change}" if change < 0 else "unchanged"
         print(f"{worker_type}: {n} workers {where} ({done})")
@@ -2624,10 +2759,10 @@ _OPS_COMMANDS = {
     "ps": _ops_ps,
     "add": _ops_add,
     "scale": _ops_scale,
-    "stop": _ops_by_id_or_type("stop", "SELECT public.remove_worker($1::uuid)::int",
-                               "SELECT public.remove_workers($1)", "no such worker in workers: {}"),
-    "restart": _ops_by_id_or_type("restart", "SELECT public.restart_worker($1::uuid)::int",
-                                  "SELECT public.restart_workers($1)", "no running worker {}"),
+    "stop": _ops_by_id_or_type("stop", "SELECT uniphant.remove_worker($1::uuid)::int",
+                               "SELECT uniphant.remove_workers($1)", "no such worker in workers: {}"),
+    "restart": _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
+                                  "SELECT uniphant.restart_workers($1)", "no running worker {}"),
 }
 
 

@@ -412,6 +412,7 @@ class Server:
         import pg8000.dbapi
 
         kwargs.setdefault("user", SUPERUSER)
+        kwargs.setdefault("startup_params", {"search_path": "public, uniphant"})
         conn = pg8000.dbapi.connect(
             database=database, unix_sock=f"{self.dir}/.s.PGSQL.{self.port}", **kwargs)
         conn.autocommit = True
