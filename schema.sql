@@ -158,6 +158,11 @@ CREATE TABLE IF NOT EXISTS uniphant.managers (
 );
 ALTER TABLE uniphant.managers ADD COLUMN IF NOT EXISTS worker_types text[] NOT NULL DEFAULT '{}';
 
+-- A host whose manager ran before hosts had owners belongs to that manager's role.
+UPDATE uniphant.hosts h SET manager_role = p.role
+FROM uniphant.managers m JOIN uniphant.processes p ON p.id = m.process_id
+WHERE h.id = m.host_id AND h.manager_role IS NULL;
+
 -- What the managers did, written on change only.  host_id: the host whose
 -- manager is responsible for the worker (NULL: nobody yet).
 CREATE TABLE IF NOT EXISTS uniphant.worker_states (

@@ -910,7 +910,8 @@ def connect_to_database(config: Config):
         wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
         wire.pooled = config.get("pooler") == "transaction"
         connection.autocommit = True
-        connection.password = None  # pg8000 keeps it, and needs it only to log in
+        # pg8000 keeps the password, and what SCRAM derived from it, for logging in only.
+        connection.password = connection.auth = None
         return connection
     raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
 
@@ -2329,6 +2330,9 @@ class _Manager:
         """Fork a worker of slot, or adopt the one that already runs here.  Whatever
         keeps it from starting (no script, a name the file system refuses) is the
         worker's failure, shown in its state, never the manager's."""
+        if slot.started_once:
+            slot.restarts += 1
+        slot.started_once = True
         try:
             if self._adopt(slot):
                 return
@@ -2342,9 +2346,7 @@ class _Manager:
         except (UniphantError, OSError) as e:  # OSError: out of processes or descriptors, say
             self._ended(slot, _Unstarted(f"could not start: {_explain(e)}"), None)
             return
-        if slot.started_once:
-            slot.restarts += 1
-        slot.started_once, slot.state = True, "starting"
+        slot.state = "starting"
 
     def _pid_file(self, slot: _Slot) -> str:
         return _pid_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
