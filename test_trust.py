@@ -363,6 +363,29 @@ def test_a_role_that_may_create_in_public_gains_nothing_through_our_functions(cl
         database.rows(f"DROP ROLE {mallory}")
 
 
+def test_a_role_with_no_part_can_use_nothing_of_uniphants(db):
+    role, password = f"nobody_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
+    db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    some = str(uuid.uuid4())
+    conn = session_of(db, role, password, str(uuid.uuid4()))
+    try:
+        for sql in ["SELECT uniphant.schema_version()", f"SELECT uniphant.register_host('{some}', 'h')",
+                    f"SELECT uniphant.register_process('{some}')", "SELECT uniphant.keepalive()",
+                    "SELECT uniphant.disconnect()", f"SELECT uniphant.register_manager('{some}')",
+                    "SELECT uniphant.set_worker_types('{}')", f"SELECT * FROM uniphant.manager_plan('{some}')",
+                    f"SELECT uniphant.report_worker('{some}', 'running')",
+                    f"SELECT uniphant.clear_process('{some}', 1)", "SELECT uniphant.add_worker('a')",
+                    "SELECT uniphant.scale('a', 1)", f"SELECT uniphant.remove_worker('{some}')",
+                    "SELECT uniphant.remove_workers('a')", f"SELECT uniphant.restart_worker('{some}')",
+                    "SELECT uniphant.restart_workers('a')", "SELECT * FROM uniphant.fleet",
+                    "SELECT * FROM uniphant.processes", "SELECT * FROM uniphant.live_managers()",
+                    f"SELECT uniphant.grant_role('{role}', 'operator')", f"SELECT uniphant.revoke_role('{role}')"]:
+            assert sql_error(conn, sql) == "42501", sql
+    finally:
+        conn.close()
+        db.rows(f"DROP ROLE {role}")
+
+
 def manager_session(db, role: str, password: str, host: str):
     """A session of role that registers itself as the manager of host."""
     conn = session_of(db, role, password, str(uuid.uuid4()))
