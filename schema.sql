@@ -19,7 +19,7 @@
 --   UN003  this host's own previous process still holds the worker's row
 --          (DETAIL: its PID, for the caller to look at)
 --   UN004  this session's process already runs another worker
---   UN005  a manager already runs on this host
+--   UN005  a manager already runs on this host (DETAIL: its PID)
 --   UN006  the session is not the registered process or manager it must be
 --   UN007  the host belongs to another manager role
 --   22023  a bad argument (a staleness, a count, a state, a worker type)
@@ -497,7 +497,7 @@ BEGIN
     WHERE m.host_id = register_manager.host_id AND p.id <> me FOR UPDATE OF m;
     IF FOUND AND NOT holder.pooled AND uniphant.session_exists(holder.id, holder.role) THEN
         RAISE EXCEPTION 'a manager already runs on this host: worker %, PID %',
-            holder.worker_id, holder.pid USING ERRCODE = 'UN005';
+            holder.worker_id, holder.pid USING ERRCODE = 'UN005', DETAIL = coalesce(holder.pid::text, '');
     END IF;
     INSERT INTO uniphant.managers (host_id, process_id) VALUES (register_manager.host_id, me)
     ON CONFLICT ON CONSTRAINT managers_pkey

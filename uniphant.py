@@ -54,26 +54,38 @@ if TYPE_CHECKING:
     Config = Dict[str, Any]
     WorkerFunction = Callable[[Config, logging.Logger, Any], None]
 
+__version__ = "0.3.0"
+
+# The supported API (README, "Python API"): what a worker script uses, and the
+# exceptions a caller may catch.
 __all__ = [
-    "main", "alive", "connect_to_database", "setup_config", "setup_logging",
-    "register_host", "register_process", "keepalive", "disconnect", "manage",
+    "main", "alive", "manage", "connect_to_database", "setup_config", "setup_logging",
+    "register_host", "register_process", "keepalive", "disconnect",
+    "UniphantError", "ConfigError", "ConnectError", "AlreadyRunning",
 ]
+# Kept under the manual's names (its section 3) for whoever ports code written
+# against it, though a worker needs none of them: is_parent_alive,
+# get_or_create_host_id, is_valid_uuid, run, start_daemon, signal_handler,
+# is_pid_alive, get_pid_for_running_process, stop_running_process,
+# parse_key_value_format, read_secret_config_files, read_config_files,
+# get_calling_file_path, get_script_details, get_pid_file_path.
 
 # Exit codes of the command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
-# The version of schema.sql this file needs (uniphant_schema_version()).
+# The version of schema.sql this file needs (uniphant.schema_version()).
 SCHEMA_VERSION = 3
 
 
 class UniphantError(Exception):
-    """A failure to report in one line, without a traceback: exit 1."""
+    """What uniphant reports in one line, without a traceback: the base of its
+    errors; exit 1."""
 
     exit_code = EXIT_FAILURE
 
 
 class ConfigError(UniphantError, ValueError):
-    """Bad configuration or usage: exit 2."""
+    """Bad configuration or usage; the message names the file and line: exit 2."""
 
     exit_code = EXIT_USAGE
 
@@ -107,15 +119,6 @@ STATE_DIR_VARIABLE = "UNIPHANT_STATE_DIR"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-
-# Runtime keys and their defaults; config files hold them as text.  The
-# second line is the manager's (README, "The fleet").
-RUNTIME_DEFAULTS: Dict[str, Any] = {
-    "log_level": "INFO", "log_file": "on", "interval": 1.0, "stop_timeout": 10.0, "stale_after": 60.0,
-    "pooler": "none",
-    "restart_delay": 1.0, "restart_delay_max": 60.0, "restart_reset_after": 600.0,
-    "start_timeout": 30.0, "starts_per_second": 20.0,
-}
 
 # What config files and settings strip around keys and values: ASCII
 # whitespace only, so that no other script's spaces pass for nothing.
@@ -173,20 +176,28 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
     return check
 
 
-# Each checker returns the value to store, or raises ValueError saying what is wrong.
-_CHECKS: Dict[str, Callable[[str], Any]] = {
-    "log_level": _choice(LOG_LEVELS, str.upper),
-    "log_file": _choice(("on", "off"), str.lower),
-    "pooler": _choice(("none", "transaction"), str.lower),
-    "interval": _number(0),
-    "stop_timeout": _number(0, above=True),
+# Each check returns the value to store, or raises ValueError saying what is wrong.
+# The runtime keys: their defaults and their checks; config files hold them as
+# text, `config` as checked values.  The last five are the manager's (README,
+# "The fleet").
+_RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
+    "log_level": ("INFO", _choice(LOG_LEVELS, str.upper)),
+    "log_file": ("on", _choice(("on", "off"), str.lower)),
+    "interval": (1.0, _number(0)),
+    "stop_timeout": (10.0, _number(0, above=True)),
     # A heartbeat every 0.35 stale_after seconds, and never more than one a second.
-    "stale_after": _number(3),
-    "restart_delay": _number(0, above=True),
-    "restart_delay_max": _number(0, above=True),
-    "restart_reset_after": _number(0),
-    "start_timeout": _number(1),
-    "starts_per_second": _number(0, above=True, maximum=1000, unit="starts a second"),
+    "stale_after": (60.0, _number(3)),
+    "pooler": ("none", _choice(("none", "transaction"), str.lower)),
+    "restart_delay": (1.0, _number(0, above=True)),
+    "restart_delay_max": (60.0, _number(0, above=True)),
+    "restart_reset_after": (600.0, _number(0)),
+    "start_timeout": (30.0, _number(1)),
+    "starts_per_second": (20.0, _number(0, above=True, maximum=1000, unit="starts a second")),
+}
+RUNTIME_DEFAULTS: Dict[str, Any] = {key: default for key, (default, _) in _RUNTIME_KEYS.items()}
+
+# The connection keys uniphant checks; their defaults are libpq's (README, "Configuration").
+_CONNECTION_CHECKS: Dict[str, Callable[[str], Any]] = {
     "PGPORT": _port_list,
     "PGCONNECT_TIMEOUT": _connect_timeout,
     "PGSSLMODE": _choice(SSL_MODES, str.lower),
@@ -251,7 +262,7 @@ def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
 
 def _checked(key: str, value: str, where: str) -> Any:
     """value as uniphant uses it, if key is one it reads; a ConfigError saying where, if bad."""
-    check = _CHECKS.get(key)
+    check = _RUNTIME_KEYS[key][1] if key in _RUNTIME_KEYS else _CONNECTION_CHECKS.get(key)
     if check is None:
         return value
     try:
@@ -561,7 +572,7 @@ def _open_log_stream(config: Config):
 
 def _prepare_paths(config: Config) -> None:
     """Make the log and PID directories and check the log file, before anything starts."""
-    if config["log_file"] == "off" and not config["foreground"] and _runtime.report_fd is None:
+    if config["log_file"] == "off" and not config["foreground"] and not _runtime.managed:
         raise ConfigError("log_file=off logs to stdout only, which a daemon has not: "
                           "run it with start -f (or under the manager)")
     _real_dir(config["state_dir"], "pid", config["worker_type"])
@@ -583,14 +594,14 @@ def setup_logging(config: Config) -> logging.Logger:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     handlers: List[logging.Handler] = []
     if config["log_file"] == "on":
-        _runtime.log_handler = logging.StreamHandler(_open_log_stream(config))
-        handlers.append(_runtime.log_handler)
+        _runtime.log.handler = logging.StreamHandler(_open_log_stream(config))
+        handlers.append(_runtime.log.handler)
     if config["foreground"] or config["log_file"] == "off":
         handlers.append(logging.StreamHandler(sys.stdout))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
-    _runtime.logger = logger
+    _runtime.log.logger = logger
     return logger
 
 
@@ -613,7 +624,7 @@ def _logger(config: Config) -> logging.Logger:
 
 def _reopen_log(config: Config) -> None:
     """Reopen the log file (on SIGHUP): a file rotated away or removed is made anew."""
-    logger, handler = _logger(config), _runtime.log_handler
+    logger, handler = _logger(config), _runtime.log.handler
     if handler is None:
         return
     try:
@@ -630,21 +641,33 @@ def _reopen_log(config: Config) -> None:
 # ---------------------------------------------------------------------------
 
 class ConnectError(UniphantError):
-    """No connection could be made; permanent when retrying cannot help (authentication)."""
+    """No connection could be made (the message names each host tried and why);
+    ``permanent`` when retrying cannot help (authentication, a missing database)."""
 
     def __init__(self, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
 
 
-class _Refused(UniphantError):
-    """register_process() refused: another process runs the worker (SQLSTATE in
-    code; for UN003, the PID of this host's process in detail)."""
+class AlreadyRunning(UniphantError):
+    """Another live process runs the worker, or this host's manager: its ``pid``,
+    and the name of its ``host`` where the database knows it.  ``sqlstate`` is
+    the database's code: UN003 when it is this host's own previous process
+    (schema.sql lists them all)."""
 
-    def __init__(self, message: str, code: str, detail: str = "") -> None:
+    def __init__(self, message: str, sqlstate: str, pid: Optional[int], host: Optional[str]) -> None:
         super().__init__(message)
-        self.code = code
-        self.detail = detail
+        self.sqlstate = sqlstate
+        self.pid = pid
+        self.host = host
+
+    @classmethod
+    def refused(cls, fields: Dict[str, str]) -> "AlreadyRunning":
+        """From the server's refusal: DETAIL holds the PID, the message ends with the host."""
+        message, detail = fields.get("M", ""), fields.get("D", "")
+        _, on_host, host = message.rpartition(" on host ")
+        return cls(_printable(message), fields.get("C", ""), int(detail) if detail.isdigit() else None,
+                   host if on_host else None)
 
 
 class _SchemaMissing(UniphantError):
@@ -856,11 +879,11 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
 
 def _connect(config: Config):
     """connect_to_database(), given up at once when a stop signal comes (_Interrupted)."""
-    _runtime.connecting = True
+    _runtime.signals.connecting = True
     try:
         return connect_to_database(config)
     finally:
-        _runtime.connecting = False
+        _runtime.signals.connecting = False
 
 
 def connect_to_database(config: Config):
@@ -980,7 +1003,7 @@ def _check_session(config: Config, connection) -> None:
 
 def _channel(config: Config) -> str:
     """The channel a deleted process row is announced on (schema.sql: processes_notify_stop)."""
-    return "uniphant_" + config["process_id"].replace("-", "")
+    return _PROCESS_CHANNEL + config["process_id"].replace("-", "")
 
 
 def _take_notifications(connection, channel: str) -> bool:
@@ -1031,8 +1054,10 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             context = connection.execute_unnamed(sql, params)
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
-        if code in ("UN001", "UN003", "UN004", "UN005", "22023"):
-            raise _Refused(message, code, e.args[0].get("D", "")) from None
+        if code in ("UN001", "UN003", "UN005"):
+            raise AlreadyRunning.refused(e.args[0]) from None
+        if code in ("UN004", "UN007", "22023"):
+            raise UniphantError(message) from None
         if code in ("42883", "42P01", "3F000"):
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
@@ -1091,7 +1116,7 @@ def register_process(config: Config, connection) -> None:
     A row of this host's previous process is taken over once the kernel says
     that PID does not run the worker here, that is has not its PID file open
     (the database cannot look: it asks, UN003).  Raises UniphantError
-    naming the running process when another one runs the worker.
+    naming the running process (AlreadyRunning) when another one runs the worker.
     """
     deadline, gone_pid = time.monotonic() + _SESSION_END_WAIT, None
     while True:
@@ -1101,10 +1126,10 @@ def register_process(config: Config, connection) -> None:
                   (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
                    float(config["stale_after"]), config["pooler"] != "none", gone_pid))
             break
-        except _Refused as e:
-            if e.code != "UN003" or time.monotonic() >= deadline:
+        except AlreadyRunning as e:
+            if e.sqlstate != "UN003" or time.monotonic() >= deadline:
                 raise
-            holder = int(e.detail) if e.detail.isdigit() else None
+            holder = e.pid
             if holder is not None and holder != gone_pid and not _holds_open(holder, get_pid_file_path(config)):
                 gone_pid = holder
                 continue  # ask again at once, now that we have looked
@@ -1170,6 +1195,41 @@ def _remove_row(config: Config, patience: float) -> bool:
 # Process management
 # ---------------------------------------------------------------------------
 
+class _Signals:
+    """The signals caught, and what wakes the run loop for them and for the
+    foreground parent's death."""
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []            # by signal_handler, not yet acted on
+        self.stop: Optional[str] = None        # the name of the signal that asked the process to stop
+        self.connecting = False                # a stop signal interrupts the connect under way
+        self.wakeup_fd: Optional[int] = None   # readable when a signal arrived
+        self.parent_fd: Optional[int] = None   # a pidfd of the parent (foreground): readable when it exits
+        self.poll_parent = False               # foreground without pidfds: look every _PARENT_POLL
+
+
+class _Lease:
+    """The process row, held as a lease (DESIGN: one copy at a time): when to
+    renew it, and when it was last confirmed."""
+
+    def __init__(self) -> None:
+        self.next_heartbeat = 0.0              # when keepalive() is due (time.monotonic)
+        self.confirmed_at = 0.0                # when the last call that found the row was sent
+        self.row_gone = False                  # keepalive() found the row deleted
+        self.hinted = False                    # SIGUSR1: confirm the row at once
+        self.watchdog: Optional[_Watchdog] = None
+
+
+class _Log:
+    """The worker's logger, its log file's handler (reopened on SIGHUP), and the
+    one-time warnings already given."""
+
+    def __init__(self) -> None:
+        self.logger: Optional[logging.Logger] = None
+        self.handler = None
+        self.warned: set = set()
+
+
 class _Runtime:
     """What one uniphant process knows while it runs.
 
@@ -1178,28 +1238,17 @@ class _Runtime:
     """
 
     def __init__(self) -> None:
-        self.signals: List[int] = []             # caught by signal_handler, not yet acted on
-        self.stop_signal: Optional[str] = None   # the name of the signal that asked us to stop
-        self.wakeup_fd: Optional[int] = None     # readable when a signal arrived
-        self.parent_fd: Optional[int] = None     # a pidfd of the parent (foreground): readable when it exits
-        self.poll_parent = False                 # foreground without pidfds: look every _PARENT_POLL
-        self.logger: Optional[logging.Logger] = None  # the worker's, once set up
-        self.log_handler = None                  # the log file's handler, reopened on SIGHUP
+        self.signals = _Signals()
+        self.lease = _Lease()
+        self.log = _Log()
         self.pid_file_fd: Optional[int] = None   # the locked PID file
-        self.next_call = 0.0                     # when the worker function is due (time.monotonic)
-        self.next_heartbeat = 0.0                # when keepalive() is due
-        self.confirmed_at = 0.0                  # when the last call that found the row was sent
-        self.row_gone = False                    # keepalive() found the row deleted
-        self.hinted = False                      # SIGUSR1: confirm the row at once
-        self.watchdog: Optional[_Watchdog] = None
-        self.warned: set = set()                 # the one-time warnings already given
-        self.last_words = ""                     # why the run ended, for the manager
-        self.report_fd: Optional[int] = None     # a pipe to the manager that forked this process
-        self.manager: Optional[_Manager] = None  # in a manager's process: its state
-        self.announce_ready = True               # tell systemd READY=1 once registered
-        self.pid = os.getpid()                   # the process that runs the worker
+        self.managed = False                     # forked by a manager, which reads report_fd
+        self.report_fd: Optional[int] = None
         self.config: Optional[Config] = None     # the runtime's own copy of the configuration
-        self.connecting = False                  # a stop signal interrupts the connect under way
+        self.pid = os.getpid()                   # the process that runs the worker
+        self.next_call = 0.0                     # when the worker function is due (time.monotonic)
+        self.ending: Optional[_Ending] = None    # why the run ended, for the manager
+        self.manager: Optional[_Manager] = None  # in a manager's process: its state (see manage)
 
 
 _runtime = _Runtime()
@@ -1221,9 +1270,9 @@ class _Interrupted(UniphantError):
 def signal_handler(sig: int, frame: Any) -> None:
     """Note a signal; the run loop acts on it at once (the wakeup pipe wakes it).
     A stop signal also interrupts a connection attempt under way."""
-    _runtime.signals.append(sig)
-    if _runtime.connecting and _signal_name(sig) in _STOP_SIGNALS:
-        _runtime.connecting = False
+    _runtime.signals.caught.append(sig)
+    if _runtime.signals.connecting and _signal_name(sig) in _STOP_SIGNALS:
+        _runtime.signals.connecting = False
         raise _Interrupted(f"{_signal_name(sig)} received while connecting")
 
 
@@ -1248,13 +1297,13 @@ def _install_signal_handlers() -> None:
 def _act_on_signals(config: Config) -> None:
     """Act on the signals caught since the last look: note a stop or a hint to
     confirm the row, reopen the log, or log that one was ignored."""
-    rt = _runtime
-    while rt.signals:
-        name = _signal_name(rt.signals.pop(0))
+    signals = _runtime.signals
+    while signals.caught:
+        name = _signal_name(signals.caught.pop(0))
         if name in _STOP_SIGNALS:
-            rt.stop_signal = rt.stop_signal or name
+            signals.stop = signals.stop or name
         elif name == _CONFIRM_SIGNAL:
-            rt.hinted = True
+            _runtime.lease.hinted = True
         elif name == _REOPEN_SIGNAL:
             _reopen_log(config)
         else:
@@ -1445,23 +1494,44 @@ def _detach(config: Config, keep_fd: int) -> None:
         os.close(null)
 
 
-def _tell(fd: int, message: str) -> None:
+# What a starting process tells whoever waits for it (the `start` command, or
+# the manager that forked it), one line each: a word, then its fields, the
+# last of which is any text (on one line).  `ready PID STOP_TIMEOUT`: it has
+# registered; `error WHY`: it could not start; `exit CODE WHY`: its run ended
+# (the codes: see _Ending).
+_REPORT_FIELDS = {"ready": 2, "error": 1, "exit": 2}
+
+
+def _report_line(word: str, *fields: Any) -> bytes:
+    text = " ".join(str(fields[-1]).split())
+    return (" ".join([word, *map(str, fields[:-1]), text]) + "\n").encode("utf-8", "replace")
+
+
+def _parse_report(line: bytes) -> Tuple[str, List[str]]:
+    """(word, fields) of a report line; missing fields are empty."""
+    word, _, rest = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
+    count = _REPORT_FIELDS.get(word, 1)
+    fields = rest.split(" ", count - 1)
+    return word, fields + [""] * (count - len(fields))
+
+
+def _tell(fd: int, word: str, *fields: Any) -> None:
     """Report to the waiting `start` command, which may have gone: the daemon runs on regardless."""
     import contextlib
 
     with contextlib.suppress(BrokenPipeError):
-        os.write(fd, message.encode("utf-8", "replace"))
+        os.write(fd, _report_line(word, *fields))
     os.close(fd)
 
 
-def _report_to_manager(message: str) -> None:
+def _report_to_manager(word: str, *fields: Any) -> None:
     """In a worker the manager forked: tell it how the start went, or why the run
-    ended (one line each; see _Child.read_reports)."""
+    ended (see _Child.read_reports)."""
     import contextlib
 
-    if _runtime.report_fd is not None:
+    if _runtime.managed:
         with contextlib.suppress(BrokenPipeError):  # the manager has gone: we run on regardless
-            os.write(_runtime.report_fd, (" ".join(message.split()) + "\n").encode("utf-8", "replace"))
+            os.write(_runtime.report_fd, _report_line(word, *fields))
 
 
 def _sd_notify(*lines: str) -> None:
@@ -1478,8 +1548,8 @@ def _sd_notify(*lines: str) -> None:
         try:
             sock.sendto("\n".join(lines).encode(), address)
         except OSError as e:
-            if _runtime.logger is not None:
-                _warn_once(_runtime.logger, f"cannot notify systemd at {address!r}: {e.strerror}")
+            if _runtime.log.logger is not None:
+                _warn_once(_runtime.log.logger, f"cannot notify systemd at {address!r}: {e.strerror}")
 
 
 def _watchdog_period() -> float:
@@ -1504,12 +1574,11 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
     if child:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as pipe:
-            report = pipe.read().decode("utf-8", "replace")
+            word, fields = _parse_report(pipe.readline())
         os.waitpid(child, 0)
-        word, _, rest = report.partition(" ")
         if word != "ready":
-            raise UniphantError(rest or "the daemon was killed before it was ready")
-        print(f"{_describe(config)} started with PID {rest}.")
+            raise UniphantError(fields[0] or "the daemon was killed before it was ready")
+        print(f"{_describe(config)} started with PID {fields[0]}.")
         return EXIT_OK
     os.close(ready_r)
     code = EXIT_FAILURE
@@ -1530,18 +1599,26 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
         setup_logging(config)
         connection = _connect(config)
-        try:
-            register_process(config, connection)
-            if worker_function is manage:
-                _prepare_manager(config, connection)
-        except BaseException:
-            _disconnect_quietly(connection)
-            raise
+        _register(config, connection, worker_function)
     except BaseException as e:
-        _tell(ready_w, f"error {_explain(e)}")
+        _tell(ready_w, "error", _explain(e))
         return EXIT_FAILURE
-    _tell(ready_w, f"ready {os.getpid()}")
+    _tell(ready_w, "ready", os.getpid(), config["stop_timeout"])
     return run(config, connection, worker_function, pid_file)
+
+
+def _register(config: Config, connection, worker_function: WorkerFunction) -> None:
+    """Register this process for its worker, then run the worker function's
+    prepare hook, if it has one; a failure of either removes the row it may
+    have made, and is a failed start."""
+    try:
+        register_process(config, connection)
+        prepare = getattr(worker_function, "prepare", None)
+        if prepare is not None:
+            prepare(config, _logger(config), connection)
+    except BaseException:
+        _disconnect_quietly(connection)
+        raise
 
 
 # ---------------------------------------------------------------------------
@@ -1553,6 +1630,31 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
 # How often to look for the parent's death where pidfds are not available.
 _PARENT_POLL = 0.25
+# The channel a process hears the deletion of its row on is this prefix and
+# its process id's hex digits (schema.sql: processes_notify_stop).
+_PROCESS_CHANNEL = "uniphant_"
+
+
+class _Ending:
+    """Why a run ended: a code, which the manager that forked the process acts
+    on, and the words, for people (the log, worker_states.last_exit)."""
+
+    ROW_DELETED = "row-deleted"    # its process row was deleted: a restart from SQL, or a stop
+    SIGNAL = "signal"              # a stop signal came
+    PARENT_GONE = "parent-gone"    # the foreground process's parent exited
+    EXIT = "exit"                  # the worker function raised SystemExit
+    FAILED = "failed"              # the worker function raised anything else
+    UNIPHANT = "uniphant"          # the runtime could not go on (its schema gone, say)
+
+    def __init__(self, code: str, text: str) -> None:
+        self.code = code
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_ROW_DELETED = _Ending(_Ending.ROW_DELETED, "its process row was deleted")
 
 
 class _WorkerExit(Exception):
@@ -1579,22 +1681,22 @@ def _heartbeat_period(config: Config) -> float:
 
 
 def _warn_once(logger: logging.Logger, message: str) -> None:
-    if message not in _runtime.warned:
-        _runtime.warned.add(message)
+    if message not in _runtime.log.warned:
+        _runtime.log.warned.add(message)
         logger.warning(message)
 
 
-def _local_stop_reason(config: Config) -> Optional[str]:
+def _local_stop_reason(config: Config) -> Optional[_Ending]:
     """A reason to stop that needs no database: a signal, or the parent's death."""
     _act_on_signals(config)
-    if _runtime.stop_signal:
-        return f"{_runtime.stop_signal} received"
+    if _runtime.signals.stop:
+        return _Ending(_Ending.SIGNAL, f"{_runtime.signals.stop} received")
     if config["foreground"] and not is_parent_alive(config["parent_pid"]):
-        return "the parent process has gone"
+        return _Ending(_Ending.PARENT_GONE, "the parent process has gone")
     return None
 
 
-def _stop_reason(config: Config, connection) -> Optional[str]:
+def _stop_reason(config: Config, connection) -> Optional[_Ending]:
     """Why the worker must stop now, or None.
 
     Between transactions it reads what the database sent, and asks keepalive()
@@ -1603,27 +1705,28 @@ def _stop_reason(config: Config, connection) -> Optional[str]:
     heartbeat there would hold the row's lock until the transaction ends.
     """
     reason = _local_stop_reason(config)
+    lease = _runtime.lease
     if reason is not None or _in_transaction(connection):
         return reason
-    if _runtime.row_gone:
-        return "its process row was deleted"
+    if lease.row_gone:
+        return _ROW_DELETED
     wire = _wire_of(connection)
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
     now = time.monotonic()
     # A notification is a hint only: any role may NOTIFY any channel.
-    hinted = _take_notifications(connection, _channel(config)) or _runtime.hinted
-    _runtime.hinted = False
-    if hinted or now >= _runtime.next_heartbeat:
+    hinted = _take_notifications(connection, _channel(config)) or lease.hinted
+    lease.hinted = False
+    if hinted or now >= lease.next_heartbeat:
         _check_session(config, connection)
         if not keepalive(connection):
-            _runtime.row_gone = True
-            return "its process row was deleted"
+            lease.row_gone = True
+            return _ROW_DELETED
         if hinted:
             _logger(config).debug("a hint to stop (a notification, or SIGUSR1), but the "
                                   "row is still there: not a stop")
-        _runtime.confirmed_at = now
-        _runtime.next_heartbeat = now + _heartbeat_period(config)
+        lease.confirmed_at = now
+        lease.next_heartbeat = now + _heartbeat_period(config)
     return None
 
 
@@ -1657,36 +1760,36 @@ def _watch_for_wakeups(config: Config) -> None:
     """Make signals and the parent's death wake _wait()."""
     import signal
 
-    rt = _runtime
+    signals = _runtime.signals
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(write_fd)
-    rt.wakeup_fd = read_fd
+    signals.wakeup_fd = read_fd
     if config["foreground"]:
         try:
-            rt.parent_fd = os.pidfd_open(config["parent_pid"])
+            signals.parent_fd = os.pidfd_open(config["parent_pid"])
         except (AttributeError, OSError):
-            rt.poll_parent = True  # no pidfd support, or already gone
+            signals.poll_parent = True  # no pidfd support, or already gone
 
 
-def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> None:
+def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
     """Sleep up to seconds; wake early for a signal, a database message, the parent's
-    death, or input on one of the descriptors also."""
-    rt = _runtime
+    death, or input on one of the descriptors also (then return true)."""
+    signals = _runtime.signals
     poller = select.poll()
-    for fd in (rt.wakeup_fd, *also):
+    for fd in (signals.wakeup_fd, *also):
         poller.register(fd, select.POLLIN)
-    if rt.parent_fd is not None:
-        poller.register(rt.parent_fd, select.POLLIN)
-    if rt.poll_parent:
+    if signals.parent_fd is not None:
+        poller.register(signals.parent_fd, select.POLLIN)
+    if signals.poll_parent:
         seconds = min(seconds, _PARENT_POLL)
     wire = _wire_of(connection)
     if wire is not None:
         if wire.pending():
-            return
+            return False
         poller.register(wire.fileno(), select.POLLIN)
-    if seconds > 0:
-        poller.poll(int(seconds * 1000) + 1)
-    _drain(rt.wakeup_fd)
+    events = poller.poll(int(seconds * 1000) + 1) if seconds > 0 else poller.poll(0)
+    _drain(signals.wakeup_fd)
+    return any(fd in also for fd, _ in events)
 
 
 class _Watchdog:
@@ -1762,7 +1865,7 @@ class _Watchdog:
         """Exit unless the call ends before the lease runs out (alive() renews it)."""
         with self._lock:
             while self._generation == generation:
-                remaining = _runtime.confirmed_at + self._grace - time.monotonic()
+                remaining = _runtime.lease.confirmed_at + self._grace - time.monotonic()
                 if remaining <= 0:
                     self._logger.critical(
                         "exiting: %s, and the call did not return in time to confirm the process "
@@ -1808,7 +1911,7 @@ def _call_worker(config: Config, worker_config: Config, connection,
     _ConnectionLost when the connection broke under it.
     """
     rt = _runtime
-    rt.watchdog.enter(_wire_of(connection))
+    rt.lease.watchdog.enter(_wire_of(connection))
     try:
         worker_function(worker_config, logger, connection)
         if os.getpid() != rt.pid:
@@ -1819,7 +1922,7 @@ def _call_worker(config: Config, worker_config: Config, connection,
         raise _worker_failure(config, connection, logger, e) from None
     finally:
         if os.getpid() == rt.pid:
-            rt.watchdog.leave()
+            rt.lease.watchdog.leave()
     _settle(config, connection, logger)
 
 
@@ -1849,34 +1952,41 @@ def _worker_failure(config: Config, connection, logger: logging.Logger, error: B
         return error  # from alive(): the runtime's own, never the worker function's failure
     if isinstance(error, SystemExit):
         code = _exit_code(error)
-        rt.last_words = f"the worker function raised SystemExit({error.code!r})"
-        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.last_words)
+        rt.ending = _Ending(_Ending.EXIT, f"the worker function raised SystemExit({error.code!r})")
+        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.ending)
         return _WorkerExit(code)
     if _is_lost(connection):
         return _ConnectionLost(error)
     logger.error("stopping: the worker function failed", exc_info=error)
-    rt.last_words = _explain(error)  # the exception's last line, for the manager
+    rt.ending = _Ending(_Ending.FAILED, _explain(error))  # the exception's last line, for the manager
     return _WorkerExit(EXIT_FAILURE)
 
 
 def _serve(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
-           logger: logging.Logger) -> str:
-    """Call the worker function every interval until it must stop; return why.
+           logger: logging.Logger) -> _Ending:
+    """Call the worker function until it must stop; return why.
 
-    The schedule lives in the runtime state, so a reconnect does not bring the
-    next call forward.
+    It is called every interval, or, if it has a wakeup hook (README, "Hooks"),
+    whenever that says.  The schedule lives in the runtime state, so a
+    reconnect does not bring the next call forward.
     """
     rt = _runtime
+    wakeup = getattr(worker_function, "wakeup", None)
+    woken = False
     while True:
         reason = _stop_reason(config, connection)
         if reason is not None:
             return reason
+        due, fds = wakeup(worker_config, connection) if wakeup else (rt.next_call, ())
         now = time.monotonic()
-        if now >= rt.next_call:
+        if woken or now >= due:
             _call_worker(config, worker_config, connection, worker_function, logger)
+            if wakeup and rt.next_call == 0.0 and config["foreground"]:
+                _sd_notify("READY=1")  # a stepping worker is ready once its first step is done
             rt.next_call = time.monotonic() + config["interval"]
+            woken = False
         else:
-            _wait(min(rt.next_call, rt.next_heartbeat) - now, connection)
+            woken = _wait(min(due, rt.lease.next_heartbeat) - now, connection, fds)
 
 
 def _is_lost(connection) -> bool:
@@ -1915,7 +2025,7 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
                 failure = _explain(e)
             else:
                 logger.info("database connection restored after %.1f s", time.monotonic() - lost_at)
-                _runtime.next_heartbeat = 0.0  # ask at once whether the row survived the outage
+                _runtime.lease.next_heartbeat = 0.0  # ask at once whether the row survived the outage
                 return connection
         (logger.debug if failure in seen else logger.warning)("reconnecting: %s", failure)
         seen.add(failure)
@@ -1940,12 +2050,12 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     rt.config, rt.pid = config, os.getpid()
     _watch_for_wakeups(config)
     _tolerate_any_notification(connection)
-    rt.watchdog = _Watchdog(config, logger)
-    rt.confirmed_at = time.monotonic()  # registering has just made the row
-    rt.next_heartbeat = rt.confirmed_at + _heartbeat_period(config)
+    rt.lease.watchdog = _Watchdog(config, logger)
+    rt.lease.confirmed_at = time.monotonic()  # registering has just made the row
+    rt.lease.next_heartbeat = rt.lease.confirmed_at + _heartbeat_period(config)
     logger.info("worker %s started: process %s, PID %d, host %s",
                 config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
-    if config["foreground"] and rt.announce_ready:
+    if config["foreground"] and not hasattr(worker_function, "wakeup"):
         _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
     if connection.parameter_statuses.get("is_superuser") == "on":
         logger.warning("connected as a superuser: each such worker takes one of the connections "
@@ -1953,15 +2063,25 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
                        "give workers a role of their own (README, \"Database privileges\")")
     code = EXIT_FAILURE
     try:
+        code, connection = _run_loop(config, worker_config, connection, worker_function, logger)
+    finally:
+        _teardown(config, worker_config, connection, worker_function, logger)
+    return code
+
+
+def _run_loop(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
+              logger: logging.Logger) -> Tuple[int, Any]:
+    """Serve, reconnecting after each lost connection, until the run ends; the exit
+    code, and the connection it ended on (None if it ended unconnected)."""
+    rt = _runtime
+    try:
         while True:
             try:
-                rt.last_words = _serve(config, worker_config, connection, worker_function, logger)
-                logger.info("stopping: %s", rt.last_words)
-                code = EXIT_OK
-                break
+                rt.ending = _serve(config, worker_config, connection, worker_function, logger)
+                logger.info("stopping: %s", rt.ending)
+                return EXIT_OK, connection
             except _WorkerExit as e:
-                code = e.code
-                break
+                return e.code, connection
             except _ConnectionLost as e:
                 error = str(e)
             except UniphantError:
@@ -1974,26 +2094,36 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
             connection = None  # should reconnecting fail, there is none to leave on
             connection = _reconnect(config, logger, error)
             if connection is None:
-                rt.last_words = _local_stop_reason(config)
-                logger.info("stopping: %s", rt.last_words)
-                code = EXIT_OK
-                break
+                rt.ending = _local_stop_reason(config)
+                logger.info("stopping: %s", rt.ending)
+                return EXIT_OK, None
     except UniphantError as e:
-        rt.last_words = str(e)
+        rt.ending = _Ending(_Ending.UNIPHANT, str(e))
         logger.error("stopping: %s", e)
     except Exception as e:
-        rt.last_words = f"uniphant failed: {_explain(e)}"
+        rt.ending = _Ending(_Ending.UNIPHANT, f"uniphant failed: {_explain(e)}")
         logger.exception("stopping: uniphant failed")
-    finally:
-        if config["foreground"]:
-            _sd_notify("STOPPING=1")
-        if rt.manager is not None:
-            rt.manager.stop_all()
-        _leave(config, connection, logger)
-        _release_pid_file()
-        _note_leftover_threads(logger)
-        _report_to_manager(f"exit {rt.last_words}")
-    return code
+    return EXIT_FAILURE, connection
+
+
+def _teardown(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
+              logger: logging.Logger) -> None:
+    """The end of every run: the worker function's teardown hook, then the row
+    removed, the PID file emptied, and the manager (if one forked this process)
+    told why."""
+    if config["foreground"]:
+        _sd_notify("STOPPING=1")
+    teardown = getattr(worker_function, "teardown", None)
+    if teardown is not None:
+        try:
+            teardown(worker_config, logger)
+        except Exception:
+            logger.exception("the worker function's teardown hook failed")
+    _leave(config, connection, logger)
+    _release_pid_file()
+    _note_leftover_threads(logger)
+    ending = _runtime.ending or _Ending(_Ending.UNIPHANT, "uniphant failed")
+    _report_to_manager("exit", ending.code, ending.text)
 
 
 def _leave(config: Config, connection, logger: logging.Logger) -> None:
@@ -2044,9 +2174,23 @@ def _note_leftover_threads(logger: logging.Logger) -> None:
 # How often the manager reads its plan when no notification comes: a lost
 # notification, or a host that died, costs at most this long to notice.
 _PLAN_EVERY = 5.0
-# The last words of a worker whose row was deleted: a restart asked for from
-# SQL (restart_worker), which is not a failure.
-_ROW_DELETED = "its process row was deleted"
+# The channel the managers hear of changes to the fleet on (schema.sql: notify_fleet).
+_FLEET_CHANNEL = "uniphant_fleet"
+
+# The states of a worker that the plan gives this host, as worker_states.state
+# holds them (schema.sql checks the same names, and `unplaced`, which only the
+# planner writes), and the moves between them, written down as supervisor
+# writes down its process states.  None: the manager has forgotten the worker.
+STARTING, RUNNING, BACKOFF, MOVING = "starting", "running", "backoff", "moving"
+SLOT_STATES = (STARTING, RUNNING, BACKOFF, MOVING)
+_MOVES: Dict[Optional[str], Tuple[Optional[str], ...]] = {
+    None: (STARTING,),                         # placed here
+    STARTING: (RUNNING, BACKOFF, MOVING, None),  # registered; failed, to start again later;
+                                               # a live copy elsewhere keeps it from starting
+    RUNNING: (STARTING, BACKOFF, None),        # ended, to start again at once, or later
+    BACKOFF: (STARTING, None),                 # its delay is over
+    MOVING: (STARTING, None),                  # the copy elsewhere has gone
+}
 
 
 class _Child:
@@ -2067,7 +2211,8 @@ class _Child:
         self.started = time.monotonic()
         self.ready = report_fd is None       # registered (an adopted one long since)
         self.stop_timeout = RUNTIME_DEFAULTS["stop_timeout"]
-        self.words = ""                      # what it said last: why it ended
+        self.ending = ""                     # the code of why its run ended, as it said (see _Ending)
+        self.words = ""                      # and the words
         self.unread = b""
         self.kill_at: Optional[float] = None  # when its process group gets SIGKILL
         self.ended_by = ""                   # why the manager ended it, if it did
@@ -2094,7 +2239,7 @@ class _Child:
             return  # the whole group has gone
 
     def read_reports(self) -> None:
-        """Take in what it wrote: `ready <pid> <stop_timeout>`, `error <why>`, `exit <why>`."""
+        """Take in what it wrote (see _report_line)."""
         if self.report_fd is None:
             return
         try:
@@ -2107,11 +2252,13 @@ class _Child:
             return
         *lines, self.unread = (self.unread + data).split(b"\n")
         for line in lines:
-            word, _, rest = line.decode("utf-8", "replace").partition(" ")
+            word, fields = _parse_report(line)
             if word == "ready":
-                self.ready, self.stop_timeout = True, float(rest.split()[1])
-            elif word in ("error", "exit"):
-                self.words = rest
+                self.ready, self.stop_timeout = True, float(fields[1])
+            elif word == "error":
+                self.words = fields[0]
+            elif word == "exit":
+                self.ending, self.words = fields
 
     def close(self) -> None:
         os.close(self.pidfd)
@@ -2130,13 +2277,20 @@ class _Slot:
         self.row_pid: Optional[int] = None  # its process row on this host says: data, not a PID to act on
         self.row_live = False
         self.child: Optional[_Child] = None
-        self.state = "starting"
+        self.state: Optional[str] = None
         self.due = 0.0                   # when it may start (time.monotonic)
         self.failures = 0                # runs in a row that ended before restart_reset_after
         self.restarts = 0
         self.started_once = False
         self.last_exit: Optional[str] = None
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
+        self.move(STARTING)
+
+    def move(self, state: Optional[str]) -> None:
+        """Enter state, a move _MOVES allows (staying is no move)."""
+        if state != self.state and state not in _MOVES[self.state]:
+            raise AssertionError(f"worker {self.worker_id}: no move from {self.state} to {state}")
+        self.state = state
 
 
 class _Manager:
@@ -2146,9 +2300,9 @@ class _Manager:
         self.config = config
         self.logger = logger
         self.slots: Dict[str, _Slot] = {}
+        self.connection = None           # the one it listens on
         self.next_plan = 0.0
         self.next_start = 0.0            # starts are paced: starts_per_second, jittered
-        self.ready_told = False
         self.status_told = ""
         self.next_watchdog = 0.0
         self.worker_types: Optional[List[str]] = None  # what this root provides, as last told
@@ -2156,15 +2310,23 @@ class _Manager:
     # One pass: see who ended, read the plan when it may have changed, then
     # act on it and write down what changed.
     def step(self, connection) -> None:
+        if connection is not self.connection:  # the first pass, or a new connection
+            connection.execute_simple(f"LISTEN {_FLEET_CHANNEL}")
+            self.connection, self.next_plan = connection, 0.0  # it may have missed a notification
         self._reap()
-        if _take_notifications(connection, "uniphant_fleet") or time.monotonic() >= self.next_plan:
+        if _take_notifications(connection, _FLEET_CHANNEL) or time.monotonic() >= self.next_plan:
             self._plan(connection)
         self._enforce_deadlines()
         self._start_due(connection)
         self._report(connection)
         self._tell_systemd()
 
-    def wait(self, connection) -> None:
+    def wakeup(self, connection) -> Tuple[float, Tuple[int, ...]]:
+        """When the next pass is due (time.monotonic), and the descriptors that bring
+        it forward: a child's exit (its pidfd) or its report."""
+        if connection is not self.connection or any(note[1] == _FLEET_CHANNEL
+                                                    for note in connection.notifications):
+            return 0.0, ()  # read with a reply: no byte waits on the socket for it
         children = [slot.child for slot in self.slots.values() if slot.child is not None]
         moments = [self.next_plan] + [c.kill_at for c in children if c.kill_at is not None]
         moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
@@ -2172,10 +2334,8 @@ class _Manager:
                     if slot.wanted and slot.startable and slot.child is None]
         if _watchdog_period():
             moments.append(self.next_watchdog)
-        if any(note[1] == "uniphant_fleet" for note in connection.notifications):
-            return  # read with a reply during the last step: no byte waits on the socket for it
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
-        _wait(min(moments) - time.monotonic(), connection, tuple(fds))
+        return min(moments), tuple(fds)
 
     def _plan(self, connection) -> None:
         if self.worker_types is None or time.monotonic() >= self.next_plan:
@@ -2199,8 +2359,11 @@ class _Manager:
                     self._unwant(slot, "not wanted on this host")
                     continue
             elif wanted and not slot.wanted:
-                slot.wanted, slot.state = True, "starting"
+                slot.wanted = True
+                slot.move(RUNNING if slot.child is not None and slot.child.ready else STARTING)
             slot.startable, slot.row_pid, slot.row_live = startable, row_pid, bool(row_live)
+            if slot.child is None and slot.state in (STARTING, MOVING):
+                slot.move(STARTING if startable else MOVING)
             self._check_row(slot)
 
     def _tell_worker_types(self, connection) -> None:
@@ -2238,7 +2401,7 @@ class _Manager:
             self._stop(slot.child)
 
     def _forget(self, slot: _Slot) -> None:
-        slot.state = None  # written as a deletion of its worker_states row
+        slot.move(None)  # written as a deletion of its worker_states row
         if slot.reported is None:
             del self.slots[slot.worker_id]
 
@@ -2267,7 +2430,8 @@ class _Manager:
                 self._end(child, f"did not register within {self.config['start_timeout']:g} s")
 
     def _reap(self) -> None:
-        """Take note of every child that has exited (own children are reaped: waitpid)."""
+        """Take note of every child that registered or exited (own children are
+        reaped: waitpid)."""
         children = {slot.child.pidfd: slot for slot in self.slots.values() if slot.child is not None}
         if not children:
             return
@@ -2276,6 +2440,8 @@ class _Manager:
             poller.register(fd, select.POLLIN)
         for slot in children.values():
             slot.child.read_reports()
+            if slot.child.ready and slot.state == STARTING:
+                slot.move(RUNNING)
         for fd, _ in poller.poll(0):
             slot = children[fd]
             child, slot.child = slot.child, None
@@ -2283,23 +2449,25 @@ class _Manager:
             child.read_reports()
             child.close()
             child.kill_group()  # what it left behind in its group goes with it
-            self._ended(slot, child, status)
+            restart_at_once = child.ending == _Ending.ROW_DELETED and not child.ended_by
+            self._ended(slot, _how_it_ended(child, status), restart_at_once, child.started)
 
-    def _ended(self, slot: _Slot, child: _Child, status: Optional[int]) -> None:
-        how = _how_it_ended(child, status)
+    def _ended(self, slot: _Slot, how: str, at_once: bool, started: float) -> None:
+        """A run of slot's worker ended (how), or its start failed: forget it if it is
+        no longer wanted, else start it again at once (a restart from SQL is not a
+        failure) or after its backoff."""
         if not slot.wanted:
             self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, _printable(how))
             self._forget(slot)
             return
         now = time.monotonic()
-        if child.words == _ROW_DELETED and not child.ended_by:
-            delay = 0.0  # restarted from SQL
+        if at_once:
+            delay = 0.0
         else:
-            ran_long = now - child.started >= self.config["restart_reset_after"]
-            slot.failures = 1 if ran_long else slot.failures + 1
+            slot.failures = 1 if now - started >= self.config["restart_reset_after"] else slot.failures + 1
             delay = self._backoff(slot.failures)
         slot.last_exit, slot.due = how, now + delay
-        slot.state = "backoff" if delay else "starting"
+        slot.move(BACKOFF if delay else STARTING)
         self.logger.warning("worker %s (%s) ended: %s; starting it again in %.1f s",
                             slot.worker_id, slot.worker_type, _printable(how), delay)
 
@@ -2333,6 +2501,7 @@ class _Manager:
         if slot.started_once:
             slot.restarts += 1
         slot.started_once = True
+        slot.move(STARTING)
         try:
             if self._adopt(slot):
                 return
@@ -2344,9 +2513,7 @@ class _Manager:
                                     else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
             slot.child = self._fork(scripts[0], slot.worker_id)
         except (UniphantError, OSError) as e:  # OSError: out of processes or descriptors, say
-            self._ended(slot, _Unstarted(f"could not start: {_explain(e)}"), None)
-            return
-        slot.state = "starting"
+            self._ended(slot, f"could not start: {_explain(e)}", False, time.monotonic())
 
     def _pid_file(self, slot: _Slot) -> str:
         return _pid_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
@@ -2406,6 +2573,8 @@ class _Manager:
             child.close()
             return False
         slot.child = child
+        if slot.state == STARTING:
+            slot.move(RUNNING)
         self.logger.info("adopted worker %s (%s): PID %d", slot.worker_id, slot.worker_type, pid)
         return True
 
@@ -2416,17 +2585,13 @@ class _Manager:
         now, changed = time.monotonic(), []
         for slot in self.slots.values():
             state = slot.state
-            if state == "starting" and slot.child is not None and slot.child.ready:
-                state = "running"
-            elif state == "starting" and slot.child is None and not slot.startable:
-                state = "moving"
             facts = None if state is None else (
                 state, slot.child.pid if slot.child else None, slot.restarts, slot.last_exit,
-                slot.due if state == "backoff" else None)
+                slot.due if state == BACKOFF else None)
             if facts != slot.reported:
                 changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
                                               slot.last_exit, max(slot.due - now, 0.0) if facts and
-                                              state == "backoff" else None)))
+                                              state == BACKOFF else None)))
         if not changed:
             return
         _in_one_transaction(connection, lambda: [
@@ -2438,21 +2603,19 @@ class _Manager:
                 del self.slots[slot.worker_id]
 
     def _tell_systemd(self) -> None:
-        """READY=1 after the first pass, a STATUS= line when the counts change, and
-        WATCHDOG=1 at half the period systemd asks for."""
-        running = sum(1 for slot in self.slots.values() if slot.child is not None and slot.child.ready)
+        """A STATUS= line when the counts change, and WATCHDOG=1 at half the period
+        systemd asks for (the run loop says READY=1 after the first pass)."""
+        running = sum(1 for slot in self.slots.values() if slot.state == RUNNING)
         wanted = sum(1 for slot in self.slots.values() if slot.wanted)
         status = f"STATUS={running} of {wanted} workers running"
-        lines = [] if self.ready_told else ["READY=1"]
-        if status != self.status_told:
-            lines.append(status)
+        lines = [status] if status != self.status_told else []
         period = _watchdog_period()
         if period and time.monotonic() >= self.next_watchdog:
             lines.append("WATCHDOG=1")
             self.next_watchdog = time.monotonic() + period
         if lines:
             _sd_notify(*lines)
-        self.ready_told, self.status_told = True, status
+        self.status_told = status
 
     def stop_all(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL to its group after its stop_timeout)
@@ -2474,13 +2637,6 @@ class _Manager:
                               ", ".join(str(c.pid) for c in children))
 
 
-class _Unstarted:
-    """What _ended() needs of a child that could not even be forked."""
-
-    def __init__(self, why: str) -> None:
-        self.ended_by, self.words, self.started = why, "", time.monotonic()
-
-
 def _how_it_ended(child: _Child, status: Optional[int]) -> str:
     """Why a worker's run ended, in one line: the manager's reason, its exit code or
     signal, and its last words (an exception's last line, say)."""
@@ -2496,8 +2652,8 @@ def _how_it_ended(child: _Child, status: Optional[int]) -> str:
 
 def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
     """In a child the manager has forked: run script's worker as `start` would, with
-    fresh runtime state and nothing of the manager's (descriptors, handlers, signals).
-    Never returns into the manager's code."""
+    fresh runtime state and nothing of the manager's (descriptors, handlers,
+    signals, configuration).  Never returns into the manager's code."""
     import logging
     import runpy
     import signal
@@ -2527,22 +2683,36 @@ def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
         _runtime.manager.config.clear()
         _runtime.config.clear()
         _runtime = _Runtime()
-        _runtime.report_fd = report_fd
+        _runtime.managed, _runtime.report_fd = True, report_fd
         sys.argv = [script, worker_id, "start"]
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
     except BaseException as e:
-        _report_to_manager(f"error {_explain(e)}")
+        _report_to_manager("error", _explain(e))
     finally:
         os._exit(code)
 
 
-def _prepare_manager(config: Config, connection) -> None:
+def manage(config: Config, logger: logging.Logger, connection) -> None:
+    """The manager (README, "The fleet"), a worker function: one pass of making this
+    host run what the `workers` table asks of it, supervising those workers, and
+    recording what happened.
+
+    Run it as the worker function of a script (workers/uniphant/manager.py).
+    Its hooks (README, "Hooks") take the project root's manager lock and
+    register the host's manager (prepare), say when the next pass is due
+    (wakeup), and stop every worker it runs when the manager stops (teardown).
+    Its state outlives a lost connection: after a reconnect it carries on.
+    """
+    if _runtime.manager is None:
+        raise UniphantError("the manager runs as main(manage), not inside another worker function")
+    _runtime.manager.step(connection)
+
+
+def _prepare_manager(config: Config, logger: logging.Logger, connection) -> None:
     """Before a manager says it is ready: hold this project root's manager lock and
     register as its host's manager; a second manager is refused, naming the first."""
-    import logging
-
     fd = _open_own_file(os.path.join(config["state_dir"], "pid", "manager.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2558,25 +2728,20 @@ def _prepare_manager(config: Config, connection) -> None:
     except (AttributeError, OSError):
         raise UniphantError("the manager needs pidfds (Linux 5.3 or newer)") from None
     _call(connection, "SELECT uniphant.register_manager($1::uuid)", (config["host_id"],))
-    _runtime.manager = _Manager(config, logging.getLogger(f"uniphant.{config['worker_type']}"))
-    _runtime.announce_ready = False  # the manager is ready after its first pass
+    _runtime.manager = _Manager(config, logger)
 
 
-def manage(config: Config, logger: logging.Logger, connection) -> None:
-    """The manager, a worker function: make this host run what the `workers` table
-    asks of it, supervise those workers, and record what happened (README, "The fleet").
+def _manager_wakeup(config: Config, connection) -> Tuple[float, Tuple[int, ...]]:
+    return _runtime.manager.wakeup(connection)
 
-    Run it as the worker function of a script (workers/uniphant/manager.py).  Its
-    state outlives a lost connection: after a reconnect it carries on.
-    """
-    manager = _runtime.manager
-    if manager is None:  # _start prepares a manager only for main(manage) itself
-        raise UniphantError("the manager runs as main(manage), not inside another worker function")
-    connection.execute_simple("LISTEN uniphant_fleet")
-    manager.next_plan = 0.0  # a new connection may have missed a notification
-    while alive(config, connection):
-        manager.step(connection)
-        manager.wait(connection)
+
+def _stop_managed_workers(config: Config, logger: logging.Logger) -> None:
+    _runtime.manager.stop_all()
+
+
+manage.prepare = _prepare_manager  # type: ignore[attr-defined]
+manage.wakeup = _manager_wakeup  # type: ignore[attr-defined]
+manage.teardown = _stop_managed_workers  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------
@@ -2911,7 +3076,7 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     _prepare_paths(config)
     # In the foreground, and in a process the manager forked, the worker runs
     # in this process; else in a daemon.
-    here = config["foreground"] or _runtime.report_fd is not None
+    here = config["foreground"] or _runtime.managed
     if here and not _lock_pid_file(config, pid_file):
         print(_already_running(config, get_pid_for_running_process(pid_file)), file=sys.stderr)
         return EXIT_FAILURE
@@ -2925,13 +3090,11 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
         if not here:
             return start_daemon(config, connection, worker_function, pid_file)
         setup_logging(config)
-        register_process(config, connection)
-        if worker_function is manage:
-            _prepare_manager(config, connection)
     except BaseException:
-        _disconnect_quietly(connection)
+        _close_quietly(connection)
         raise
-    _report_to_manager(f"ready {os.getpid()} {config['stop_timeout']}")
+    _register(config, connection, worker_function)
+    _report_to_manager("ready", os.getpid(), config["stop_timeout"])
     return run(config, connection, worker_function, pid_file)
 
 
@@ -2975,7 +3138,7 @@ def main(worker_function: WorkerFunction) -> None:
         if isinstance(e, UsageError):
             print(_usage(prog), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
-        _report_to_manager(f"error {e}")
+        _report_to_manager("error", e)
         code = e.exit_code
     except OSError as e:
         print(f"{prog}: error: {_explain(e)}", file=sys.stderr)
