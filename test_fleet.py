@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pg8000.dbapi
@@ -280,6 +281,27 @@ def test_the_manager_survives_a_database_restart_with_its_workers_untouched(priv
     finally:
         admin.close()
         project.cleanup()
+
+
+@pytest.mark.faults
+def test_a_manager_never_dies_of_a_lost_session(project, db):
+    project.write("uniphant.conf", "stale_after=3\n")
+    manager_id = with_manager(project)
+    manager_pid = project.running_pid(manager_id, "uniphant.manager")
+    workers = [str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project))) for _ in range(2)]
+    pids = {w: wait_for(lambda: running(db, w), what="a worker") for w in workers}
+    log = lambda: project.log(manager_id, "uniphant.manager")  # noqa: E731
+    for lost in range(1, 11):
+        # The session goes when the manager last confirmed its row longer ago than its
+        # watchdog's grace (0.45 s at stale_after 3): the scenario, not a wait for a state.
+        time.sleep(1.5)
+        db.rows("SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+                "JOIN managers m ON a.application_name = m.process_id::text")
+        wait_for(lambda: log().count("database connection restored") == lost, what=f"reconnect {lost}")
+    assert project.running_pid(manager_id, "uniphant.manager") == manager_pid
+    assert "exiting" not in log() and "stopping" not in log()
+    wait_for(lambda: all(fleet(db, w)["state"] == "running" for w in workers), what="its workers, running")
+    assert {w: running(db, w) for w in workers} == pids
 
 
 def read_notifications(sock, until: str, timeout: float = 15) -> list:
