@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from typing import Callable, Dict, List, Optional
@@ -171,8 +172,20 @@ def cluster(request):
 
 
 @pytest.fixture(scope="session")
-def db(cluster) -> Database:
+def shared_db(cluster) -> Database:
     database = cluster.database("uniphant_test")
+    yield database
+    database.conn.close()
+
+
+@pytest.fixture
+def db(request, cluster, shared_db) -> Database:
+    """The test's database: the session's, or, for a test marked own_database, one
+    of its own (a manager acts on every worker its database holds)."""
+    if request.node.get_closest_marker("own_database") is None:
+        yield shared_db
+        return
+    database = cluster.database(f"own_{uuid.uuid4().hex[:8]}")
     yield database
     database.conn.close()
 
@@ -314,3 +327,191 @@ def worker_id() -> str:
 
 def copy_examples(project: Project) -> None:
     shutil.copytree(os.path.join(REPO, "workers", "examples"), project.path("workers/examples"))
+
+
+# ---------------------------------------------------------------------------
+# Helpers the test files share
+# ---------------------------------------------------------------------------
+
+def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def start_daemon(project, worker_id, *args, **kwargs) -> int:
+    result = project.run(worker_id, "start", *args, **kwargs)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    return int(result.stdout.strip().rsplit(" ", 1)[1].rstrip("."))
+
+
+def show_config(project, *keys: str) -> list:
+    """The values of keys in the config that setup_config() gives a worker of the project."""
+    project.write("workers/test/show.py", (
+        "from uniphant import setup_config\n"
+        "c = setup_config()\n"
+        f"print(*(c[k] for k in {keys!r}))\n"))
+    result = subprocess.run([sys.executable, "workers/test/show.py"], cwd=project.root,
+                            env=project.env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def proc_stat(pid: int) -> List[str]:
+    """The fields of /proc/<pid>/stat after the command name: [0] is the state, [1] the parent's PID."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1].split()
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return proc_stat(pid)[0] == "Z"  # a daemon is reaped by init; a zombie has exited all the same
+
+
+def write_worker(project, name: str, body: str, prelude: str = "") -> str:
+    """workers/test/<name>.py, whose work function runs body (worker type test.<name>)."""
+    return project.write(f"workers/test/{name}.py", (
+        "import os, sys, threading, time\n"
+        "from uniphant import alive, main\n"
+        f"{textwrap.dedent(prelude)}\n\n"
+        "def work(config, logger, connection):\n"
+        f"{textwrap.indent(textwrap.dedent(body).strip(), '    ')}\n\n\n"
+        "if __name__ == '__main__':\n"
+        "    main(work)\n"))
+
+
+def project_on(database, tmp_path):
+    """A project whose workers use database."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return Project(str(tmp_path / "project"), str(home), worker_env(database.env, str(home)))
+
+
+@pytest.fixture
+def make_role(db):
+    """A factory of login roles with a password and EXECUTE on the worker functions."""
+    made = []
+
+    def make(name: str = "role") -> tuple:
+        role, password = f"{name}_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
+        db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        db.rows("SELECT uniphant.grant_role(%s, 'worker')", role)
+        made.append(role)
+        return role, password
+    yield make
+    for role in made:
+        db.rows("DELETE FROM processes WHERE role = %s", role)
+        db.rows(f"DROP OWNED BY {role}")
+        db.rows(f"DROP ROLE {role}")
+
+
+def session_of(db, role: str, password: str, process_id: str):
+    return db.connect(user=role, password=password, host="127.0.0.1", port=int(db.env["PGPORT"]),
+                      unix_sock=None, application_name=process_id)
+
+
+def no_session(db, process_id: str) -> bool:
+    return not db.value("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", process_id)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_project(tmp_path, name: str, server, conf: str = "") -> Project:
+    home = tmp_path / f"{name}_home"
+    home.mkdir(exist_ok=True)
+    project = Project(str(tmp_path / name), str(home), worker_env(server.env("uniphant"), str(home)))
+    if conf:
+        project.write("uniphant.conf", conf)
+    return project
+
+
+def sql_rows(conn, sql, *params):
+    cursor = conn.cursor()
+    cursor.execute(sql, params)
+    return [tuple(r) for r in cursor.fetchall()]
+
+
+@pytest.fixture
+def password_role(db):
+    role = f"pw_{uuid.uuid4().hex[:8]}"
+    password = "Secr3t-" + uuid.uuid4().hex
+    db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    db.rows("SELECT uniphant.grant_role(%s, 'worker')", role)
+    yield role, password
+    db.rows("DELETE FROM processes WHERE role = %s", role)
+    db.rows(f"DROP OWNED BY {role}")
+    db.rows(f"DROP ROLE {role}")
+
+
+def tcp_env(db, role):
+    return {"PGHOST": "127.0.0.1", "PGPORT": db.env["PGPORT"], "PGUSER": role}
+
+
+def read_until(stream, text: str, timeout: float = 15) -> str:
+    """Lines of a child's output up to the first that holds text."""
+    import select
+    got, deadline = "", time.monotonic() + timeout
+    while text not in got:
+        if not select.select([stream], [], [], max(deadline - time.monotonic(), 0))[0]:
+            pytest.fail(f"timed out after {timeout} s waiting for {text!r} in {got!r}")
+        line = stream.readline()
+        if not line:
+            pytest.fail(f"the output ended before {text!r}: {got!r}")
+        got += line
+    return got
+
+
+def register(conn, worker_id: str, host_id: str, stale_after: str = "5 seconds", gone_pid=None) -> None:
+    """register_process() for a process of PID 1; gone_pid: the PID the caller found gone."""
+    conn.cursor().execute("SELECT register_host(%s::uuid, %s)", (host_id, f"host-{host_id[:8]}"))
+    conn.cursor().execute("SELECT register_process(%s::uuid, %s::uuid, 'test.sql', 1, %s::interval, "
+                          "false, %s)", (worker_id, host_id, stale_after, gone_pid))
+
+
+# ---------------------------------------------------------------------------
+# The fleet: a manager per project root, which plays a host
+# ---------------------------------------------------------------------------
+
+def with_manager(project, conf: str = "", *args: str, env=None) -> str:
+    """Start the project's manager as a daemon; return its worker id."""
+    os.makedirs(project.path("workers/uniphant"), exist_ok=True)
+    shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
+    if conf:
+        project.write("workers/uniphant/uniphant.conf", conf)
+    manager_id = str(uuid.uuid4())
+    start_daemon(project, manager_id, *args, script="workers/uniphant/manager.py", env=env)
+    return manager_id
+
+
+def host_of(project) -> str:
+    with open(project.path(".host_id")) as f:
+        return f.read().strip()
+
+
+def another_host(project, tmp_path, name: str = "other_host") -> Project:
+    return type(project)(str(tmp_path / name), project.home, project.env)
+
+
+def fleet(db, worker_id: str) -> dict:
+    rows = db.rows("SELECT state, host_id::text, pid, restarts, last_exit, next_start_at FROM fleet "
+                   "WHERE worker_id = %s::uuid", worker_id)
+    keys = ("state", "host_id", "pid", "restarts", "last_exit", "next_start_at")
+    return dict(zip(keys, rows[0])) if rows else {}
+
+
+def running(db, worker_id: str):
+    """The PID of worker_id's live process row, or None."""
+    return db.value("SELECT pid FROM processes WHERE worker_id = %s::uuid", worker_id)
+
+
+def ops(project, *args: str) -> subprocess.CompletedProcess:
+    """python uniphant.py ARGS, in the project."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), *args], cwd=project.root,
+                          env=project.env, capture_output=True, text=True, timeout=60)

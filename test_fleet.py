@@ -1,8 +1,6 @@
-"""Fleet control from SQL (DESIGN section 8): desired state in `workers`, a
-manager per host that makes it so, and the ops command.
-
-Each test has a database of its own, so that the managers of one test never
-see the workers of another; project roots play hosts.
+"""README, "The fleet": desired state in SQL, a manager per host that makes it
+so, and the ops command.  Each test has a database of its own, so that the
+managers of one test never see the workers of another; project roots play hosts.
 """
 
 from __future__ import annotations
@@ -10,57 +8,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
 import pg8000.dbapi
 import pytest
 
-from conftest import REPO, wait_for
-from test_uniphant import (_rows, assert_clean_error, gone, make_role, server_project,  # noqa: F401
-                           session_of, show_config, start_daemon)
+from conftest import (REPO, another_host, assert_clean_error, fleet, gone, host_of, ops, running, server_project,
+                      session_of, show_config, sql_rows, start_daemon, wait_for, with_manager)
 
-
-@pytest.fixture
-def db(cluster):
-    """A database of this test's own."""
-    database = cluster.database(f"fleet_{uuid.uuid4().hex[:8]}")
-    yield database
-    database.conn.close()
-
-
-def with_manager(project, conf: str = "", *args: str, env=None) -> str:
-    """Start the project's manager as a daemon; return its worker id."""
-    os.makedirs(project.path("workers/uniphant"), exist_ok=True)
-    shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
-    if conf:
-        project.write("workers/uniphant/uniphant.conf", conf)
-    manager_id = str(uuid.uuid4())
-    start_daemon(project, manager_id, *args, script="workers/uniphant/manager.py", env=env)
-    return manager_id
-
-
-def host_of(project) -> str:
-    with open(project.path(".host_id")) as f:
-        return f.read().strip()
-
-
-def another_host(project, tmp_path, name: str = "other_host"):
-    return type(project)(str(tmp_path / name), project.home, project.env)
-
-
-def fleet(db, worker_id: str) -> dict:
-    rows = db.rows("SELECT state, host_id::text, pid, restarts, last_exit, next_start_at FROM fleet "
-                   "WHERE worker_id = %s::uuid", worker_id)
-    keys = ("state", "host_id", "pid", "restarts", "last_exit", "next_start_at")
-    return dict(zip(keys, rows[0])) if rows else {}
-
-
-def running(db, worker_id: str):
-    """The PID of worker_id's live process row, or None."""
-    return db.value("SELECT pid FROM processes WHERE worker_id = %s::uuid", worker_id)
+pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
 
 def test_a_desired_worker_runs_within_moments_and_stops_when_removed(project, db):
@@ -264,17 +221,17 @@ def test_the_manager_survives_a_database_restart_with_its_workers_untouched(priv
     try:
         manager_id = with_manager(project)
         host = host_of(project)
-        workers = [str(_rows(admin, "SELECT add_worker('test.probe', %s::uuid)", host)[0][0]) for _ in range(3)]
-        wait_for(lambda: len(_rows(admin, "SELECT 1 FROM fleet WHERE state = 'running' AND pinned")) == 3,
+        workers = [str(sql_rows(admin, "SELECT add_worker('test.probe', %s::uuid)", host)[0][0]) for _ in range(3)]
+        wait_for(lambda: len(sql_rows(admin, "SELECT 1 FROM fleet WHERE state = 'running' AND pinned")) == 3,
                  what="three workers")
-        pids = sorted(_rows(admin, "SELECT pid FROM processes WHERE worker_id::text = ANY(%s)", workers))
+        pids = sorted(sql_rows(admin, "SELECT pid FROM processes WHERE worker_id::text = ANY(%s)", workers))
         admin.close()
         private_server.stop("fast")
         private_server.start()
         admin = private_server.connect("uniphant")
         wait_for(lambda: "database connection restored" in project.log(manager_id, "uniphant.manager"),
                  what="the manager to reconnect")
-        wait_for(lambda: sorted(_rows(admin, "SELECT pid FROM processes WHERE worker_id::text = ANY(%s)",
+        wait_for(lambda: sorted(sql_rows(admin, "SELECT pid FROM processes WHERE worker_id::text = ANY(%s)",
                                       workers)) == pids, what="the same workers, reconnected")
         assert project.running_pid(manager_id, "uniphant.manager") is not None
         assert "ended" not in project.log(manager_id, "uniphant.manager")
@@ -325,9 +282,9 @@ def test_the_manager_speaks_sd_notify(project, db, tmp_path, address):
         manager = project.popen(str(uuid.uuid4()), "start", "-f", script="workers/uniphant/manager.py",
                                 env={"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"})
         first = read_notifications(listener, "READY=1")
-        assert "STATUS=1 of 1 workers running" in "\n".join(read_notifications(listener, "STATUS=1 of 1 workers running"))
-        assert "WATCHDOG=1" in "\n".join(read_notifications(listener, "WATCHDOG=1"))
-        assert first  # the manager is ready only after its first pass
+        assert "workers running" in first[0]  # ready only after its first pass, which said so
+        read_notifications(listener, "STATUS=1 of 1 workers running")
+        read_notifications(listener, "WATCHDOG=1")
         manager.terminate()
         read_notifications(listener, "STOPPING=1")
         manager.communicate(timeout=15)
@@ -359,11 +316,6 @@ def test_a_worker_role_cannot_change_the_desired_state(db, make_role):
 # ---------------------------------------------------------------------------
 # The ops command: python uniphant.py
 # ---------------------------------------------------------------------------
-
-def ops(project, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), *args], cwd=project.root,
-                          env=project.env, capture_output=True, text=True, timeout=60)
-
 
 def test_ps_shows_every_state(project, db, tmp_path):
     import json
@@ -436,59 +388,3 @@ def test_a_managed_worker_without_a_log_file_logs_to_the_managers_stdout(project
     assert manager.returncode == 0, err
     assert f"uniphant.test.probe[{running_pid}]: worker {worker} started" in out
     assert not os.path.exists(project.path("log"))
-
-
-# ---------------------------------------------------------------------------
-# Behind PgBouncer in transaction mode
-# ---------------------------------------------------------------------------
-
-@pytest.mark.faults
-def test_300_workers_run_through_a_pool_of_20_on_a_server_of_50_connections(tmp_path):
-    import pgserver
-    if not os.access(pgserver.PgBouncer.binary_path(), os.X_OK):
-        pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
-    with pgserver.Server() as server:
-        server.init(settings="max_connections = 50\n").start()
-        server.create_database("uniphant")
-        with pgserver.PgBouncer(server, pool_size=20) as bouncer:
-            admin = server.connect("uniphant")
-            roots = [server_project(tmp_path, f"host{i}", server) for i in range(3)]
-            try:
-                for root in roots:  # managers connect directly; their workers through the pool
-                    root.write("workers/test/uniphant.conf",
-                               f"PGHOST={bouncer.server.dir}\nPGPORT={bouncer.port}\npooler=transaction\n"
-                               f"stale_after=6\n")
-                    with_manager(root)
-                count = lambda sql, *args: _rows(admin, sql, *args)[0][0]  # noqa: E731
-                _rows(admin, "SELECT scale('test.probe', 300)")
-                wait_for(lambda: count("SELECT count(*) FROM processes WHERE pooled") == 300, timeout=120,
-                         what="300 pooled workers registered")
-                assert count("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'") <= 50
-                assert sorted(n for _, n in _rows(admin, "SELECT host_id, count(*) FROM processes "
-                                                         "WHERE pooled GROUP BY 1")) == [100, 100, 100]
-                started = _rows(admin, "SELECT now()")[0][0]
-                wait_for(lambda: count("SELECT count(*) FROM processes WHERE pooled AND heartbeat_at > %s",
-                                       started) == 300, timeout=60, what="every worker to heartbeat")
-                # A deleted row stops its worker through its manager's relay (no LISTEN through the pool).
-                worker, pid = _rows(admin, "SELECT worker_id::text, pid FROM processes WHERE pooled LIMIT 1")[0]
-                admin.cursor().execute("DELETE FROM processes WHERE worker_id = %s::uuid", (worker,))
-                wait_for(lambda: gone(pid), timeout=5, what="the worker whose row was deleted")
-                log = next(r.log(worker) for r in roots if r.log(worker))
-                assert "stopping: its process row was deleted" in log
-                # A restart of PgBouncer: every worker reconnects, keeps its row and heartbeats again.
-                wait_for(lambda: count("SELECT count(*) FROM processes WHERE pooled") == 300,
-                         what="the stopped worker started again by its manager")
-                pids = dict(_rows(admin, "SELECT id::text, pid FROM processes WHERE pooled"))
-                bouncer.stop()
-                bouncer.start()
-                restarted = _rows(admin, "SELECT now()")[0][0]
-                wait_for(lambda: count("SELECT count(*) FROM processes WHERE pooled AND heartbeat_at > %s",
-                                       restarted) == 300, timeout=90, what="every worker back after the restart")
-                assert dict(_rows(admin, "SELECT id::text, pid FROM processes WHERE pooled")) == pids
-                admin.cursor().execute("DELETE FROM workers")
-                wait_for(lambda: count("SELECT count(*) FROM processes WHERE pooled") == 0, timeout=60,
-                         what="every worker stopped")
-            finally:
-                admin.close()
-                for root in roots:
-                    root.cleanup()

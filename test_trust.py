@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -19,10 +18,12 @@ import uuid
 import pg8000.dbapi
 import pytest
 
+import pgserver  # dev/pgserver.py, on the path by conftest.py
 import uniphant
-from conftest import REPO, wait_for
-from test_fleet import another_host, db, fleet, host_of, ops, running, with_manager  # noqa: F401
-from test_uniphant import assert_clean_error, gone, make_role, session_of, start_daemon  # noqa: F401
+from conftest import (REPO, another_host, assert_clean_error, fleet, gone, host_of, ops, running, session_of,
+                      start_daemon, wait_for, with_manager)
+
+pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
 VICTIM = """\
 import signal, sys, time
@@ -222,7 +223,6 @@ def test_the_script_lookup_looks_once_per_part_where_nothing_matches(tmp_path, m
 # ---------------------------------------------------------------------------
 
 def test_an_applications_own_objects_named_like_ours_are_left_alone(cluster):
-    import pgserver
     database = cluster.database(f"app_{uuid.uuid4().hex[:8]}", schema=False)
     database.rows("CREATE TABLE public.hosts (hostname text)")
     database.rows("INSERT INTO public.hosts VALUES ('web-1')")
@@ -318,7 +318,6 @@ CREATE VIEW public.pg_stat_activity AS SELECT * FROM pg_catalog.pg_stat_activity
 
 @pytest.mark.faults
 def test_a_role_that_may_create_in_public_gains_nothing_through_our_functions(cluster, tmp_path):
-    import pgserver
     database = cluster.database(f"hijack_{uuid.uuid4().hex[:8]}")
     database.rows("GRANT CREATE ON SCHEMA public TO PUBLIC")  # as PostgreSQL 14 had it
     mallory, password = f"mallory_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex

@@ -95,7 +95,7 @@ def _version_key(path: str) -> float:
         return 0.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -246,7 +246,7 @@ class Server:
         try:
             self.dir = tempfile.mkdtemp(prefix="uniphant-pg-")
             self.data = os.path.join(self.dir, "data")
-            self.port = _free_port()
+            self.port = free_port()
             if self.user:
                 os.chmod(self.dir, 0o755)
                 os.chown(self.dir, pwd.getpwnam(self.user).pw_uid, -1)
@@ -447,7 +447,7 @@ class PgBouncer:
     def __init__(self, server: Server, pool_size: int = 20) -> None:
         self.server = server
         self.binary = self.binary_path()
-        self.port = _free_port()
+        self.port = free_port()
         self.child: Optional[subprocess.Popen] = None
         self.ini = os.path.join(server.dir, "pgbouncer.ini")
         users = os.path.join(server.dir, "pgbouncer-users.txt")
