@@ -126,6 +126,7 @@ def test_foreground_worker_logs_to_stdout_and_to_its_log_file(project, db, worke
     assert "tick" in out
 
 
+@pytest.mark.faults
 def test_status_and_stop_work_while_the_database_is_down(project, worker_id, tmp_path):
     pid = start_daemon(project, worker_id)
     down = {"PGHOST": str(tmp_path / "nowhere"), "PGPORT": "1"}
@@ -136,6 +137,7 @@ def test_status_and_stop_work_while_the_database_is_down(project, worker_id, tmp
     assert gone(pid)
 
 
+@pytest.mark.faults
 def test_start_while_the_database_is_unreachable_fails_in_one_line(project, worker_id, tmp_path):
     result = project.run(worker_id, "start", env={"PGHOST": "127.0.0.1", "PGPORT": "1"})
     assert_clean_error(result, 1, "could not connect to PostgreSQL at 127.0.0.1:1")
@@ -171,6 +173,7 @@ def test_second_process_for_a_worker_is_refused_from_another_host(project, db, w
         other.cleanup()
 
 
+@pytest.mark.faults
 def test_start_after_kill_9_takes_over_the_row(project, db, worker_id):
     pid = start_daemon(project, worker_id)
     os.kill(pid, signal.SIGKILL)

@@ -73,6 +73,7 @@ def test_secrets_are_read_from_home_in_the_manual_layout(project):
     assert show_config(project, "api_key", "token", "root_secret") == ["s3cret", "t0ken", "r00t"]
 
 
+@pytest.mark.faults
 def test_secrets_file_readable_by_others_is_refused(project, worker_id):
     secrets = os.path.join(project.home, ".uniphant", "secrets")
     path = project.write("secrets.conf", "api_key=s3cret\n", mode=0o644, base=secrets)
@@ -183,6 +184,7 @@ def test_host_id_is_created_once_and_kept(project):
     assert uniphant.is_valid_uuid(first[0])
 
 
+@pytest.mark.faults
 def test_concurrent_first_starts_agree_on_one_host_id(project, db):
     worker_ids = [str(uuid.uuid4()) for _ in range(20)]
     children = [project.popen(w, "start") for w in worker_ids]

@@ -35,6 +35,7 @@ def test_each_kind_of_connection_failure_is_one_line(project, db, worker_id, pas
             assert "PGPASSWORD" in result.stderr and os.path.join(project.home, ".pgpass") in result.stderr
 
 
+@pytest.mark.faults
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can take on a user ID without a name")
 def test_user_id_without_a_name_is_told_to_set_pguser():
     import pwd
@@ -81,6 +82,7 @@ def test_a_stop_signal_ends_a_start_that_waits_for_a_silent_server(project, work
     assert child.returncode == 1 and "SIGTERM received while connecting" in err
 
 
+@pytest.mark.faults
 def test_a_fifo_planted_at_the_pid_file_is_refused_not_waited_on(project, worker_id):
     os.makedirs(project.path("pid/test.probe"))
     os.mkfifo(project.path(f"pid/test.probe/{worker_id}.pid"))
@@ -335,6 +337,7 @@ def _symlinked_log_file(project, worker_id):
     os.symlink(project.path("elsewhere.log"), project.path(f"log/test.probe/{worker_id}.log"))
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("make, message", [
     (lambda p, w: p.write("log", "a file where the log directory goes\n"), "must be a directory"),
     (lambda p, w: os.symlink(p.home, p.path("pid")), "must be a directory, not a symlink"),

@@ -57,6 +57,7 @@ def test_refusal_hidden_behind_a_failed_goodbye_is_still_reported():
     assert uniphant._connect_failure(error, 10) == ('database "x" does not exist', True)
 
 
+@pytest.mark.faults
 def test_register_host_stores_names_as_parameters(db):
     host = str(uuid.uuid4())
     name = "o'brien\\\"; DROP TABLE hosts; --"

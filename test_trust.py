@@ -61,7 +61,7 @@ def manager_log(project, manager_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# A. What a manager does to the operating system
+# What a manager does to the operating system
 # ---------------------------------------------------------------------------
 
 @pytest.mark.faults
@@ -219,7 +219,7 @@ def test_the_script_lookup_looks_once_per_part_where_nothing_matches(tmp_path, m
 
 
 # ---------------------------------------------------------------------------
-# B. SQL privileges
+# SQL privileges
 # ---------------------------------------------------------------------------
 
 def test_an_applications_own_objects_named_like_ours_are_left_alone(cluster):
@@ -467,7 +467,7 @@ def test_any_host_workers_go_only_to_managers_that_have_their_script(project, db
 
 
 # ---------------------------------------------------------------------------
-# C. What operators read
+# What operators read
 # ---------------------------------------------------------------------------
 
 HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\r\nforged line\u202eesrever\x9b"

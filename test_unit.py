@@ -142,3 +142,37 @@ def test_the_public_api_is_stated_and_its_exceptions_carry_what_a_caller_needs()
     assert (refusal.sqlstate, refusal.pid, refusal.host) == ("UN001", 42, "web-\x1b1")
     assert "\x1b" not in str(refusal) and isinstance(refusal, uniphant.UniphantError)
     assert issubclass(uniphant.ConfigError, ValueError) and uniphant.ConfigError.exit_code == 2
+
+
+# ---------------------------------------------------------------------------
+# The tests themselves
+# ---------------------------------------------------------------------------
+
+def _tests_and_their_marks() -> dict:
+    """Every test function of the suite, by name, with the marks on it or its module."""
+    import ast
+    import glob
+
+    found = {}
+    for path in glob.glob(os.path.join(REPO, "test_*.py")):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        module_marks = {ast.unparse(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                        and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)}
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                found[node.name] = module_marks | {ast.unparse(d) for d in node.decorator_list}
+    return found
+
+
+def test_each_line_of_the_readmes_failure_behaviour_names_fault_tests_that_exist():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Failure behaviour\n", 1)[1].split("\n## ", 1)[0]
+    tests = _tests_and_their_marks()
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(lines) > 10
+    for line in lines:
+        names = re.findall(r"`(test_\w+)`", line)
+        assert names, f"names no test: {line[:60]}"
+        for name in names:
+            assert name in tests, f"no test {name}"
+            assert "pytest.mark.faults" in tests[name], f"{name} is not in the fault suite"

@@ -1209,7 +1209,7 @@ class _Signals:
 
 
 class _Lease:
-    """The process row, held as a lease (DESIGN: one copy at a time): when to
+    """The process row, held as a lease (README, "One copy at a time"): when to
     renew it, and when it was last confirmed."""
 
     def __init__(self) -> None:
@@ -1795,7 +1795,7 @@ def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
 class _Watchdog:
     """Ends the process when it loses its database session while the worker
     function runs and cannot confirm its row before another host may take the
-    worker over (DESIGN: one copy at a time is a lease).
+    worker over (README, "One copy at a time").
 
     A thread, since the worker function may be anywhere (asleep, computing, in a
     C call).  It never touches the connection's protocol: it polls the socket
