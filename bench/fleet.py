@@ -108,7 +108,7 @@ CREATE UNLOGGED TABLE bench_events (
     state         text,
     next_start_at timestamptz
 );
-CREATE FUNCTION bench_process() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bench_process() RETURNS trigger LANGUAGE plpgsql SET search_path = public AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
         INSERT INTO bench_events (tbl, op, worker_id, worker_type)
@@ -119,7 +119,7 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
-CREATE FUNCTION bench_state() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bench_state() RETURNS trigger LANGUAGE plpgsql SET search_path = public AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
         INSERT INTO bench_events (tbl, op, worker_id) VALUES ('worker_states', TG_OP, OLD.worker_id);
@@ -129,7 +129,7 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
-CREATE FUNCTION bench_write() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bench_write() RETURNS trigger LANGUAGE plpgsql SET search_path = public AS $$
 BEGIN
     INSERT INTO bench_events (tbl, op) VALUES (TG_TABLE_NAME, TG_OP);
     RETURN NULL;
