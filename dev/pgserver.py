@@ -179,7 +179,7 @@ def _origin_library_dirs(install: str) -> List[str]:
     return sorted(found)
 
 
-def _link_or_copy(source: str, target: str) -> str:
+def link_or_copy(source: str, target: str) -> str:
     """A hard link when others may already read (and run) the file, else a copy that they may."""
     mode = stat.S_IMODE(os.stat(source).st_mode)
     if mode & stat.S_IROTH and (mode & stat.S_IXOTH or not mode & stat.S_IXUSR):
@@ -207,7 +207,7 @@ def _mirror_install(bindir: str, into: str) -> str:
 
     for tree in trees:
         shutil.copytree(tree, os.path.join(into, os.path.relpath(tree, base)), symlinks=True,
-                        ignore=skip, copy_function=_link_or_copy)
+                        ignore=skip, copy_function=link_or_copy)
     return os.path.normpath(os.path.join(into, os.path.relpath(bindir, base)))
 
 
