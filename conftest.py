@@ -241,8 +241,9 @@ class Project:
             os.chmod(path, mode)
         return path
 
-    def command(self, worker_id: str, *args: str, script: str = "workers/test/probe.py") -> List[str]:
-        return [sys.executable, script, worker_id, *args]
+    def command(self, worker_id: Optional[str], *args: str, script: str = "workers/test/probe.py") -> List[str]:
+        """The command line of a worker script; worker_id None gives none (a worker run once per host)."""
+        return [sys.executable, script, *([worker_id] if worker_id else []), *args]
 
     def run(self, worker_id: str, *args: str, script: str = "workers/test/probe.py",
             timeout: float = 60, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:

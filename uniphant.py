@@ -2739,6 +2739,7 @@ def _stop_managed_workers(config: Config, logger: logging.Logger) -> None:
     _runtime.manager.stop_all()
 
 
+manage.one_per_host = True  # type: ignore[attr-defined]
 manage.prepare = _prepare_manager  # type: ignore[attr-defined]
 manage.wakeup = _manager_wakeup  # type: ignore[attr-defined]
 manage.teardown = _stop_managed_workers  # type: ignore[attr-defined]
@@ -2979,19 +2980,21 @@ class UsageError(ConfigError):
     """A bad command line: the usage goes with the message."""
 
 
-def _usage(prog: str) -> str:
-    return f"usage: {prog} [-h] [-f] worker_id {{{','.join(COMMANDS)}}}"
+def _usage(prog: str, one_per_host: bool = False) -> str:
+    worker_id = "[worker_id]" if one_per_host else "worker_id"
+    return f"usage: {prog} [-h] [-f] {worker_id} {{{','.join(COMMANDS)}}}"
 
 
-def _parse_arguments(prog: str, argv: List[str]) -> Tuple[str, str, bool]:
-    """(worker_id, command, foreground) from the command line.
+def _parse_arguments(prog: str, argv: List[str], one_per_host: bool = False) -> Tuple[Optional[str], str, bool]:
+    """(worker_id, command, foreground) from the command line; worker_id None
+    where a worker that runs once per host was given none.
 
     Hand-made rather than argparse, whose import would double the time `status` takes.
     """
     positional, foreground = [], False
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(f"{_usage(prog)}\n\n{_HELP}")
+            print(f"{_usage(prog, one_per_host)}\n\n{_HELP}")
             sys.exit(EXIT_OK)
         elif arg in ("-f", "--foreground"):
             foreground = True
@@ -2999,14 +3002,29 @@ def _parse_arguments(prog: str, argv: List[str]) -> Tuple[str, str, bool]:
             raise UsageError(f"unrecognized option {_shorten(arg)}")
         else:
             positional.append(arg)
+    if one_per_host and len(positional) == 1:
+        positional.insert(0, None)
     if len(positional) != 2:
         raise UsageError(f"expected a worker_id and a command, got {len(positional)} arguments")
-    worker_id, command = _canonical_uuid(positional[0]), positional[1]
-    if worker_id is None:
+    worker_id, command = positional[0] and _canonical_uuid(positional[0]), positional[1]
+    if positional[0] is not None and worker_id is None:
         raise UsageError(f"worker_id must be a UUID, got {_shorten(positional[0])}")
     if command not in COMMANDS:
         raise UsageError(f"invalid command {_shorten(command)} (choose from {', '.join(COMMANDS)})")
     return worker_id, command, foreground
+
+
+def _one_per_host_id(config: Config, create: bool) -> Optional[str]:
+    """The worker id of a worker that runs once per host (README, "Hooks"): derived
+    from this host's id and the worker type, so that no one has to choose one.
+    None where the host has no id yet, and create is false."""
+    import uuid
+
+    if create:
+        host_id: Optional[str] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
+    else:
+        host_id = _read_host_id(config["host_id_file"])
+    return host_id and str(uuid.uuid5(uuid.UUID(host_id), config["worker_type"]))
 
 
 def _describe(config: Config) -> str:
@@ -3118,8 +3136,14 @@ def main(worker_function: WorkerFunction) -> None:
     the PID file.  Signals are caught (signal_handler) once a start begins.
     """
     prog = os.path.basename(sys.argv[0])
+    one_per_host = getattr(worker_function, "one_per_host", False)
     try:
-        worker_id, command, foreground = _parse_arguments(prog, sys.argv[1:])
+        worker_id, command, foreground = _parse_arguments(prog, sys.argv[1:], one_per_host)
+        if command in ("status", "stop") and worker_id is None:
+            worker_id = _one_per_host_id(_script_config(), create=False)
+            if worker_id is None:  # this root has never started anything: nothing runs
+                print(f"Worker {_script_config()['worker_type']} is not running.")
+                _exit(EXIT_NOT_RUNNING if command == "status" else EXIT_FAILURE)
         if command == "status":
             config = dict(_script_config(), worker_id=worker_id)
             code = _status(config, get_pid_file_path(config))
@@ -3128,7 +3152,7 @@ def main(worker_function: WorkerFunction) -> None:
             code = _stop(config, get_pid_file_path(config))
         else:
             config = setup_config()
-            config.update(worker_id=worker_id, foreground=foreground,
+            config.update(worker_id=worker_id or _one_per_host_id(config, create=True), foreground=foreground,
                           parent_pid=os.getppid() if foreground else None)
             pid_file = get_pid_file_path(config)
             if command == "restart" and get_pid_for_running_process(pid_file) is not None:
@@ -3136,7 +3160,7 @@ def main(worker_function: WorkerFunction) -> None:
             code = _start(config, worker_function, pid_file)
     except UniphantError as e:
         if isinstance(e, UsageError):
-            print(_usage(prog), file=sys.stderr)
+            print(_usage(prog, one_per_host), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         _report_to_manager("error", e)
         code = e.exit_code

@@ -1,12 +1,19 @@
 """The fleet manager of this project root (README, "The fleet").
 
-    python workers/uniphant/manager.py <uuid> start      # or start -f under systemd
+    python workers/uniphant/manager.py start       # also stop, status, restart; start -f under systemd
 
 It starts, supervises and stops the workers that the `workers` table asks of
-this host, and records what happens to them in `worker_states`.
+this host, and records what happens to them in `worker_states`.  It runs once
+per project root: its worker id comes from the root's host id (or give one).
 """
 
-from uniphant import main, manage
+import os
+import sys
+
+# A vendored uniphant.py lies in the project root, two directories up (README, "Install").
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from uniphant import main, manage  # noqa: E402
 
 if __name__ == "__main__":
     main(manage)

@@ -1,0 +1,138 @@
+"""README, "Install" and "Database privileges": a project that vendors uniphant,
+laid out and set up exactly as the README says, runs as typed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import REPO, Project, assert_clean_error, fleet, host_of, running, wait_for
+
+pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
+
+HELLO = '''\
+import uniphant
+from uniphant import main
+
+def work(config, logger, connection):
+    logger.info("runtime %s", uniphant.__file__)
+
+if __name__ == "__main__":
+    main(work)
+'''
+
+
+def readme_block(section: str, language: str) -> str:
+    """The first code block of that language in the README's section."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(rf"```{language}\n(.*?)```", text, re.S).group(1)
+
+
+def vendored(tmp_path, db) -> Project:
+    """A project laid out as README's "Install" shows, with only the files it names;
+    its environment has no PYTHONPATH and no connection settings."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "PYTHONPATH"}
+    project = Project(str(tmp_path / "myproject"), str(home), dict(env, HOME=str(home)))
+    os.remove(project.path("workers/test/probe.py"))
+    shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    os.makedirs(project.path("workers/uniphant"))
+    shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
+    project.write("uniphant.conf", f"PGHOST=127.0.0.1\nPGPORT={db.env['PGPORT']}\n"
+                                   f"PGDATABASE={db.env['PGDATABASE']}\n")
+    project.write("workers/uniphant/uniphant.conf", "PGUSER=app_manager\n")
+    project.write("workers/app/uniphant.conf", "PGUSER=app_worker\n")
+    project.write("workers/app/hello.py", HELLO)
+    project.write(".uniphant/secrets/workers/uniphant/secrets.conf", "PGPASSWORD=manager-secret\n",
+                  mode=0o600, base=project.home)
+    project.write(".uniphant/secrets/workers/app/secrets.conf", "PGPASSWORD=worker-secret\n",
+                  mode=0o600, base=project.home)
+    return project
+
+
+@pytest.fixture
+def readme_roles(db):
+    """The roles of README's "Database privileges", made by its SQL as typed."""
+    conn = db.connect()
+    conn.execute_simple(readme_block("Database privileges", "sql"))
+    conn.close()
+    yield
+    for role in ("app_worker", "app_manager", "app_operator"):
+        db.rows(f"DROP OWNED BY {role}")
+        db.rows(f"DROP ROLE {role}")
+
+
+def test_a_vendored_project_runs_its_manager_and_workers_as_three_roles_with_no_pythonpath(
+        tmp_path, db, readme_roles):
+    project = vendored(tmp_path, db)
+    try:
+        manager = project.run(None, "start", script="workers/uniphant/manager.py")
+        assert manager.returncode == 0, manager.stderr
+        operator = dict(project.env, PGUSER="app_operator", PGPASSWORD="operator-secret")
+        added = [subprocess.run([sys.executable, "uniphant.py", "add", "app.hello", "--host", "here"],
+                                cwd=project.root, env=operator, capture_output=True, text=True)
+                 for _ in range(2)]
+        assert all(a.returncode == 0 for a in added), [a.stderr for a in added]
+        workers = [a.stdout.strip() for a in added]
+        for worker in workers:
+            wait_for(lambda: fleet(db, worker).get("state") == "running", what="a worker of the vendored project")
+            wait_for(lambda: "runtime" in project.log(worker, "app.hello"), what="its first call")
+            assert f"runtime {project.path('uniphant.py')}" in project.log(worker, "app.hello")
+        roles = dict(db.rows("SELECT worker_type, role::text FROM processes WHERE host_id = %s::uuid "
+                             "GROUP BY 1, 2", host_of(project)))
+        assert roles == {"app.hello": "app_worker", "uniphant.manager": "app_manager"}
+        by_hand = str(uuid.uuid4())
+        started = subprocess.run([sys.executable, "-m", "workers.app.hello", by_hand, "start"], cwd=project.root,
+                                 env=project.env, capture_output=True, text=True)
+        assert started.returncode == 0, started.stderr
+        wait_for(lambda: "runtime" in project.log(by_hand, "app.hello"), what="the worker started by hand")
+        assert f"runtime {project.path('uniphant.py')}" in project.log(by_hand, "app.hello")
+        ps = subprocess.run([sys.executable, "uniphant.py", "ps"], cwd=project.root, env=operator,
+                            capture_output=True, text=True)
+        assert ps.returncode == 0 and all(worker in ps.stdout for worker in workers), ps.stderr
+    finally:
+        project.cleanup()
+
+
+def test_a_manager_needs_no_worker_id_and_one_command_serves_every_host(tmp_path, db):
+    import uniphant
+    hosts = [Project(str(tmp_path / name), str(tmp_path / "home"), db_env(db, tmp_path)) for name in ("a", "b")]
+    try:
+        for project in hosts:
+            os.makedirs(project.path("workers/uniphant"))
+            shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
+            assert project.run(None, "status", script="workers/uniphant/manager.py").returncode == 3
+            started = project.run(None, "start", script="workers/uniphant/manager.py")
+            assert started.returncode == 0, started.stderr
+        ids = []
+        for project in hosts:
+            manager_id = str(uuid.uuid5(uuid.UUID(host_of(project)), "uniphant.manager"))
+            ids.append(manager_id)
+            status = project.run(None, "status", script="workers/uniphant/manager.py")
+            assert status.returncode == 0 and manager_id in status.stdout
+            assert running(db, manager_id) == project.running_pid(manager_id, "uniphant.manager")
+            assert_clean_error(project.run(None, "start", script="workers/uniphant/manager.py"), 1,
+                               "already running")
+        assert ids[0] != ids[1] and db.value("SELECT count(*) FROM managers") == 2
+        assert hosts[0].run(None, "stop", script="workers/uniphant/manager.py").returncode == 0
+        assert running(db, ids[0]) is None and running(db, ids[1]) is not None
+        assert_clean_error(hosts[0].run(None, "frobnicate", script="workers/uniphant/manager.py"), 2,
+                           "[worker_id]")
+        assert uniphant.manage.one_per_host
+    finally:
+        for project in hosts:
+            project.cleanup()
+
+
+def db_env(db, tmp_path) -> dict:
+    from conftest import worker_env
+    (tmp_path / "home").mkdir(exist_ok=True)
+    return worker_env(db.env, str(tmp_path / "home"))
