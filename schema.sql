@@ -700,6 +700,16 @@ BEGIN
 END
 $$;
 
+-- Which of worker_ids the desired state still holds: a manager keeps their
+-- log and PID files, and removes those of the others once old enough.
+CREATE OR REPLACE FUNCTION uniphant.desired_workers(worker_ids uuid[]) RETURNS SETOF uuid
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM uniphant.managed_host();
+    RETURN QUERY SELECT w.worker_id FROM uniphant.workers w WHERE w.worker_id = ANY (worker_ids);
+END
+$$;
+
 -- The operators' API: change what should run.  Each is one statement, so
 -- the managers learn of it by one notification.
 CREATE OR REPLACE FUNCTION uniphant.add_worker(worker_type text, host_id uuid DEFAULT NULL)
@@ -880,16 +890,17 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (8, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
                        'double precision)'),
         (9, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
-        (10, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid)'),
-        (11, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
-        (12, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
-        (13, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
-        (14, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
-        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text)'),
-        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
-        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
-        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
-        (19, 'operator', 'SELECT ON uniphant.fleet')) AS p (n, part, privilege)
+        (10, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
+        (11, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid)'),
+        (12, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
+        (13, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
+        (14, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
+        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
+        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text)'),
+        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
+        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
+        (19, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
+        (20, 'operator', 'SELECT ON uniphant.fleet')) AS p (n, part, privilege)
     WHERE p.part = kind OR (kind = 'manager' AND p.part = 'worker');
 $$;
 

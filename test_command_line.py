@@ -21,6 +21,7 @@ from conftest import PROBE, REPO, assert_clean_error, gone, start_daemon, wait_f
     ([str(uuid.uuid4()), "launch"], "invalid command 'launch'"),
     ([str(uuid.uuid4())], "expected a worker_id and a command"),
     ([str(uuid.uuid4()), "start", "--daemon"], "unrecognized option '--daemon'"),
+    ([str(uuid.uuid4()), "start", "now"], "unexpected argument 'now'"),
 ])
 def test_bad_arguments_exit_2_with_usage(project, args, message):
     result = subprocess.run([sys.executable, "workers/test/probe.py", *args], cwd=project.root,
@@ -307,3 +308,18 @@ def test_status_and_stop_import_no_database_driver(project, worker_id, command):
     assert result.returncode in (1, 3)
     assert "uniphant" in result.stderr  # the import log is there
     assert "pg8000" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["workers/test/probe.py", "--help"], [os.path.join(REPO, "uniphant.py"), "-h"]])
+def test_help_into_a_reader_that_has_gone_ends_quietly(project, command):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` that has read enough
+    result = subprocess.run([sys.executable, *command], cwd=project.root, env=project.env, stdout=write_end,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def test_a_socket_where_no_server_listens_asks_whether_the_server_runs(project, worker_id, tmp_path):
+    result = project.run(worker_id, "start", env={"PGHOST": str(tmp_path)})
+    assert_clean_error(result, 1, f"socket {tmp_path}/.s.PGSQL.", "is the server running")

@@ -239,3 +239,21 @@ def test_hosts_of_pghost_are_tried_in_order(project, db, worker_id, tmp_path):
 def test_other_scripts_spaces_around_a_number_are_an_error(project, worker_id, space):
     conf = project.write("workers/test/uniphant.conf", f"stale_after={space}5\n")
     assert_clean_error(project.run(worker_id, "start", "-f"), 2, f"{conf}:1", "bad value for stale_after")
+
+
+@pytest.mark.parametrize("line, meant", [("intervall=2", "interval"), ("restart_dealy=3", "restart_delay"),
+                                         ("Stale_After=30", "stale_after"), ("sslmode=require", "PGSSLMODE"),
+                                         ("pghost=/tmp", "PGHOST")])
+def test_a_key_one_slip_from_one_uniphant_reads_gets_a_warning_naming_it(project, db, worker_id, line, meant):
+    project.write("workers/test/uniphant.conf", line + "\n")
+    result = project.run(worker_id, "start")
+    assert result.returncode == 0, result.stderr
+    assert f"uniphant.conf:1: '{line.split('=')[0]}' is not a key uniphant reads; did you mean '{meant}'?" \
+        in result.stderr
+    wait_for(lambda: f"did you mean '{meant}'" in project.log(worker_id), what="the warning in the log too")
+
+
+def test_a_key_of_the_workers_own_is_not_taken_for_a_slip(project, db, worker_id):
+    project.write("workers/test/uniphant.conf", "queue=mail\nport=8080\nbatch_size=10\n")
+    result = project.run(worker_id, "start")
+    assert result.returncode == 0 and "warning" not in result.stderr

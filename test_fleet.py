@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -240,6 +242,26 @@ def test_the_manager_survives_a_database_restart_with_its_workers_untouched(priv
         project.cleanup()
 
 
+def test_the_manager_removes_the_files_of_workers_gone_from_the_desired_state_after_retention(project, db):
+    by_hand = str(uuid.uuid4())
+    start_daemon(project, by_hand)  # running, though nobody desires it
+    desired = str(db.value("SELECT add_worker('test.probe', %s::uuid)", str(uuid.uuid4())))
+    gone_id, recent = str(uuid.uuid4()), str(uuid.uuid4())
+    files = {}
+    for worker_id, age in ((by_hand, 2), (desired, 2), (gone_id, 2), (recent, 0)):
+        files[worker_id] = [project.path(f"{kind}/test.probe/{worker_id}.{kind}") for kind in ("pid", "log")]
+        for path in files[worker_id]:
+            if not os.path.exists(path):
+                project.write(path, "")
+            old = time.time() - age * 86400
+            os.utime(path, (old, old))
+    manager_id = with_manager(project, "file_retention=86400\n")
+    wait_for(lambda: f"removed the files of worker {gone_id}" in project.log(manager_id, "uniphant.manager"),
+             what="the files of a worker nobody desires to go")
+    assert not any(os.path.exists(path) for path in files[gone_id])
+    assert all(os.path.exists(path) for w in (by_hand, desired, recent) for path in files[w])
+
+
 @pytest.mark.faults
 def test_a_manager_never_dies_of_a_lost_session(project, db):
     project.write("uniphant.conf", "stale_after=3\n")
@@ -369,10 +391,33 @@ def test_ops_commands_add_scale_restart_and_stop_workers(project, db):
     (["add", "test/probe"], 2, "is not a worker type"),
     (["stop", str(uuid.uuid4())], 1, "no such worker"),
     (["restart", "no.such.type"], 1, "no running worker"),
+    (["ps", "everything"], 2, "unexpected argument 'everything'"),
+    (["scale", "test.probe", "3", "4"], 2, "unexpected argument '4'"),
+    (["stop", "test.probe", "test.other"], 2, "unexpected argument 'test.other'"),
 ])
 def test_ops_commands_fail_clearly(project, db, args, code, message):
     result = ops(project, *args)
     assert_clean_error(result, code, message)
+
+
+def test_ps_into_a_reader_that_has_gone_ends_quietly(project, db):
+    db.value("SELECT scale('test.probe', 2000, %s::uuid)", str(uuid.uuid4()))  # far more than a pipe holds
+    read_end, write_end = os.pipe()
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=read_end, stdout=subprocess.PIPE)
+    os.close(read_end)
+    ps = subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), "ps"], cwd=project.root,
+                        env=project.env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert reader.communicate(timeout=10)[0].startswith(b"WORKER")
+    assert ps.returncode == 0 and ps.stderr == ""
+
+
+def test_the_ops_commands_outside_a_project_say_which_settings_they_use(project, db, tmp_path):
+    elsewhere = tmp_path / "not_a_project"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), "ps"], cwd=str(elsewhere),
+                            env=project.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "no project here" in result.stderr and "environment" in result.stderr
 
 
 def test_a_managed_worker_without_a_log_file_logs_to_the_managers_stdout(project, db):

@@ -178,7 +178,7 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 
 # Each check returns the value to store, or raises ValueError saying what is wrong.
 # The runtime keys: their defaults and their checks; config files hold them as
-# text, `config` as checked values.  The last five are the manager's (README,
+# text, `config` as checked values.  The last six are the manager's (README,
 # "The fleet").
 _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "log_level": ("INFO", _choice(LOG_LEVELS, str.upper)),
@@ -193,6 +193,7 @@ _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "restart_reset_after": (600.0, _number(0)),
     "start_timeout": (30.0, _number(1)),
     "starts_per_second": (20.0, _number(0, above=True, maximum=1000, unit="starts a second")),
+    "file_retention": (604800.0, _number(0, maximum=366 * 86400)),
 }
 RUNTIME_DEFAULTS: Dict[str, Any] = {key: default for key, (default, _) in _RUNTIME_KEYS.items()}
 
@@ -249,7 +250,8 @@ def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, st
 
 def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
     """The settings of config entries, enforcing the rules: no reserved key, no key
-    twice, a valid value for every key uniphant reads."""
+    twice, a valid value for every key uniphant reads.  A key one slip away from
+    one uniphant reads is noted for a warning (_Log.pending)."""
     found: Dict[str, Tuple[Any, str]] = {}  # key -> (value, where)
     for where, key, value in entries:
         if key in RESERVED_KEYS:
@@ -257,7 +259,42 @@ def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
         if key in found:
             raise ConfigError(f"{where}: {key!r} is already defined at {found[key][1]}")
         found[key] = (_checked(key, value, where), where)
+        meant = _resembles(key)
+        if meant is not None:
+            _runtime.log.pending.append(f"{where}: {_printable(key)!r} is not a key uniphant reads; "
+                                        f"did you mean {meant!r}?")
     return {key: value for key, (value, _) in found.items()}
+
+
+# The connection keys uniphant reads, as libpq's environment names them, and
+# libpq's connection-string names for some, which a config file does not take.
+_CONNECTION_KEYS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSSLMODE",
+                    "PGCONNECT_TIMEOUT")
+_CONNINFO_NAMES = {"dbname": "PGDATABASE", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE",
+                   "connect_timeout": "PGCONNECT_TIMEOUT"}
+
+
+def _resembles(key: str) -> Optional[str]:
+    """The key uniphant reads that key is one slip away from (a letter more, less,
+    other or swapped; another case; libpq's connection-string name), else None."""
+    known = (*_RUNTIME_KEYS, *_CONNECTION_KEYS)
+    if key in known:
+        return None
+    if key.lower() in _CONNINFO_NAMES:
+        return _CONNINFO_NAMES[key.lower()]
+    return next((k for k in known if k.lower() == key.lower() or _one_slip_apart(k, key)), None)
+
+
+def _one_slip_apart(a: str, b: str) -> bool:
+    """Whether b is a with one letter added, dropped, changed, or swapped with the next."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if len(a) == len(b):
+        return a[first + 1:] == b[first + 1:] or (a[first:first + 2] == b[first:first + 2][::-1]
+                                                   and a[first + 2:] == b[first + 2:])
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    return longer[first + 1:] == shorter[first:]
 
 
 def _checked(key: str, value: str, where: str) -> Any:
@@ -444,6 +481,9 @@ def setup_config() -> Config:
     config = _script_config()
     config.update(RUNTIME_DEFAULTS)
     config.update(read_config_files(config))
+    if not _runtime.managed:  # a managed worker's stderr is the manager's: its log says it
+        for warning in _runtime.log.pending:
+            print(f"{os.path.basename(sys.argv[0])}: warning: {warning}", file=sys.stderr)
     for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE"):
         _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
     try:
@@ -602,6 +642,9 @@ def setup_logging(config: Config) -> logging.Logger:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     _runtime.log.logger = logger
+    for warning in _runtime.log.pending:
+        logger.warning("%s", warning)
+    _runtime.log.pending.clear()
     return logger
 
 
@@ -973,6 +1016,8 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
         return f"timed out after {timeout:g} s", False
     if isinstance(cause, socket.gaierror):
         return f"unknown host ({cause.strerror})", False
+    if getattr(cause, "errno", None) in (errno.ENOENT, errno.ECONNREFUSED):
+        return f"{cause.strerror} (is the server running, and accepting connections there?)", False
     return getattr(cause, "strerror", None) or _reason(cause), False
 
 
@@ -1221,13 +1266,14 @@ class _Lease:
 
 
 class _Log:
-    """The worker's logger, its log file's handler (reopened on SIGHUP), and the
-    one-time warnings already given."""
+    """The worker's logger, its log file's handler (reopened on SIGHUP), the
+    one-time warnings already given, and those waiting for the logger."""
 
     def __init__(self) -> None:
         self.logger: Optional[logging.Logger] = None
         self.handler = None
         self.warned: set = set()
+        self.pending: List[str] = []  # warnings from before the logger was set up
 
 
 class _Runtime:
@@ -2176,6 +2222,8 @@ def _note_leftover_threads(logger: logging.Logger) -> None:
 _PLAN_EVERY = 5.0
 # The channel the managers hear of changes to the fleet on (schema.sql: notify_fleet).
 _FLEET_CHANNEL = "uniphant_fleet"
+# How often a manager looks for files of workers gone from the desired state.
+_TIDY_EVERY = 3600.0
 
 # The states of a worker that the plan gives this host, as worker_states.state
 # holds them (schema.sql checks the same names, and `unplaced`, which only the
@@ -2302,6 +2350,7 @@ class _Manager:
         self.slots: Dict[str, _Slot] = {}
         self.connection = None           # the one it listens on
         self.next_plan = 0.0
+        self.next_tidy = 0.0
         self.next_start = 0.0            # starts are paced: starts_per_second, jittered
         self.status_told = ""
         self.next_watchdog = 0.0
@@ -2340,6 +2389,9 @@ class _Manager:
     def _plan(self, connection) -> None:
         if self.worker_types is None or time.monotonic() >= self.next_plan:
             self._tell_worker_types(connection)
+        if time.monotonic() >= self.next_tidy:
+            self._tidy(connection)
+            self.next_tidy = time.monotonic() + _TIDY_EVERY
         rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, "
                      "row_live, restarts FROM uniphant.manager_plan($1::uuid)", (self.config["host_id"],))
         self.next_plan = time.monotonic() + _PLAN_EVERY
@@ -2373,6 +2425,31 @@ class _Manager:
         if types != self.worker_types:
             _call(connection, "SELECT uniphant.set_worker_types($1::text[])", (types,))
             self.worker_types = types
+
+    def _tidy(self, connection) -> None:
+        """Remove the PID and log files in this root of workers gone from the desired
+        state, once unused for file_retention seconds: none that a process holds,
+        and none of this manager's own."""
+        cutoff, found = time.time() - self.config["file_retention"], {}
+        for kind in ("pid", "log"):
+            for path in _files_below(os.path.join(self.config["state_dir"], kind), f".{kind}"):
+                worker_id = _canonical_uuid(os.path.basename(path)[:-len(kind) - 1])
+                if worker_id and worker_id != self.config["worker_id"] and worker_id not in self.slots:
+                    found.setdefault(worker_id, []).append(path)
+        old = {w: paths for w, paths in found.items() if all(_unused_since(p, cutoff) for p in paths)}
+        if not old:
+            return
+        desired = {str(row[0]) for row in _rows(connection, "SELECT uniphant.desired_workers($1::uuid[])",
+                                                  (list(old),))}
+        for worker_id in set(old) - desired:
+            try:
+                for path in old[worker_id]:
+                    os.unlink(path)
+            except OSError as e:
+                self.logger.warning("cannot remove %s: %s", path, e.strerror)
+                continue
+            self.logger.info("removed the files of worker %s, gone from the desired state: %s",
+                             worker_id, ", ".join(old[worker_id]))
 
     def _check_row(self, slot: _Slot) -> None:
         """A registered child without a live row (deleted, or a stale heartbeat with no
@@ -2637,6 +2714,30 @@ class _Manager:
                               ", ".join(str(c.pid) for c in children))
 
 
+def _files_below(directory: str, suffix: str) -> List[str]:
+    """The regular files ending in suffix one directory below directory (no symlinks)."""
+    found = []
+    try:
+        kinds = [e for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    for kind in kinds:
+        found += [e.path for e in os.scandir(kind.path)
+                  if e.name.endswith(suffix) and e.is_file(follow_symlinks=False)]
+    return found
+
+
+def _unused_since(path: str, cutoff: float) -> bool:
+    """Whether path was last written before cutoff (time.time), and no process holds
+    it, if it is a PID file."""
+    try:
+        if os.lstat(path).st_mtime >= cutoff:
+            return False
+        return not path.endswith(".pid") or get_pid_for_running_process(path) is None
+    except (OSError, UniphantError):
+        return False  # gone meanwhile, or not a file of ours: leave it
+
+
 def _how_it_ended(child: _Child, status: Optional[int]) -> str:
     """Why a worker's run ended, in one line: the manager's reason, its exit code or
     signal, and its last words (an exception's last line, say)."""
@@ -2803,7 +2904,7 @@ def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, .
 
 def _ops_type(text: str) -> str:
     if not _is_worker_type(text):
-        raise UsageError(f"{_printable(_shorten(text))} is not a worker type (like a.b: letters, digits, "
+        raise UsageError(f"{_shorten(text)} is not a worker type (like a.b: letters, digits, "
                          f"_ and -, in up to {_TYPE_PARTS} parts joined with dots, up to "
                          f"{_TYPE_LENGTH} characters)")
     return text
@@ -2835,7 +2936,7 @@ def _age(seconds: Optional[float]) -> str:
 def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
     _, options = _ops_arguments(args, ("--json",), ())
     if _:
-        raise UsageError("ps takes no arguments but --json")
+        raise UsageError(f"ps: unexpected argument {_shorten(_[0])} (it takes --json only)")
 
     def ps(connection) -> int:
         rows = _rows(connection, "SELECT worker_id::text, worker_type, state, host, pid, "
@@ -2866,7 +2967,11 @@ def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
 def _ops_type_and_host(args: List[str], config: Config, usage: str) -> Tuple[str, Optional[str], list]:
     """(worker type, host id or None, the other positional arguments) of `TYPE ... [--host HOST]`."""
     positional, options = _ops_arguments(args, (), ("--host",))
-    if len(positional) != usage.count(" ") + 1:
+    wanted = usage.count(" ") + 1
+    if len(positional) > wanted:
+        raise UsageError(f"unexpected argument {_shorten(positional[wanted])} "
+                         f"(expected {usage} [--host HOST])")
+    if len(positional) < wanted:
         raise UsageError(f"expected {usage} [--host HOST]")
     return _ops_type(positional[0]), _ops_host(config, options.get("--host")), positional[1:]
 
@@ -2907,7 +3012,10 @@ def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callab
     """An ops command that takes a worker id or a worker type (stop, restart)."""
     def parse(args: List[str], config: Config) -> Callable[[Any], int]:
         positional, _ = _ops_arguments(args, (), ())
-        if len(positional) != 1:
+        if len(positional) > 1:
+            raise UsageError(f"unexpected argument {_shorten(positional[1])} "
+                             f"({verb} takes one worker id or worker type)")
+        if not positional:
             raise UsageError(f"{verb} takes a worker id or a worker type")
         worker_id = _canonical_uuid(positional[0])
         target = worker_id or _ops_type(positional[0])
@@ -2938,13 +3046,19 @@ def _ops_main(argv: List[str]) -> None:
     """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
     prog = "uniphant.py"
     if argv[:1] in (["-h"], ["--help"]):
-        print(_OPS_HELP)
+        _print_or_leave_quietly(_OPS_HELP)
         sys.exit(EXIT_OK)
     try:
         parse = _OPS_COMMANDS.get(argv[0] if argv else "")
         if parse is None:
-            raise UsageError(f"expected a command: {', '.join(_OPS_COMMANDS)}")
+            raise UsageError(f"expected a command ({', '.join(_OPS_COMMANDS)}), got "
+                             f"{_shorten(argv[0]) if argv else 'none'}")
         config = _ops_config()
+        for warning in _runtime.log.pending:
+            print(f"{prog}: warning: {warning}", file=sys.stderr)
+        if config["root_dir"] is None:
+            print(f"{prog}: no project here (no directory above this one holds workers/): connecting "
+                  f"with the environment's settings, else libpq's defaults", file=sys.stderr)
         act = parse(argv[1:], config)
         connection = connect_to_database(config)
         try:
@@ -2956,7 +3070,26 @@ def _ops_main(argv: List[str]) -> None:
             print(_OPS_HELP.splitlines()[0], file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = e.exit_code
+    except BrokenPipeError:
+        _leave_quietly()
     sys.exit(code)
+
+
+def _print_or_leave_quietly(text: str) -> None:
+    """print(text), or exit quietly when the reader has gone (`ps | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _leave_quietly()
+
+
+def _leave_quietly() -> None:
+    """Exit 0 after a reader that had read enough closed stdout: Python would
+    otherwise complain again while flushing it at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    sys.exit(EXIT_OK)
 
 
 # ---------------------------------------------------------------------------
@@ -2994,7 +3127,7 @@ def _parse_arguments(prog: str, argv: List[str], one_per_host: bool = False) -> 
     positional, foreground = [], False
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(f"{_usage(prog, one_per_host)}\n\n{_HELP}")
+            _print_or_leave_quietly(f"{_usage(prog, one_per_host)}\n\n{_HELP}")
             sys.exit(EXIT_OK)
         elif arg in ("-f", "--foreground"):
             foreground = True
@@ -3004,8 +3137,12 @@ def _parse_arguments(prog: str, argv: List[str], one_per_host: bool = False) -> 
             positional.append(arg)
     if one_per_host and len(positional) == 1:
         positional.insert(0, None)
-    if len(positional) != 2:
-        raise UsageError(f"expected a worker_id and a command, got {len(positional)} arguments")
+    if len(positional) > 2:
+        raise UsageError(f"unexpected argument {_shorten(positional[2])} (expected a worker_id "
+                         f"and a command)")
+    if len(positional) < 2:
+        raise UsageError("expected a worker_id and a command" if not positional else
+                         f"expected a worker_id and a command, got only {_shorten(positional[0])}")
     worker_id, command = positional[0] and _canonical_uuid(positional[0]), positional[1]
     if positional[0] is not None and worker_id is None:
         raise UsageError(f"worker_id must be a UUID, got {_shorten(positional[0])}")
