@@ -663,10 +663,11 @@ class Soak:
     def _pg_restart(self, mode: str) -> Optional[str]:
         assert self.server is not None and self.db is not None
         self.db.close()
+        downtime = self.rng.uniform(*DOWNTIME)
+        self.note("PostgreSQL restart", f"{mode} shutdown, then down for {downtime:.1f} s")
         self.server.stop(mode)
         self.server_up, self.down_since = False, time.monotonic()
-        downtime = self.rng.uniform(*DOWNTIME)
-        self.note("PostgreSQL stopped", f"{mode}, starting again in {downtime:.1f} s")
+        self.note("PostgreSQL stopped", mode)
         self.schedule(downtime, self._pg_start)
         return None
 
@@ -930,10 +931,12 @@ class Soak:
             lines = said.get(key, [])
             parsed = [(lt, line) for lt, level, p, message, line in self._parse_log(root.manager_log())
                       if p == pid and (level in ("WARNING", "ERROR", "CRITICAL") or line in lines)]
-            evidence = [f"t{lt:+.2f} s {root.name} manager log: {line}" for lt, line in parsed[-5:]]
+            ended = parsed[-1][0] if lines else t
+            # Its last words, and what it logged in the seconds before.
+            evidence = [f"t{lt:+.2f} s {root.name} manager log: {line}" for lt, line in parsed
+                        if line in lines or (ended is not None and ended - 8.0 <= lt)][-5:]
             if not lines:
                 evidence.append("its log has no line of that PID saying why it stopped")
-            ended = parsed[-1][0] if lines else t
             if ended is not None:
                 evidence += [f"t{ft:+.2f} s timeline: {kind}: {detail}" for ft, kind, detail in self.timeline
                              if ended - 8.0 <= ft <= ended + 0.5 and kind != "MANAGER EXITED ON ITS OWN"][-8:]
