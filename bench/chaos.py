@@ -88,7 +88,7 @@ SCALE_RANGE = (30, 42)      # scale() faults pick the number of any-host workers
 STALE_AFTER = 6.0
 WORKER_INTERVAL = 0.25      # seconds between the soak worker's calls: the resolution of check 1
 RESTART_DELAY_MAX = 5.0     # the managers' backoff cap
-PLAN_EVERY = 5.0            # how often a manager reads its plan unprompted (uniphant's _PLAN_EVERY)
+PLAN_EVERY = float(getattr(uniphant, "_PLAN_EVERY", 5.0))  # how often a manager reads its plan unprompted
 HEARTBEAT = 0.35 * STALE_AFTER
 FAULT_GAP = (0.5, 2.5)      # seconds between two faults
 PAUSE = (1.0, 5.0)          # seconds a SIGSTOP lasts
@@ -109,16 +109,63 @@ MANAGER_TYPE = "uniphant.manager"
 DATABASE = "chaos"
 
 # Every SQL name the harness uses, in one place.  UNIPHANT is the schema that
-# schema.sql puts uniphant's objects in; CALLS is the harness's own table.
+# schema.sql puts uniphant's objects in; CALLS and EVENTS are the harness's own
+# tables, and EVENT its trigger function.
 UNIPHANT = "public"
 CALLS = "public.chaos_calls"
+EVENTS = "public.chaos_events"
+EVENT = "public.chaos_event"
 _UUID = "'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'"
-SQL: Dict[str, str] = {key: text.replace("{u}", UNIPHANT).replace("{calls}", CALLS).replace("{uuid}", _UUID)
-                       for key, text in {
-    # The harness's table; logged, so that an immediate shutdown keeps it.
+_NAMES = {"{u}": UNIPHANT, "{calls}": CALLS, "{events}": EVENTS, "{event}": EVENT, "{uuid}": _UUID}
+
+
+def _sql(text: str) -> str:
+    for name, value in _NAMES.items():
+        text = text.replace(name, value)
+    return text
+
+
+SQL: Dict[str, str] = {key: _sql(text) for key, text in {
+    # The harness's tables; logged, so that an immediate shutdown keeps them.
     "create_calls": "CREATE TABLE {calls} (worker_id uuid NOT NULL, process_id uuid NOT NULL, "
                     "pid integer NOT NULL, root text NOT NULL, "
                     "at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    # The history of the desired state, of the managers' records and of the process
+    # rows (their heartbeats left out), each change stamped by the server's clock
+    # with the session that made it: the evidence behind checks 2 and 4.
+    "create_events": """
+        CREATE TABLE {events} (
+            at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+            by         text NOT NULL DEFAULT current_setting('application_name'),
+            tbl        text NOT NULL,
+            op         text NOT NULL,
+            worker_id  uuid,
+            host_id    uuid,
+            state      text,
+            pid        integer,
+            process_id uuid,
+            worker_type text);
+        CREATE FUNCTION {event}() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            r jsonb := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+        BEGIN
+            INSERT INTO {events} (tbl, op, worker_id, host_id, state, pid, process_id, worker_type)
+            VALUES (TG_TABLE_NAME, TG_OP, (r->>'worker_id')::uuid, (r->>'host_id')::uuid, r->>'state',
+                    (r->>'pid')::integer, CASE WHEN TG_TABLE_NAME = 'processes' THEN (r->>'id')::uuid END,
+                    r->>'worker_type');
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER chaos_processes AFTER INSERT OR DELETE ON {u}.processes
+            FOR EACH ROW EXECUTE FUNCTION {event}();
+        CREATE TRIGGER chaos_worker_states AFTER INSERT OR UPDATE OR DELETE ON {u}.worker_states
+            FOR EACH ROW EXECUTE FUNCTION {event}();
+        CREATE TRIGGER chaos_workers AFTER INSERT OR UPDATE OR DELETE ON {u}.workers
+            FOR EACH ROW EXECUTE FUNCTION {event}();""",
+    # Who is who: each process id that registered, with its type and host.
+    "registered": "SELECT process_id::text, worker_type, host_id::text, pid FROM {events} "
+                  "WHERE tbl = 'processes' AND op = 'INSERT'",
+    "history": "SELECT extract(epoch FROM at)::float8, by, tbl, op, host_id::text, state, pid, "
+               "process_id::text FROM {events} WHERE worker_id = %s::uuid ORDER BY at DESC LIMIT %s",
     # The soak worker's one statement (format paramstyle: the worker's connection).
     "record_call": "INSERT INTO {calls} (worker_id, process_id, pid, root) VALUES (%s, %s, %s, %s)",
     "scale": "SELECT {u}.scale(%s, %s)",
@@ -406,6 +453,7 @@ class Soak:
             raise BenchError(f"the throwaway PostgreSQL could not be started: {e}") from None
         self.db = Db(self.server)
         self.db.rows(SQL["create_calls"])
+        self.db.conn.execute_simple(SQL["create_events"])
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("PG") and k not in (
                         "PYTHONDONTWRITEBYTECODE", "UNIPHANT_STATE_DIR", "NOTIFY_SOCKET",
@@ -461,7 +509,7 @@ class Soak:
             if time.monotonic() > deadline:
                 problems = self.unsettled()
                 raise BenchError(f"timed out after {timeout:g} s waiting for {what}"
-                                 + (": " + "; ".join(problems[:5]) if problems else ""))
+                                 + (": " + "; ".join(p for p, _ in problems[:5]) if problems else ""))
             time.sleep(0.1)
 
     # -- the managers, supervised as systemd would -----------------------------
@@ -762,33 +810,35 @@ class Soak:
 
     # -- the checks --------------------------------------------------------------------
 
-    def unsettled(self) -> List[str]:
-        """Check 4's condition: what keeps the fleet from running as desired (empty: it does)."""
+    def unsettled(self) -> List[Tuple[str, Optional[str]]]:
+        """Check 4's condition: what keeps the fleet from running as desired, each with
+        the worker id it is about (empty: it runs as desired)."""
         assert self.db is not None
-        problems = []
+        problems: List[Tuple[str, Optional[str]]] = []
         for root in self.roots:
             if root.manager_fd is None or root.manager_holder() != root.manager_pid:
-                problems.append(f"{root.name}: no manager process")
+                problems.append((f"{root.name}: no manager process", None))
         try:
             fleet = self.db.rows(SQL["fleet"])
             live_managers = self.db.value(SQL["live_managers"])
         except Exception as e:
             if not _lost(e):
                 raise
-            return problems + [f"the database: {_sql_error(e)}"]
+            return problems + [(f"the database: {_sql_error(e)}", None)]
         if live_managers != ROOTS:
-            problems.append(f"{live_managers} of {ROOTS} managers have a live process row")
+            problems.append((f"{live_managers} of {ROOTS} managers have a live process row", None))
         for worker_id, _, pinned_to, state, pid, host_id, last_exit in fleet:
             root = self._root_of(host_id)
+            what = f"worker {_short(worker_id)}" + (f" (pinned to {self._name(pinned_to)})" if pinned_to else "")
             if state != "running" or pid is None:
-                problems.append(f"worker {_short(worker_id)}{' pinned to ' + (self._name(pinned_to)) if pinned_to else ''}: "
-                                f"{state or 'not in fleet'}" + (f", last exit: {_printable(last_exit, 120)}"
-                                                               if last_exit else ""))
+                problems.append((f"{what}: {state or 'not in fleet'}"
+                                 + (f" on {self._name(host_id)}" if host_id else "")
+                                 + (f", last exit: {_printable(last_exit, 120)}" if last_exit else ""), worker_id))
             elif root is None:
-                problems.append(f"worker {_short(worker_id)}: running on an unknown host {host_id}")
+                problems.append((f"{what}: running on an unknown host {host_id}", worker_id))
             elif _holder(root.pid_file(WORKER_TYPE, worker_id)) != pid:
-                problems.append(f"worker {_short(worker_id)}: fleet says PID {pid} on {root.name}, "
-                                f"which does not hold its PID file")
+                problems.append((f"{what}: the fleet view says PID {pid} on {root.name}, which does not hold "
+                                 f"its PID file", worker_id))
         return problems
 
     def _name(self, host_id: Optional[str]) -> str:
@@ -813,8 +863,8 @@ class Soak:
             self.timings["settled"] = None
         when = ("at the end, having run as desired once" if again
                 else f"{self.args.settle_timeout:g} s after the faults ended")
-        for problem in problems:
-            self.violations[4].append({"what": f"not running {when}: {problem}"})
+        for problem, worker_id in problems:
+            self.violations[4].append({"what": f"not running {when}: {problem}", "worker": worker_id})
 
     def orphans(self) -> List[Dict[str, Any]]:
         """Check 2's findings now (empty: nothing is orphaned)."""
@@ -843,36 +893,37 @@ class Soak:
             what = "manager" if worker_type == MANAGER_TYPE else f"worker {_short(worker_id)}"
             if row is None:
                 findings.append({"what": f"{what} PID {pid} on {root.name} (process {process_id}) has no process "
-                                         f"row ({_describe_process(pid)})"})
+                                         f"row ({_describe_process(pid)})", "worker": worker_id})
                 continue
             seen_rows.add(row[0])
             _, _, _, host_id, row_pid, age, stale_after, connected, wanted, manager_of = row
             if host_id != root.host_id or row_pid != pid:
                 findings.append({"what": f"{what} PID {pid} on {root.name}: its row says PID {row_pid} on "
-                                         f"{self._name(host_id)}"})
+                                         f"{self._name(host_id)}", "worker": worker_id})
             if not connected and age > stale_after:
                 findings.append({"what": f"{what} PID {pid} on {root.name}: its row is not live (heartbeat "
-                                         f"{age:.1f} s old, no session)"})
+                                         f"{age:.1f} s old, no session)", "worker": worker_id})
             if worker_type == MANAGER_TYPE and manager_of != root.host_id:
                 findings.append({"what": f"manager PID {pid} on {root.name} is not its host's manager in SQL"})
             if worker_type == WORKER_TYPE and not wanted:
-                findings.append({"what": f"worker {_short(worker_id)} PID {pid} on {root.name} runs, but no "
-                                         f"desired worker accounts for it ({_describe_process(pid)})"})
+                findings.append({"what": f"worker {worker_id} PID {pid} on {root.name} runs, but no desired "
+                                         f"worker accounts for it ({_describe_process(pid)})",
+                                 "worker": worker_id})
         for row in rows:
             process_id, worker_id, worker_type, host_id, pid, age, _, connected, wanted, _ = row
             if process_id in seen_rows:
                 continue
             # Its process is gone (no holder of that PID file has this process id).
             if age > STALE_ROW_AGE:
-                findings.append({"what": f"process row {process_id} ({worker_type} {_short(worker_id)}, PID {pid} "
+                findings.append({"what": f"process row {process_id} ({worker_type} {worker_id}, PID {pid} "
                                          f"on {self._name(host_id)}{', not wanted' if not wanted else ''}"
                                          f"{', its session still connected' if connected else ''}): its process "
                                          f"is gone, and the row stays with a heartbeat {age:.1f} s old "
-                                         f"(bound {STALE_ROW_AGE:g} s)", "row": process_id})
+                                         f"(bound {STALE_ROW_AGE:g} s)", "worker": worker_id})
             else:
                 findings.append({"what": f"process row {process_id} ({worker_type} {_short(worker_id)}, PID {pid} "
                                          f"on {self._name(host_id)}): its process is gone (heartbeat "
-                                         f"{age:.1f} s old)", "row": process_id, "young": True})
+                                         f"{age:.1f} s old)", "worker": worker_id})
         return findings
 
     def check_orphans(self) -> None:
@@ -946,6 +997,40 @@ class Soak:
                            else "logged that it stopped, without a signal from the harness"),
                 "t": t, "evidence": evidence})
 
+    def add_histories(self) -> None:
+        """Give each violation of checks 2 and 4 about a worker its recent history."""
+        assert self.db is not None
+        who = {process_id: (worker_type, host_id, pid)
+               for process_id, worker_type, host_id, pid in self.db.rows(SQL["registered"])}
+        for number in (2, 4):
+            for v in self.violations[number]:
+                if v.get("worker") and "evidence" not in v:
+                    v["evidence"] = self.history(v["worker"], who) + self._log_tail(WORKER_TYPE, v["worker"])
+
+    def history(self, worker_id: str, who: Dict[str, Tuple[str, str, int]]) -> List[str]:
+        """What happened to worker_id's rows lately, on the server's clock, and who did it."""
+        assert self.db is not None
+
+        def by(name: str) -> str:
+            if name == "chaos-harness":
+                return "the harness"
+            if name not in who:
+                return f"session {_printable(name, 40)}"
+            worker_type, host_id, pid = who[name]
+            return (f"the manager of {self._name(host_id)}, PID {pid}" if worker_type == MANAGER_TYPE
+                    else f"process {_short(name)} (PID {pid} on {self._name(host_id)})")
+
+        lines = []
+        for at, name, table, op, host_id, state, pid, process_id in reversed(
+                self.db.rows(SQL["history"], worker_id, 14)):
+            facts = ", ".join(f for f in (
+                f"process {_short(process_id)}" if process_id else "",
+                f"state {state}" if state else "",
+                f"PID {pid}" if pid else "",
+                f"host {self._name(host_id)}" if host_id else ("no host" if table == "worker_states" else "")) if f)
+            lines.append(f"t{self.at(at):+.2f} s {table} {op}{': ' + facts if facts else ''} (by {by(name)})")
+        return lines
+
     def _parse_log(self, path: str) -> List[Tuple[float, str, int, str, str]]:
         """(t, level, PID, message, printable line) of each line of a uniphant log."""
         found = []
@@ -969,6 +1054,15 @@ class Soak:
             lines += [(t, f"{root.name} log: {line}") for t, _, pid, _, line in self._parse_log(path)
                       if pid in pids and since <= t <= until]
         return [line for _, line in sorted(lines)][-12:]
+
+    def _log_tail(self, worker_type: str, worker_id: str, n: int = 3) -> List[str]:
+        """The last n lines a worker logged, on whichever roots it ran."""
+        lines = []
+        for root in self.roots:
+            path = os.path.join(root.path, "log", worker_type, f"{worker_id}.log")
+            lines += [(t, f"t{t:+.2f} s {root.name} log: {line}") for t, _, _, message, line in self._parse_log(path)
+                      if "connected as a superuser" not in message]
+        return [line for _, line in sorted(lines)][-n:]
 
     def log_summary(self) -> List[Tuple[int, str]]:
         """The warnings and errors the managers and workers logged, by kind (ids and
@@ -1132,6 +1226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 soak.settle(again=True)  # it ran as desired once: it must still
             soak.check_overlaps()
             soak.check_managers()
+            soak.add_histories()
         except BenchError as e:
             print(f"chaos: {e}", file=sys.stderr)
             print(f"verdict: the soak could not run (seed {args.seed})")
