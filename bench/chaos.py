@@ -446,7 +446,9 @@ class Soak:
         started = time.monotonic()
         try:
             self.server = pgserver.Server()
-            self.server.init(settings="synchronous_commit = on\nmax_connections = 200\n")
+            # The Unix socket only: while the server is down in a restart, a TCP port of
+            # its could be taken by another program, and the restart would fail.
+            self.server.init(settings="synchronous_commit = on\nmax_connections = 200\nlisten_addresses = ''\n")
             self.server.start()
             self.server.create_database(DATABASE)
         except pgserver.ServerError as e:
