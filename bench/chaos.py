@@ -358,7 +358,6 @@ class Root:
         self.manager_fd: Optional[int] = None      # a pidfd of the manager, readable once it exits
         self.starting: Optional[subprocess.Popen] = None
         self.start_began = 0.0
-        self.restart_pending = False               # a start is scheduled or running
 
     def pid_file(self, worker_type: str, worker_id: str) -> str:
         return os.path.join(self.path, "pid", worker_type, f"{worker_id}.pid")
@@ -401,8 +400,8 @@ class Soak:
         self.timeline: List[Tuple[float, str, str]] = []
         self.counts: Dict[str, int] = {key: 0 for key in FAULTS}
         self.skipped: Dict[str, int] = {}
-        self.harness: Dict[str, int] = {"sessions terminated": 0, "managers started again": 0,
-                                        "manager starts that failed": 0, "PostgreSQL down (s)": 0}
+        self.harness: Dict[str, float] = {"sessions terminated": 0, "managers started again": 0,
+                                          "manager starts that failed": 0, "PostgreSQL down (s)": 0.0}
         self.start_failures: List[str] = []
         self.killed: Set[int] = set()          # PIDs the harness sent SIGKILL
         self.stopped: Dict[int, int] = {}      # pidfd -> PID of each process the harness holds stopped
@@ -518,7 +517,6 @@ class Soak:
 
     def start_manager(self, root: Root) -> None:
         """Run the manager's `start` command; watch_managers() sees how it went."""
-        root.restart_pending = True
         root.start_began = time.monotonic()
         root.starting = subprocess.Popen(
             [PYTHON, "workers/uniphant/manager.py", root.manager_id, "start"], cwd=root.path,
@@ -534,7 +532,8 @@ class Soak:
                     if time.monotonic() - root.start_began > START_TIMEOUT:
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(child.pid, signal.SIGKILL)
-                        child.wait()
+                        child.communicate()
+                        root.starting = None
                         self._start_failed(root, f"the start command took over {START_TIMEOUT:g} s")
                     continue
                 out, err = child.communicate()
@@ -545,7 +544,6 @@ class Soak:
                     self._start_failed(root, said[-1] if said else f"exit status {child.returncode}")
                     continue
                 pid = int(match.group(1))
-                root.restart_pending = False
                 try:
                     root.manager_fd = os.pidfd_open(pid)
                     root.manager_pid = pid
@@ -573,7 +571,6 @@ class Soak:
         """A manager ended without the harness killing it: check 3's violation; start it again."""
         self.note("MANAGER EXITED ON ITS OWN", f"{root.name}: PID {pid}")
         self.unexpected_exits.append({"root": root.name, "pid": pid, "t": self.now()})
-        root.restart_pending = True
         self.schedule(SYSTEMD_RESTART, lambda: self._restart(root))
 
     def _restart(self, root: Root) -> None:
@@ -652,7 +649,6 @@ class Soak:
             return f"the manager of {root.name} ended meanwhile"
         os.close(fd)
         self.killed.add(pid)
-        root.restart_pending = True
         self.note("kill -9 manager", f"{root.name} PID {pid}")
         self.schedule(self.rng.uniform(*MANAGER_RESTART), lambda: self._restart(root))
         return None
@@ -730,7 +726,7 @@ class Soak:
         except pgserver.ServerError as e:
             raise BenchError(f"PostgreSQL did not start again: {e}") from None
         self.server_up = True
-        self.harness["PostgreSQL down (s)"] += time.monotonic() - self.down_since  # type: ignore[assignment]
+        self.harness["PostgreSQL down (s)"] += time.monotonic() - self.down_since
         self.note("PostgreSQL started", f"after {time.monotonic() - self.down_since:.1f} s down")
 
     def fault_pg_fast(self) -> Optional[str]:
@@ -770,7 +766,10 @@ class Soak:
     def soak(self) -> None:
         """Faults for args.seconds, then every stopped process continued, the server
         up and every manager running, as the end of an incident would leave them."""
-        self.t0, self.t0_wall = time.monotonic(), time.time()
+        t0 = time.monotonic()
+        # The timeline so far (the setup's) moves onto the soak's clock: before 0.
+        self.timeline = [(t + self.t0 - t0, kind, detail) for t, kind, detail in self.timeline]
+        self.t0, self.t0_wall = t0, time.time()
         end = self.t0 + self.args.seconds
         next_fault = time.monotonic() + self.rng.uniform(*FAULT_GAP)
         next_progress = time.monotonic() + PROGRESS_EVERY
@@ -1101,7 +1100,7 @@ class Soak:
         print(f"  {'total':<58} {sum(self.counts.values()):>5}")
         print("harness, meanwhile:")
         for label, n in self.harness.items():
-            print(f"  {label:<58} {n:>5.0f}" if isinstance(n, float) else f"  {label:<58} {n:>5}")
+            print(f"  {label:<58} {n:>5.1f}" if label.endswith("(s)") else f"  {label:<58} {n:>5.0f}")
         t = self.timings
         print("timings:")
         print(f"  setup: server, 3 managers, every desired worker running     {t.get('setup', 0):6.1f} s")
