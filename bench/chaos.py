@@ -981,8 +981,10 @@ class Soak:
             exit_ = exits.get(key)
             t = exit_["t"] if exit_ else None
             lines = said.get(key, [])
+            # What it said of itself: its lines about its workers are left out.
             parsed = [(lt, line) for lt, level, p, message, line in self._parse_log(root.manager_log())
-                      if p == pid and (level in ("WARNING", "ERROR", "CRITICAL") or line in lines)]
+                      if p == pid and (line in lines or (level in ("WARNING", "ERROR", "CRITICAL")
+                                                         and not message.startswith("worker ")))]
             ended = parsed[-1][0] if lines else t
             # Its last words, and what it logged in the seconds before.
             evidence = [f"t{lt:+.2f} s {root.name} manager log: {line}" for lt, line in parsed
