@@ -356,6 +356,7 @@ class Root:
         self.host_id = ""
         self.manager_pid: Optional[int] = None
         self.manager_fd: Optional[int] = None      # a pidfd of the manager, readable once it exits
+        self.killed = False                        # the harness sent this manager SIGKILL
         self.starting: Optional[subprocess.Popen] = None
         self.start_began = 0.0
 
@@ -403,7 +404,6 @@ class Soak:
         self.harness: Dict[str, float] = {"sessions terminated": 0, "managers started again": 0,
                                           "manager starts that failed": 0, "PostgreSQL down (s)": 0.0}
         self.start_failures: List[str] = []
-        self.killed: Set[int] = set()          # PIDs the harness sent SIGKILL
         self.stopped: Dict[int, int] = {}      # pidfd -> PID of each process the harness holds stopped
         self.events: List[Tuple[float, int, Callable[[], None]]] = []
         self.sequence = 0
@@ -544,6 +544,7 @@ class Soak:
                     self._start_failed(root, said[-1] if said else f"exit status {child.returncode}")
                     continue
                 pid = int(match.group(1))
+                root.killed = False
                 try:
                     root.manager_fd = os.pidfd_open(pid)
                     root.manager_pid = pid
@@ -557,7 +558,7 @@ class Soak:
                 os.close(root.manager_fd)
                 root.manager_fd = None
                 assert pid is not None
-                if pid in self.killed:
+                if root.killed:
                     continue  # its restart is scheduled already
                 self._manager_exited(root, pid)
 
@@ -633,7 +634,6 @@ class Soak:
         if fd is None:
             return f"worker {_short(worker_id)} ended meanwhile"
         os.close(fd)
-        self.killed.add(pid)
         self.note("kill -9 worker", f"{_short(worker_id)} PID {pid} on {root.name}")
         return None
 
@@ -648,7 +648,7 @@ class Soak:
         if fd is None:
             return f"the manager of {root.name} ended meanwhile"
         os.close(fd)
-        self.killed.add(pid)
+        root.killed = True
         self.note("kill -9 manager", f"{root.name} PID {pid}")
         self.schedule(self.rng.uniform(*MANAGER_RESTART), lambda: self._restart(root))
         return None
