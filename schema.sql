@@ -542,8 +542,9 @@ $$;
 --   * of each type, a manager holds at most its fair share,
 --     ceil(workers of the type / live managers that provide it): above it,
 --     it gives workers back; below it, it claims unplaced ones;
---   * the states of workers that are gone from this host and from `workers`
---     are dropped.
+--   * the states of workers gone from `workers` are dropped once no live
+--     process of them is left, and the rows of processes that died of
+--     workers nobody wants are dropped once they are stale.
 -- startable is false while a live copy of the worker runs on another host
 -- (it is moving).  row_pid and row_live describe the worker's process row on
 -- this host, if any: data for the manager, which acts only on processes it
@@ -607,10 +608,18 @@ BEGIN
             DO UPDATE SET host_id = EXCLUDED.host_id, state = 'starting', since = now();
         END IF;
     END LOOP;
+    -- A worker gone from `workers` keeps its state until no live process of it is
+    -- left anywhere: until then, the manager of the host where one runs stops it.
     DELETE FROM uniphant.worker_states s
-    WHERE s.host_id = here
-      AND NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = s.worker_id)
-      AND NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = s.worker_id AND p.host_id = here);
+    WHERE NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = s.worker_id)
+      AND NOT EXISTS (SELECT 1 FROM uniphant.processes p
+                      WHERE p.worker_id = s.worker_id AND uniphant.process_live(p));
+    -- The row of a process that died (without removing it) is gone with it, by the
+    -- rule every takeover follows, unless the worker is wanted: the next start of
+    -- the worker takes its row over.
+    DELETE FROM uniphant.processes p
+    WHERE p.heartbeat_at < now() - p.stale_after AND NOT uniphant.process_live(p)
+      AND NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = p.worker_id);
     RETURN QUERY
     WITH planned AS (
         SELECT w.worker_id, w.worker_type, coalesce(s.restarts, 0) AS restarts
@@ -646,8 +655,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     here uuid := uniphant.managed_host();
 BEGIN
-    IF report_worker.state IS NULL THEN
-        DELETE FROM uniphant.worker_states s WHERE s.worker_id = report_worker.worker_id AND s.host_id = here;
+    IF report_worker.state IS NULL THEN  -- kept while a live process of it is left (manager_plan)
+        DELETE FROM uniphant.worker_states s WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
+            AND NOT EXISTS (SELECT 1 FROM uniphant.processes p
+                            WHERE p.worker_id = report_worker.worker_id AND uniphant.process_live(p));
         RETURN;
     END IF;
     IF report_worker.state NOT IN ('starting', 'running', 'backoff', 'moving')

@@ -242,6 +242,52 @@ def test_the_manager_survives_a_database_restart_with_its_workers_untouched(priv
         project.cleanup()
 
 
+@pytest.mark.faults
+def test_the_row_of_a_killed_worker_removed_while_in_backoff_goes_with_it(project, db):
+    project.write("uniphant.conf", "stale_after=3\n")
+    with_manager(project, "restart_delay=30\n")
+    worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
+    pid = None
+    for kill in (1, 2):  # the first restart is at once, the second after restart_delay
+        pid = wait_for(lambda: (f := fleet(db, worker)).get("state") == "running" and f["pid"] != pid
+                       and f["pid"], what="the worker running")
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: fleet(db, worker).get("state") == "backoff", what="its backoff")
+    assert running(db, worker) == pid  # the killed process's row: nobody removed it
+    db.value("SELECT remove_worker(%s::uuid)", worker)
+    wait_for(lambda: running(db, worker) is None, timeout=20, what="the dead process's row to go")
+
+
+@pytest.mark.faults
+def test_a_copy_that_outlived_its_manager_is_stopped_once_nobody_wants_it(project, db, tmp_path):
+    other = another_host(project, tmp_path)
+    for root in (project, other):
+        root.write("uniphant.conf", "stale_after=3\n")
+    try:
+        first = with_manager(project)
+        worker = str(db.value("SELECT add_worker('test.probe')"))
+        pid = wait_for(lambda: running(db, worker), what="the worker on the first host")
+        # The other host's manager starts its one pinned worker, then no other for a minute or more.
+        db.value("SELECT add_worker('test.probe', %s::uuid)", str(uuid.uuid4()))
+        with_manager(other, "starts_per_second=0.01\n")
+        os.kill(project.running_pid(first, "uniphant.manager"), signal.SIGKILL)
+        # The copy looks dead for a while (frozen, its session ended): the other host claims it.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            db.rows("SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a JOIN processes p "
+                    "ON a.application_name = p.id::text WHERE p.worker_id = %s::uuid", worker)
+            wait_for(lambda: fleet(db, worker).get("host_id") == host_of(other), timeout=30,
+                     what="the other host to claim it")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: fleet(db, worker).get("state") == "moving", what="its copy back to life")
+        db.value("SELECT remove_worker(%s::uuid)", worker)
+        with_manager(project)  # the first host's manager comes back: the copy is its to stop
+        wait_for(lambda: gone(pid), timeout=30, what="the copy nobody wants to stop")
+    finally:
+        other.cleanup()
+
+
 def test_the_manager_removes_the_files_of_workers_gone_from_the_desired_state_after_retention(project, db):
     by_hand = str(uuid.uuid4())
     start_daemon(project, by_hand)  # running, though nobody desires it

@@ -111,7 +111,7 @@ DATABASE = "chaos"
 # Every SQL name the harness uses, in one place.  UNIPHANT is the schema that
 # schema.sql puts uniphant's objects in; CALLS and EVENTS are the harness's own
 # tables, and EVENT its trigger function.
-UNIPHANT = "public"
+UNIPHANT = "uniphant"
 CALLS = "public.chaos_calls"
 EVENTS = "public.chaos_events"
 EVENT = "public.chaos_event"
