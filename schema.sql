@@ -98,6 +98,33 @@ $$;
 CREATE OR REPLACE FUNCTION uniphant.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS 'SELECT 3';
 
+-- What is wrong with a desired worker's settings, or NULL: a JSON object of at
+-- most 100 keys (like a config file's), each to a string, number or boolean of
+-- at most 10000 characters.  Credentials never go here, where every operator
+-- reads them: they belong in a secrets.conf.
+CREATE OR REPLACE FUNCTION uniphant.settings_problem(settings jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN settings IS NULL OR jsonb_typeof(settings) <> 'object' THEN 'settings must be a JSON object'
+        WHEN (SELECT count(*) FROM jsonb_object_keys(settings)) > 100 THEN 'at most 100 settings'
+        ELSE (SELECT CASE
+                  WHEN e.key !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,99}$' THEN
+                      format('%L is not a key (letters, digits, _ . and -, up to 100)', e.key)
+                  WHEN e.key ~* '(password|secret|token|passfile)' THEN
+                      format('%L looks like a credential, which every operator could read here: '
+                             'put it in a secrets.conf', e.key)
+                  WHEN jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean') THEN
+                      format('the value of %L must be a string, a number or a boolean', e.key)
+                  ELSE format('the value of %L is longer than 10000 characters', e.key)
+              END
+              FROM jsonb_each(settings) e
+              WHERE e.key !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,99}$' OR e.key ~* '(password|secret|token|passfile)'
+                 OR jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')
+                 OR length(e.value #>> '{}') > 10000
+              LIMIT 1)
+    END;
+$$;
+
 -- Whether text is a worker type the fleet can run: at most 100 characters in
 -- at most 10 dot-separated parts, each a file name of letters, digits, _ and -
 -- (the script workers/a/b.py, or workers/a.b.py, is of type a.b).
@@ -139,14 +166,38 @@ ALTER TABLE uniphant.processes
 ALTER TABLE uniphant.processes SET (fillfactor = 50);
 
 -- Desired state: a row present means "keep it running".  host_id NULL: any
--- host whose manager has the worker's script.
+-- host whose manager has the worker's script.  settings: keys that reach the
+-- worker's config; paused_at: its process is stopped until it is resumed;
+-- done_at: it finished (restart=on-failure and it exited 0), and is not
+-- started again.
 CREATE TABLE IF NOT EXISTS uniphant.workers (
     worker_id   uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     worker_type text NOT NULL,
     host_id     uuid,
-    added_at    timestamptz NOT NULL DEFAULT now()
+    added_at    timestamptz NOT NULL DEFAULT now(),
+    settings    jsonb NOT NULL DEFAULT '{}',
+    paused_at   timestamptz,
+    done_at     timestamptz
 );
+ALTER TABLE uniphant.workers
+    ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}',
+    ADD COLUMN IF NOT EXISTS paused_at timestamptz,
+    ADD COLUMN IF NOT EXISTS done_at timestamptz;
 CREATE INDEX IF NOT EXISTS workers_worker_type ON uniphant.workers (worker_type);
+
+-- A rolling restart of a worker type: batch workers at a time, each batch
+-- only once the one before has registered again.  current: the batch under
+-- way since batch_started_at; done: the workers restarted so far; halted: why
+-- the roll stopped, leaving the rest on the code they run.
+CREATE TABLE IF NOT EXISTS uniphant.rolls (
+    worker_type      text PRIMARY KEY,
+    batch            integer NOT NULL CHECK (batch >= 1),
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    batch_started_at timestamptz NOT NULL DEFAULT now(),
+    current          uuid[] NOT NULL DEFAULT '{}',
+    done             uuid[] NOT NULL DEFAULT '{}',
+    halted           text
+);
 
 -- The manager of each host: a uniphant process of its own, and the worker
 -- types its project root has scripts for.
@@ -193,8 +244,9 @@ DECLARE
 BEGIN
     FOR c IN SELECT * FROM (VALUES
         ('uniphant.workers', 'workers_worker_type_check', 'uniphant.is_worker_type(worker_type)'),
+        ('uniphant.workers', 'workers_settings_check', 'uniphant.settings_problem(settings) IS NULL'),
         ('uniphant.worker_states', 'worker_states_state_check',
-         'state IN (''starting'', ''running'', ''backoff'', ''moving'', ''unplaced'')'),
+         'state IN (''starting'', ''running'', ''backoff'', ''moving'', ''paused'', ''done'', ''unplaced'')'),
         ('uniphant.worker_states', 'worker_states_restarts_check', 'restarts >= 0'),
         ('uniphant.worker_states', 'worker_states_pid_check', 'pid > 0')) AS t (tab, con, expr)
     LOOP
@@ -210,7 +262,7 @@ END
 $$;
 
 REVOKE ALL ON uniphant.hosts, uniphant.processes, uniphant.workers, uniphant.managers,
-    uniphant.worker_states, uniphant.role_grants FROM PUBLIC;
+    uniphant.worker_states, uniphant.role_grants, uniphant.rolls FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Processes: the manual's four functions, keyed by the session's
@@ -379,6 +431,20 @@ BEGIN
 END
 $$;
 
+-- Removes the caller's row, and marks its desired worker done: a worker whose
+-- type says restart=on-failure and that exited 0 has finished, and is not
+-- started again.
+CREATE OR REPLACE FUNCTION uniphant.finish() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
+DECLARE
+    me uuid := uniphant.process_id();
+BEGIN
+    UPDATE uniphant.workers w SET done_at = now()
+    FROM uniphant.processes p WHERE p.id = me AND p.role = session_user AND w.worker_id = p.worker_id;
+    DELETE FROM uniphant.processes WHERE id = me AND role = session_user;
+END
+$$;
+
 -- A deleted row wakes its process at once: it LISTENs on this channel.  Any
 -- role can NOTIFY any channel, so the process treats this as a hint and asks
 -- keepalive() before it stops.  A process that removes its own row as it
@@ -531,6 +597,58 @@ BEGIN
 END
 $$;
 
+-- Moves each rolling restart on, one manager at a time (the caller holds the
+-- planner's advisory lock): a batch is over once each of its workers (still
+-- wanted) runs a process that registered since the batch began, and has run
+-- for a second (a script that fails at its first call fails in that time;
+-- its manager plans every second meanwhile); then the
+-- next batch of running workers of the type goes (their process rows
+-- deleted: their managers start them again at once), until none is left.  A
+-- worker of the batch in backoff (it failed to start, or to register within
+-- its manager's start_timeout) halts the roll, and says why.
+CREATE OR REPLACE FUNCTION uniphant.advance_rolls() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r      uniphant.rolls%ROWTYPE;
+    failed record;
+    next   uuid[];
+BEGIN
+    FOR r IN SELECT * FROM uniphant.rolls WHERE halted IS NULL FOR UPDATE LOOP
+        SELECT s.worker_id, s.last_exit INTO failed FROM uniphant.worker_states s
+        WHERE s.worker_id = ANY (r.current) AND s.state = 'backoff' LIMIT 1;
+        IF FOUND THEN
+            UPDATE uniphant.rolls SET halted = format('worker %s did not come back: %s', failed.worker_id,
+                                                      coalesce(failed.last_exit, '?'))
+            WHERE worker_type = r.worker_type;
+            PERFORM pg_notify('uniphant_fleet', '');
+            CONTINUE;
+        END IF;
+        IF EXISTS (SELECT 1 FROM uniphant.workers w
+                   WHERE w.worker_id = ANY (r.current) AND w.paused_at IS NULL AND w.done_at IS NULL
+                     AND NOT EXISTS (SELECT 1 FROM uniphant.processes p
+                                     JOIN uniphant.worker_states s ON s.worker_id = p.worker_id
+                                     WHERE p.worker_id = w.worker_id AND p.started_at > r.batch_started_at
+                                       AND p.started_at < now() - interval '1 second' AND s.state = 'running'
+                                       AND uniphant.process_live(p))) THEN
+            CONTINUE;  -- the batch is still on its way back
+        END IF;
+        next := ARRAY(SELECT w.worker_id FROM uniphant.workers w
+                      WHERE w.worker_type = r.worker_type AND NOT w.worker_id = ANY (r.done || r.current)
+                        AND EXISTS (SELECT 1 FROM uniphant.processes p
+                                    WHERE p.worker_id = w.worker_id AND uniphant.process_live(p))
+                      ORDER BY w.added_at, w.worker_id LIMIT r.batch);
+        IF cardinality(next) = 0 THEN
+            DELETE FROM uniphant.rolls WHERE worker_type = r.worker_type;  -- every worker is on the new code
+            CONTINUE;
+        END IF;
+        UPDATE uniphant.rolls
+        SET done = done || current, current = next, batch_started_at = now()
+        WHERE worker_type = r.worker_type;
+        DELETE FROM uniphant.processes p WHERE p.worker_id = ANY (next);
+    END LOOP;
+END
+$$;
+
 -- What the manager of host_id should run now (wanted): the workers pinned to
 -- it and its share of the any-host workers of the types it provides; and
 -- (not wanted) the live processes on its host of managed workers that
@@ -548,10 +666,13 @@ $$;
 -- startable is false while a live copy of the worker runs on another host
 -- (it is moving).  row_pid and row_live describe the worker's process row on
 -- this host, if any: data for the manager, which acts only on processes it
--- forked or finds holding the worker's PID-file lock.
+-- forked or finds holding the worker's PID-file lock.  settings go to the
+-- worker's config; a paused or done worker is planned, and not started.
+-- Rolling restarts move on here too (advance_rolls).
 CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid)
 RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
-               row_pid integer, row_live boolean, restarts integer)
+               row_pid integer, row_live boolean, restarts integer,
+               settings jsonb, paused boolean, done boolean, rolling boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
@@ -620,19 +741,23 @@ BEGIN
     DELETE FROM uniphant.processes p
     WHERE p.heartbeat_at < now() - p.stale_after AND NOT uniphant.process_live(p)
       AND NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = p.worker_id);
+    PERFORM uniphant.advance_rolls();
     RETURN QUERY
     WITH planned AS (
-        SELECT w.worker_id, w.worker_type, coalesce(s.restarts, 0) AS restarts
+        SELECT w.worker_id, w.worker_type, coalesce(s.restarts, 0) AS restarts, w.settings,
+               w.paused_at IS NOT NULL AS paused, w.done_at IS NOT NULL AS done,
+               EXISTS (SELECT 1 FROM uniphant.rolls r
+                       WHERE r.halted IS NULL AND w.worker_id = ANY (r.current)) AS rolling
         FROM uniphant.workers w LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
         WHERE w.host_id = here OR (w.host_id IS NULL AND s.host_id = here))
     SELECT pl.worker_id, pl.worker_type, true,
            NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = pl.worker_id
                        AND p.host_id IS DISTINCT FROM here AND uniphant.process_live(p)),
-           p.pid, uniphant.process_live(p), pl.restarts
+           p.pid, uniphant.process_live(p), pl.restarts, pl.settings, pl.paused, pl.done, pl.rolling
     FROM planned pl
     LEFT JOIN uniphant.processes p ON p.worker_id = pl.worker_id AND p.host_id = here
     UNION ALL
-    SELECT p.worker_id, p.worker_type, false, false, p.pid, true, 0
+    SELECT p.worker_id, p.worker_type, false, false, p.pid, true, 0, '{}'::jsonb, false, false, false
     FROM uniphant.processes p
     WHERE p.host_id = here AND uniphant.process_live(p)
       AND p.id NOT IN (SELECT m.process_id FROM uniphant.managers m)
@@ -661,7 +786,7 @@ BEGIN
                             WHERE p.worker_id = report_worker.worker_id AND uniphant.process_live(p));
         RETURN;
     END IF;
-    IF report_worker.state NOT IN ('starting', 'running', 'backoff', 'moving')
+    IF report_worker.state NOT IN ('starting', 'running', 'backoff', 'moving', 'paused', 'done')
        OR report_worker.pid <= 0 OR report_worker.restarts IS NULL OR report_worker.restarts < 0
        OR report_worker.next_start_in < 0 OR report_worker.next_start_in > 86400 THEN
         RAISE EXCEPTION 'not a report a manager makes: state %, PID %, restarts %, next start in % s',
@@ -680,17 +805,26 @@ BEGIN
             restarts = EXCLUDED.restarts, last_exit = EXCLUDED.last_exit,
             next_start_at = EXCLUDED.next_start_at,
             since = CASE WHEN s.state = EXCLUDED.state THEN s.since ELSE now() END;
-        RETURN;
+    ELSE
+        -- An any-host worker: the planner made the claim; only its holder updates it.
+        UPDATE uniphant.worker_states s
+        SET state = report_worker.state, pid = report_worker.pid, restarts = report_worker.restarts,
+            last_exit = left(report_worker.last_exit, 500),
+            next_start_at = now() + make_interval(secs => report_worker.next_start_in),
+            since = CASE WHEN s.state = report_worker.state THEN s.since ELSE now() END
+        WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
+          AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
+                      AND w.host_id IS NULL);
     END IF;
-    -- An any-host worker: the planner made the claim; only its holder updates it.
-    UPDATE uniphant.worker_states s
-    SET state = report_worker.state, pid = report_worker.pid, restarts = report_worker.restarts,
-        last_exit = left(report_worker.last_exit, 500),
-        next_start_at = now() + make_interval(secs => report_worker.next_start_in),
-        since = CASE WHEN s.state = report_worker.state THEN s.since ELSE now() END
-    WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
-      AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
-                  AND w.host_id IS NULL);
+    IF report_worker.state = 'done' THEN
+        UPDATE uniphant.workers w SET done_at = coalesce(w.done_at, now())
+        WHERE w.worker_id = report_worker.worker_id;
+    END IF;
+    -- A worker of a rolling restart's batch that runs again, or failed, moves the roll on.
+    IF report_worker.state IN ('running', 'backoff') AND EXISTS (
+            SELECT 1 FROM uniphant.rolls r WHERE report_worker.worker_id = ANY (r.current) AND r.halted IS NULL) THEN
+        PERFORM pg_notify('uniphant_fleet', '');
+    END IF;
 END
 $$;
 
@@ -723,11 +857,79 @@ $$;
 
 -- The operators' API: change what should run.  Each is one statement, so
 -- the managers learn of it by one notification.
-CREATE OR REPLACE FUNCTION uniphant.add_worker(worker_type text, host_id uuid DEFAULT NULL)
+DROP FUNCTION IF EXISTS uniphant.add_worker(text, uuid);  -- release 3 gave it settings
+CREATE OR REPLACE FUNCTION uniphant.add_worker(worker_type text, host_id uuid DEFAULT NULL,
+                                               settings jsonb DEFAULT '{}')
 RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    added uuid;
+BEGIN
+    PERFORM uniphant.check_settings(add_worker.settings);
+    INSERT INTO uniphant.workers (worker_type, host_id, settings)
+    VALUES (add_worker.worker_type, add_worker.host_id, add_worker.settings)
+    RETURNING worker_id INTO added;
+    RETURN added;
+END
+$$;
+
+-- Raises 22023, saying what is wrong, unless settings are a desired worker's.
+CREATE OR REPLACE FUNCTION uniphant.check_settings(settings jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    problem text := uniphant.settings_problem(settings);
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'bad settings: %', problem USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Gives a worker new settings, and restarts it (its process row deleted: its
+-- manager starts it again at once, with them): that worker only.
+CREATE OR REPLACE FUNCTION uniphant.set_worker_settings(worker_id uuid, settings jsonb) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM uniphant.check_settings(set_worker_settings.settings);
+    UPDATE uniphant.workers w SET settings = set_worker_settings.settings
+    WHERE w.worker_id = set_worker_settings.worker_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM uniphant.processes p WHERE p.worker_id = set_worker_settings.worker_id;
+    RETURN true;
+END
+$$;
+
+-- Pausing stops a worker's process cleanly and keeps its id, settings and
+-- history; resuming starts it again at once, without counting a failure.
+-- For one worker, or every worker of a type; each returns how many changed.
+CREATE OR REPLACE FUNCTION uniphant.pause_worker(worker_id uuid) RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    INSERT INTO uniphant.workers (worker_type, host_id) VALUES (add_worker.worker_type, add_worker.host_id)
-    RETURNING worker_id;
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = now()
+                     WHERE w.worker_id = pause_worker.worker_id AND w.paused_at IS NULL RETURNING 1)
+    SELECT count(*) > 0 FROM changed;
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.resume_worker(worker_id uuid) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL
+                     WHERE w.worker_id = resume_worker.worker_id AND w.paused_at IS NOT NULL RETURNING 1)
+    SELECT count(*) > 0 FROM changed;
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.pause_workers(worker_type text) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = now()
+                     WHERE w.worker_type = pause_workers.worker_type AND w.paused_at IS NULL RETURNING 1)
+    SELECT count(*)::integer FROM changed;
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.resume_workers(worker_type text) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL
+                     WHERE w.worker_type = resume_workers.worker_type AND w.paused_at IS NOT NULL RETURNING 1)
+    SELECT count(*)::integer FROM changed;
 $$;
 
 -- Makes n the number of workers of worker_type on host_id (NULL: any-host
@@ -787,17 +989,45 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION uniphant.restart_workers(worker_type text) RETURNS integer
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH gone AS (DELETE FROM uniphant.processes p USING uniphant.workers w
-                  WHERE w.worker_id = p.worker_id AND w.worker_type = restart_workers.worker_type
-                  RETURNING 1)
-    SELECT count(*)::integer FROM gone;
+-- Restarts every worker of a type: all at once (batch NULL; a roll under way
+-- ends), or as a rolling restart, batch at a time (advance_rolls), starting
+-- now.  Returns how many workers it restarts (at once), or will (rolling).
+DROP FUNCTION IF EXISTS uniphant.restart_workers(text);  -- release 3 gave it batch
+CREATE OR REPLACE FUNCTION uniphant.restart_workers(worker_type text, batch integer DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    count integer;
+BEGIN
+    IF batch IS NOT NULL AND (batch < 1 OR batch > 100000) THEN
+        RAISE EXCEPTION 'batch must be from 1 to 100000' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('uniphant.manager_plan'));
+    DELETE FROM uniphant.rolls r WHERE r.worker_type = restart_workers.worker_type;
+    IF batch IS NULL THEN
+        WITH gone AS (DELETE FROM uniphant.processes p USING uniphant.workers w
+                      WHERE w.worker_id = p.worker_id AND w.worker_type = restart_workers.worker_type
+                      RETURNING 1)
+        SELECT count(*)::integer INTO count FROM gone;
+        RETURN count;
+    END IF;
+    SELECT count(*)::integer INTO count FROM uniphant.workers w
+    WHERE w.worker_type = restart_workers.worker_type
+      AND EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = w.worker_id AND uniphant.process_live(p));
+    IF count > 0 THEN
+        INSERT INTO uniphant.rolls (worker_type, batch) VALUES (restart_workers.worker_type, restart_workers.batch);
+        PERFORM uniphant.advance_rolls();
+    END IF;
+    RETURN count;
+END
 $$;
 
 -- One row per desired worker, what it is doing, why (detail) and why its
 -- last run ended; then every process that no desired worker accounts for
--- (managers, workers started by hand, workers that are being stopped).
+-- (managers, workers started by hand, workers that are being stopped).  A
+-- worker's state is its manager's word while that manager is live; done,
+-- paused and rolling (in the batch of a rolling restart, not yet back) are
+-- the desired state's.
 CREATE OR REPLACE VIEW uniphant.fleet AS
 WITH live AS (
     SELECT p.*, uniphant.process_live(p) AS live FROM uniphant.processes p
@@ -805,15 +1035,22 @@ WITH live AS (
     SELECT * FROM uniphant.live_managers()
 ), placed AS (
     SELECT w.*, s.host_id AS state_host, s.state AS reported, s.pid AS state_pid, s.since,
-           s.restarts, s.last_exit, s.next_start_at,
+           s.restarts, s.last_exit, s.next_start_at, r.halted AS roll_halted,
            CASE
+               WHEN w.done_at IS NOT NULL THEN 'done'
+               WHEN w.paused_at IS NOT NULL THEN 'paused'
+               WHEN r.halted IS NULL AND w.worker_id = ANY (r.current) AND s.state IS DISTINCT FROM 'backoff'
+                    AND NOT EXISTS (SELECT 1 FROM live p WHERE p.worker_id = w.worker_id AND p.live
+                                    AND p.started_at > r.batch_started_at) THEN 'rolling'
                WHEN s.host_id IN (SELECT lm.host_id FROM lm) THEN s.state
                WHEN EXISTS (SELECT 1 FROM live p WHERE p.worker_id = w.worker_id AND p.live)
                    THEN 'running unsupervised'
                WHEN w.host_id IS NOT NULL THEN 'waiting for its host'
                ELSE 'unplaced'
            END AS state
-    FROM uniphant.workers w LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
+    FROM uniphant.workers w
+    LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
+    LEFT JOIN uniphant.rolls r ON r.worker_type = w.worker_type
 )
 SELECT pl.worker_id, pl.worker_type, pl.state,
        coalesce(hp.name, hs.name, hw.name) AS host,
@@ -821,7 +1058,7 @@ SELECT pl.worker_id, pl.worker_type, pl.state,
        pl.host_id IS NOT NULL AS pinned,
        p.pid, coalesce(pl.since, p.started_at) AS since, coalesce(pl.restarts, 0) AS restarts,
        pl.last_exit, pl.next_start_at, p.heartbeat_at,
-       CASE pl.state
+       coalesce(CASE pl.state
            WHEN 'moving' THEN 'its copy on host ' || coalesce(hp.name, '?') || ' still runs'
            WHEN 'waiting for its host' THEN 'its host has no live manager'
            WHEN 'unplaced' THEN
@@ -829,7 +1066,10 @@ SELECT pl.worker_id, pl.worker_type, pl.state,
                     THEN 'no manager has claimed it yet'
                     ELSE 'no live manager provides worker type ' || pl.worker_type END
            WHEN 'running unsupervised' THEN 'its manager is not live'
-       END AS detail
+           WHEN 'paused' THEN CASE WHEN p.pid IS NOT NULL THEN 'its process is stopping' END
+           WHEN 'rolling' THEN 'restarting in a rolling restart'
+       END, 'rolling restart halted: ' || pl.roll_halted) AS detail,
+       pl.settings, pl.paused_at, pl.done_at
 FROM placed pl
 LEFT JOIN live p ON p.worker_id = pl.worker_id AND p.live
 LEFT JOIN uniphant.hosts hp ON hp.id = p.host_id
@@ -838,7 +1078,7 @@ LEFT JOIN uniphant.hosts hw ON hw.id = pl.host_id
 UNION ALL
 SELECT p.worker_id, p.worker_type,
        CASE WHEN m.host_id IS NOT NULL THEN 'manager' ELSE 'not wanted' END,
-       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at, NULL
+       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at, NULL, NULL, NULL, NULL
 FROM live p
 LEFT JOIN uniphant.hosts h ON h.id = p.host_id
 LEFT JOIN uniphant.managers m ON m.process_id = p.id
@@ -895,23 +1135,29 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                       'boolean, integer)'),
         (3, 'worker', 'EXECUTE ON FUNCTION uniphant.keepalive()'),
         (4, 'worker', 'EXECUTE ON FUNCTION uniphant.disconnect()'),
-        (5, 'manager', 'EXECUTE ON FUNCTION uniphant.register_manager(uuid)'),
-        (6, 'manager', 'EXECUTE ON FUNCTION uniphant.set_worker_types(text[])'),
-        (7, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid)'),
-        (8, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
+        (5, 'worker', 'EXECUTE ON FUNCTION uniphant.finish()'),
+        (6, 'manager', 'EXECUTE ON FUNCTION uniphant.register_manager(uuid)'),
+        (7, 'manager', 'EXECUTE ON FUNCTION uniphant.set_worker_types(text[])'),
+        (8, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid)'),
+        (9, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
                        'double precision)'),
-        (9, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
-        (10, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
-        (11, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid)'),
-        (12, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
-        (13, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
-        (14, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
-        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
-        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text)'),
-        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
-        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
-        (19, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
-        (20, 'operator', 'SELECT ON uniphant.fleet')) AS p (n, part, privilege)
+        (10, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
+        (11, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
+        (12, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid, jsonb)'),
+        (13, 'operator', 'EXECUTE ON FUNCTION uniphant.set_worker_settings(uuid, jsonb)'),
+        (14, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
+        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
+        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
+        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
+        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text, integer)'),
+        (19, 'operator', 'EXECUTE ON FUNCTION uniphant.pause_worker(uuid)'),
+        (20, 'operator', 'EXECUTE ON FUNCTION uniphant.resume_worker(uuid)'),
+        (21, 'operator', 'EXECUTE ON FUNCTION uniphant.pause_workers(text)'),
+        (22, 'operator', 'EXECUTE ON FUNCTION uniphant.resume_workers(text)'),
+        (23, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
+        (24, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
+        (25, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
+        (26, 'operator', 'SELECT ON uniphant.fleet')) AS p (n, part, privilege)
     WHERE p.part = kind OR (kind = 'manager' AND p.part = 'worker');
 $$;
 

@@ -268,8 +268,9 @@ def test_a_copy_that_outlived_its_manager_is_stopped_once_nobody_wants_it(projec
         worker = str(db.value("SELECT add_worker('test.probe')"))
         pid = wait_for(lambda: running(db, worker), what="the worker on the first host")
         # The other host's manager starts its one pinned worker, then no other for a minute or more.
-        db.value("SELECT add_worker('test.probe', %s::uuid)", str(uuid.uuid4()))
         with_manager(other, "starts_per_second=0.01\n")
+        pinned = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(other)))
+        wait_for(lambda: running(db, pinned), what="the other host's first start")
         os.kill(project.running_pid(first, "uniphant.manager"), signal.SIGKILL)
         # The copy looks dead for a while (frozen, its session ended): the other host claims it.
         os.kill(pid, signal.SIGSTOP)
@@ -437,7 +438,7 @@ def test_ops_commands_add_scale_restart_and_stop_workers(project, db):
     (["add", "test/probe"], 2, "is not a worker type"),
     (["stop", str(uuid.uuid4())], 1, "no such worker"),
     (["restart", "no.such.type"], 1, "no running worker"),
-    (["ps", "everything"], 2, "unexpected argument 'everything'"),
+    (["ps", "a.b", "c.d"], 2, "unexpected argument 'c.d'"),
     (["scale", "test.probe", "3", "4"], 2, "unexpected argument '4'"),
     (["stop", "test.probe", "test.other"], 2, "unexpected argument 'test.other'"),
 ])

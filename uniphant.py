@@ -178,8 +178,8 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 
 # Each check returns the value to store, or raises ValueError saying what is wrong.
 # The runtime keys: their defaults and their checks; config files hold them as
-# text, `config` as checked values.  The last six are the manager's (README,
-# "The fleet").
+# text, `config` as checked values.  Six are the manager's (README, "The
+# fleet"), `restart` is a worker type's ("Changing the fleet").
 _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "log_level": ("INFO", _choice(LOG_LEVELS, str.upper)),
     "log_file": ("on", _choice(("on", "off"), str.lower)),
@@ -194,6 +194,8 @@ _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "start_timeout": (30.0, _number(1)),
     "starts_per_second": (20.0, _number(0, above=True, maximum=1000, unit="starts a second")),
     "file_retention": (604800.0, _number(0, maximum=366 * 86400)),
+    # A worker type's: restart a worker that exited 0 (always), or take it as finished.
+    "restart": ("always", _choice(("always", "on-failure"), str.lower)),
 }
 RUNTIME_DEFAULTS: Dict[str, Any] = {key: default for key, (default, _) in _RUNTIME_KEYS.items()}
 
@@ -349,10 +351,33 @@ def read_secret_config_files(config: Config) -> Dict[str, Any]:
 
 
 def read_config_files(config: Config) -> Dict[str, Any]:
-    """Every setting of the uniphant.conf hierarchy and of the secrets files."""
+    """Every setting of the uniphant.conf hierarchy and of the secrets files, and
+    those the desired state gives a worker its manager started."""
     entries = [entry for directory in _config_dirs(config)
                for entry in _config_entries(os.path.join(directory, "uniphant.conf"))]
-    return _settings(entries + _secret_entries(config))
+    return _settings(entries + _secret_entries(config) + _desired_entries(_runtime.settings))
+
+
+# Where a desired worker's settings come from, for the messages about them.
+_DESIRED_SETTINGS = "the worker's settings in the desired state (workers.settings)"
+
+
+def _desired_entries(settings: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(where, key, value) of a desired worker's settings, as a config file's: the
+    same rules hold (a key a config file defines too is defined twice), and no
+    credential is taken from where every operator reads it."""
+    entries = []
+    for key, value in settings.items():
+        _refuse_credential(key, _DESIRED_SETTINGS)
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        entries.append((_DESIRED_SETTINGS, key, text))
+    return entries
+
+
+def _refuse_credential(key: str, where: str) -> None:
+    if any(word in key.lower() for word in ("password", "secret", "token", "passfile")):
+        raise ConfigError(f"{where}: {key!r} looks like a credential, which every operator could read "
+                          f"there: put it in a secrets.conf")
 
 
 def get_calling_file_path() -> str:
@@ -1197,10 +1222,15 @@ def _close_quietly(connection) -> None:
         return  # pg8000 closes the socket even when the goodbye cannot be sent
 
 
+# How a process leaves: its row removed, and, for a worker that finished
+# (restart=on-failure, exit 0), its desired worker marked done too.
+_LEAVE, _FINISH = "SELECT uniphant.disconnect()", "SELECT uniphant.finish()"
+
+
 def disconnect(connection) -> None:
     """Remove this process's row, then close the connection."""
     try:
-        _call(connection, "SELECT uniphant.disconnect()")
+        _call(connection, _LEAVE)
     finally:
         _close_quietly(connection)
 
@@ -1214,8 +1244,8 @@ def _disconnect_quietly(connection) -> None:
         return  # the start's error says what went wrong; a row left is taken over
 
 
-def _remove_row(config: Config, patience: float) -> bool:
-    """Remove this process's row from a new session; whether it did.
+def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
+    """Remove this process's row from a new session (with leave); whether it did.
 
     Not while another session of the process is still connected (the backend
     of a process that was killed may run on in one of its statements): wait
@@ -1230,7 +1260,7 @@ def _remove_row(config: Config, patience: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
-        _call(connection, "SELECT uniphant.disconnect()")
+        _call(connection, leave)
         return True
     finally:
         _close_quietly(connection)
@@ -1251,6 +1281,7 @@ class _Signals:
         self.wakeup_fd: Optional[int] = None   # readable when a signal arrived
         self.parent_fd: Optional[int] = None   # a pidfd of the parent (foreground): readable when it exits
         self.poll_parent = False               # foreground without pidfds: look every _PARENT_POLL
+        self.handover: Optional[str] = None    # the worker function's handover signal (README, "Hooks")
 
 
 class _Lease:
@@ -1290,6 +1321,7 @@ class _Runtime:
         self.pid_file_fd: Optional[int] = None   # the locked PID file
         self.managed = False                     # forked by a manager, which reads report_fd
         self.report_fd: Optional[int] = None
+        self.settings: Dict[str, Any] = {}       # given it by the desired state (workers.settings)
         self.config: Optional[Config] = None     # the runtime's own copy of the configuration
         self.pid = os.getpid()                   # the process that runs the worker
         self.next_call = 0.0                     # when the worker function is due (time.monotonic)
@@ -1331,6 +1363,12 @@ def _signal_name(sig: int) -> str:
         return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
 
 
+def _signal_number(name: str) -> int:
+    import signal
+
+    return getattr(signal, name)
+
+
 def _install_signal_handlers() -> None:
     import signal
 
@@ -1346,7 +1384,7 @@ def _act_on_signals(config: Config) -> None:
     signals = _runtime.signals
     while signals.caught:
         name = _signal_name(signals.caught.pop(0))
-        if name in _STOP_SIGNALS:
+        if name in _STOP_SIGNALS or name == signals.handover:
             signals.stop = signals.stop or name
         elif name == _CONFIRM_SIGNAL:
             _runtime.lease.hinted = True
@@ -1492,22 +1530,23 @@ def _signal_holder(pid_file: str, pid: int, sig: int) -> bool:
         os.close(pidfd)
 
 
-def stop_running_process(pid_file: str, timeout: float = 10.0) -> Optional[int]:
-    """Stop the worker holding pid_file: SIGTERM, then SIGKILL after timeout seconds.
+def stop_running_process(pid_file: str, timeout: float = 10.0, sig: Optional[int] = None) -> Optional[int]:
+    """Stop the worker holding pid_file: sig (SIGTERM), then SIGKILL after timeout seconds.
 
     Returns the signal that ended it, or None if it was not running.  Only the
     holder of the PID file's lock is ever signalled.
     """
     import signal
 
+    sig = sig or signal.SIGTERM
     pid = get_pid_for_running_process(pid_file)
     if pid is None:
         return None
-    _signal_holder(pid_file, pid, signal.SIGTERM)
+    _signal_holder(pid_file, pid, sig)
     if _wait_for_exit(pid_file, pid, timeout):
-        return signal.SIGTERM
+        return sig
     if not _signal_holder(pid_file, pid, signal.SIGKILL):
-        return signal.SIGTERM  # it went just in time
+        return sig  # it went just in time
     _wait_for_exit(pid_file, pid, 10.0)
     return signal.SIGKILL
 
@@ -1691,6 +1730,7 @@ class _Ending:
     EXIT = "exit"                  # the worker function raised SystemExit
     FAILED = "failed"              # the worker function raised anything else
     UNIPHANT = "uniphant"          # the runtime could not go on (its schema gone, say)
+    HANDOVER = "handover"          # its handover signal came: a successor takes over
 
     def __init__(self, code: str, text: str) -> None:
         self.code = code
@@ -1735,8 +1775,10 @@ def _warn_once(logger: logging.Logger, message: str) -> None:
 def _local_stop_reason(config: Config) -> Optional[_Ending]:
     """A reason to stop that needs no database: a signal, or the parent's death."""
     _act_on_signals(config)
-    if _runtime.signals.stop:
-        return _Ending(_Ending.SIGNAL, f"{_runtime.signals.stop} received")
+    signals = _runtime.signals
+    if signals.stop:
+        code = _Ending.HANDOVER if signals.stop == signals.handover else _Ending.SIGNAL
+        return _Ending(code, f"{signals.stop} received")
     if config["foreground"] and not is_parent_alive(config["parent_pid"]):
         return _Ending(_Ending.PARENT_GONE, "the parent process has gone")
     return None
@@ -2099,8 +2141,8 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     rt.lease.watchdog = _Watchdog(config, logger)
     rt.lease.confirmed_at = time.monotonic()  # registering has just made the row
     rt.lease.next_heartbeat = rt.lease.confirmed_at + _heartbeat_period(config)
-    logger.info("worker %s started: process %s, PID %d, host %s",
-                config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
+    logger.info("worker %s started: process %s, PID %d, host %s, uniphant %s",
+                config["worker_id"], config["process_id"], os.getpid(), config["host_name"], __version__)
     if config["foreground"] and not hasattr(worker_function, "wakeup"):
         _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
     if connection.parameter_statuses.get("is_superuser") == "on":
@@ -2111,7 +2153,7 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     try:
         code, connection = _run_loop(config, worker_config, connection, worker_function, logger)
     finally:
-        _teardown(config, worker_config, connection, worker_function, logger)
+        _teardown(config, worker_config, connection, worker_function, logger, code)
     return code
 
 
@@ -2153,10 +2195,11 @@ def _run_loop(config: Config, worker_config: Config, connection, worker_function
 
 
 def _teardown(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
-              logger: logging.Logger) -> None:
+              logger: logging.Logger, code: int) -> None:
     """The end of every run: the worker function's teardown hook, then the row
-    removed, the PID file emptied, and the manager (if one forked this process)
-    told why."""
+    removed (and, where restart=on-failure and the worker function exited 0,
+    its desired worker marked done), the PID file emptied, and the manager (if
+    one forked this process) told why."""
     if config["foreground"]:
         _sd_notify("STOPPING=1")
     teardown = getattr(worker_function, "teardown", None)
@@ -2165,16 +2208,17 @@ def _teardown(config: Config, worker_config: Config, connection, worker_function
             teardown(worker_config, logger)
         except Exception:
             logger.exception("the worker function's teardown hook failed")
-    _leave(config, connection, logger)
+    ending = _runtime.ending or _Ending(_Ending.UNIPHANT, "uniphant failed")
+    finished = code == EXIT_OK and ending.code == _Ending.EXIT and config["restart"] == "on-failure"
+    _leave(config, connection, logger, _FINISH if finished else _LEAVE)
     _release_pid_file()
     _note_leftover_threads(logger)
-    ending = _runtime.ending or _Ending(_Ending.UNIPHANT, "uniphant failed")
     _report_to_manager("exit", ending.code, ending.text)
 
 
-def _leave(config: Config, connection, logger: logging.Logger) -> None:
-    """Remove this process's row and close its connection: on that connection if
-    the worker function left it fit, else on a new one."""
+def _leave(config: Config, connection, logger: logging.Logger, leave: str = _LEAVE) -> None:
+    """Remove this process's row (with leave) and close its connection: on that
+    connection if the worker function left it fit, else on a new one."""
     if connection is None:
         logger.warning("could not remove the process row (database unreachable); "
                        "the next start takes it over")
@@ -2183,14 +2227,15 @@ def _leave(config: Config, connection, logger: logging.Logger) -> None:
         if _in_transaction(connection):
             connection.execute_simple("ROLLBACK")
         _check_session(config, connection)
-        disconnect(connection)
+        _call(connection, leave)
+        _close_quietly(connection)
         return
     except Exception as e:
         _close_quietly(connection)
         logger.debug("cannot remove the process row on its own connection: %s", _explain(e))
     try:
         # A new session is this process's own again, once the old one has ended.
-        if _remove_row(config, patience=_SESSION_END_WAIT):
+        if _remove_row(config, patience=_SESSION_END_WAIT, leave=leave):
             return
         reason = "its old session did not end"
     except Exception as e:
@@ -2224,21 +2269,28 @@ _PLAN_EVERY = 5.0
 _FLEET_CHANNEL = "uniphant_fleet"
 # How often a manager looks for files of workers gone from the desired state.
 _TIDY_EVERY = 3600.0
+# How often a manager plans while a worker of its host is in a rolling
+# restart's batch (schema.sql: advance_rolls waits for a second of running).
+_ROLL_LOOK = 0.5
 
 # The states of a worker that the plan gives this host, as worker_states.state
 # holds them (schema.sql checks the same names, and `unplaced`, which only the
 # planner writes), and the moves between them, written down as supervisor
 # writes down its process states.  None: the manager has forgotten the worker.
 STARTING, RUNNING, BACKOFF, MOVING = "starting", "running", "backoff", "moving"
-SLOT_STATES = (STARTING, RUNNING, BACKOFF, MOVING)
+PAUSED, DONE = "paused", "done"  # held: not started (README, "Changing the fleet")
+SLOT_STATES = (STARTING, RUNNING, BACKOFF, MOVING, PAUSED, DONE)
 _MOVES: Dict[Optional[str], Tuple[Optional[str], ...]] = {
-    None: (STARTING,),                         # placed here
-    STARTING: (RUNNING, BACKOFF, MOVING, None),  # registered; failed, to start again later;
-                                               # a live copy elsewhere keeps it from starting
-    RUNNING: (STARTING, BACKOFF, None),        # ended, to start again at once, or later
-    BACKOFF: (STARTING, None),                 # its delay is over
-    MOVING: (STARTING, None),                  # the copy elsewhere has gone
+    None: (STARTING,),                                       # placed here
+    STARTING: (RUNNING, BACKOFF, MOVING, PAUSED, DONE, None),  # registered; failed, to start again
+                                                             # later; a live copy elsewhere keeps it
+    RUNNING: (STARTING, BACKOFF, PAUSED, DONE, None),        # ended, to start again at once, or later
+    BACKOFF: (STARTING, PAUSED, DONE, None),                 # its delay is over
+    MOVING: (STARTING, PAUSED, DONE, None),                  # the copy elsewhere has gone
+    PAUSED: (STARTING, DONE, None),                          # resumed
+    DONE: (None,),                                           # finished: it is only ever removed
 }
+_HELD = (PAUSED, DONE)
 
 
 class _Child:
@@ -2331,6 +2383,7 @@ class _Slot:
         self.restarts = 0
         self.started_once = False
         self.last_exit: Optional[str] = None
+        self.settings: Dict[str, Any] = {}   # its desired settings, which reach its config
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
         self.move(STARTING)
 
@@ -2379,12 +2432,16 @@ class _Manager:
         children = [slot.child for slot in self.slots.values() if slot.child is not None]
         moments = [self.next_plan] + [c.kill_at for c in children if c.kill_at is not None]
         moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
-        moments += [max(slot.due, self.next_start) for slot in self.slots.values()
-                    if slot.wanted and slot.startable and slot.child is None]
+        moments += [max(slot.due, self.next_start) for slot in self._startable()]
         if _watchdog_period():
             moments.append(self.next_watchdog)
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
         return min(moments), tuple(fds)
+
+    def _startable(self) -> List[_Slot]:
+        """The slots whose worker should run here, and has no process."""
+        return [slot for slot in self.slots.values() if slot.wanted and slot.startable
+                and slot.child is None and slot.state not in _HELD]
 
     def _plan(self, connection) -> None:
         if self.worker_types is None or time.monotonic() >= self.next_plan:
@@ -2393,13 +2450,16 @@ class _Manager:
             self._tidy(connection)
             self.next_tidy = time.monotonic() + _TIDY_EVERY
         rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, "
-                     "row_live, restarts FROM uniphant.manager_plan($1::uuid)", (self.config["host_id"],))
+                     "row_live, restarts, settings, paused, done, rolling FROM uniphant.manager_plan($1::uuid)",
+                     (self.config["host_id"],))
         self.next_plan = time.monotonic() + _PLAN_EVERY
         planned = {row[0] for row in rows if row[2]}
         for slot in list(self.slots.values()):
             if slot.wanted and slot.worker_id not in planned:
                 self._unwant(slot, "no longer wanted on this host")
-        for worker_id, worker_type, wanted, startable, row_pid, row_live, restarts in rows:
+        rolling = False
+        for (worker_id, worker_type, wanted, startable, row_pid, row_live, restarts, settings, paused, done,
+             in_roll) in rows:
             slot = self.slots.get(worker_id)
             if slot is None:
                 if not wanted and not _is_worker_type(worker_type):
@@ -2414,9 +2474,30 @@ class _Manager:
                 slot.wanted = True
                 slot.move(RUNNING if slot.child is not None and slot.child.ready else STARTING)
             slot.startable, slot.row_pid, slot.row_live = startable, row_pid, bool(row_live)
+            slot.settings = settings or {}
+            rolling = rolling or in_roll
+            self._hold(slot, DONE if done else PAUSED if paused else None)
             if slot.child is None and slot.state in (STARTING, MOVING):
-                slot.move(STARTING if startable else MOVING)
+                target = STARTING if startable else MOVING
+                if slot.state != target:
+                    slot.move(target)
             self._check_row(slot)
+        if rolling:  # a worker of a rolling restart's batch: the next batch is due once it has run a second
+            self.next_plan = min(self.next_plan, time.monotonic() + _ROLL_LOOK)
+
+    def _hold(self, slot: _Slot, held: Optional[str]) -> None:
+        """A paused or done worker (held) is not started, and its process is stopped
+        cleanly; resumed, it starts at once, with no failure counted."""
+        if held is None:
+            if slot.state in _HELD:
+                slot.move(STARTING)
+                slot.due, slot.failures, slot.started_once = 0.0, 0, False  # not a restart
+            return
+        if slot.state != held:
+            slot.move(held)
+            if slot.child is not None and slot.child.kill_at is None:
+                self.logger.info("stopping worker %s (%s): %s", slot.worker_id, slot.worker_type, held)
+                self._stop(slot.child)
 
     def _tell_worker_types(self, connection) -> None:
         """Tell the database which worker types this root has scripts for, when that
@@ -2459,7 +2540,7 @@ class _Manager:
         import signal
 
         child = slot.child
-        if child is None or not child.ready or not slot.wanted:
+        if child is None or not child.ready or not slot.wanted or slot.state in _HELD:
             return
         if slot.row_pid == child.pid and slot.row_live:
             child.rowless_since = None
@@ -2533,9 +2614,12 @@ class _Manager:
         """A run of slot's worker ended (how), or its start failed: forget it if it is
         no longer wanted, else start it again at once (a restart from SQL is not a
         failure) or after its backoff."""
-        if not slot.wanted:
+        self.next_plan = 0.0  # the plan says whether it finished (restart=on-failure), before a start
+        if not slot.wanted or slot.state in _HELD:
             self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, _printable(how))
-            self._forget(slot)
+            slot.last_exit = how
+            if not slot.wanted:
+                self._forget(slot)
             return
         now = time.monotonic()
         if at_once:
@@ -2562,8 +2646,7 @@ class _Manager:
         import random
 
         now = time.monotonic()
-        due = [slot for slot in self.slots.values()
-               if slot.wanted and slot.startable and slot.child is None and slot.due <= now]
+        due = [slot for slot in self._startable() if slot.due <= now]
         for slot in sorted(due, key=lambda s: s.due):
             if self.next_start > now:
                 return
@@ -2588,7 +2671,7 @@ class _Manager:
                 raise UniphantError(f"no script {slot.worker_type.replace('.', '/')}.py below "
                                     f"{self.config['root_dir']}/workers" if not scripts
                                     else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
-            slot.child = self._fork(scripts[0], slot.worker_id)
+            slot.child = self._fork(scripts[0], slot.worker_id, slot.settings)
         except (UniphantError, OSError) as e:  # OSError: out of processes or descriptors, say
             self._ended(slot, f"could not start: {_explain(e)}", False, time.monotonic())
 
@@ -2607,7 +2690,7 @@ class _Manager:
                                 "which does not run the worker", slot.worker_id, slot.row_pid)
         slot.row_pid = None
 
-    def _fork(self, script: str, worker_id: str) -> _Child:
+    def _fork(self, script: str, worker_id: str, settings: Dict[str, Any]) -> _Child:
         import signal
 
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -2620,7 +2703,7 @@ class _Manager:
             raise
         if pid == 0:
             os.close(report_r)
-            _become_worker(script, worker_id, report_w)
+            _become_worker(script, worker_id, report_w, settings)
         os.close(report_w)
         os.set_blocking(report_r, False)
         try:
@@ -2683,7 +2766,7 @@ class _Manager:
         """A STATUS= line when the counts change, and WATCHDOG=1 at half the period
         systemd asks for (the run loop says READY=1 after the first pass)."""
         running = sum(1 for slot in self.slots.values() if slot.state == RUNNING)
-        wanted = sum(1 for slot in self.slots.values() if slot.wanted)
+        wanted = sum(1 for slot in self.slots.values() if slot.wanted and slot.state not in _HELD)
         status = f"STATUS={running} of {wanted} workers running"
         lines = [status] if status != self.status_told else []
         period = _watchdog_period()
@@ -2751,7 +2834,7 @@ def _how_it_ended(child: _Child, status: Optional[int]) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}{words}"
 
 
-def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
+def _become_worker(script: str, worker_id: str, report_fd: int, settings: Dict[str, Any]) -> None:
     """In a child the manager has forked: run script's worker as `start` would, with
     fresh runtime state and nothing of the manager's (descriptors, handlers,
     signals, configuration).  Never returns into the manager's code."""
@@ -2784,7 +2867,7 @@ def _become_worker(script: str, worker_id: str, report_fd: int) -> None:
         _runtime.manager.config.clear()
         _runtime.config.clear()
         _runtime = _Runtime()
-        _runtime.managed, _runtime.report_fd = True, report_fd
+        _runtime.managed, _runtime.report_fd, _runtime.settings = True, report_fd, settings
         sys.argv = [script, worker_id, "start"]
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -2837,10 +2920,17 @@ def _manager_wakeup(config: Config, connection) -> Tuple[float, Tuple[int, ...]]
 
 
 def _stop_managed_workers(config: Config, logger: logging.Logger) -> None:
+    """A manager that stops stops its workers; one that hands over (restart: a new
+    manager, perhaps a new uniphant.py, adopts them) leaves them running."""
+    if _runtime.ending is not None and _runtime.ending.code == _Ending.HANDOVER:
+        running = sum(1 for slot in _runtime.manager.slots.values() if slot.child is not None)
+        logger.info("leaving %d workers running for the next manager", running)
+        return
     _runtime.manager.stop_all()
 
 
 manage.one_per_host = True  # type: ignore[attr-defined]
+manage.handover_signal = "SIGUSR2"  # type: ignore[attr-defined]
 manage.prepare = _prepare_manager  # type: ignore[attr-defined]
 manage.wakeup = _manager_wakeup  # type: ignore[attr-defined]
 manage.teardown = _stop_managed_workers  # type: ignore[attr-defined]
@@ -2850,7 +2940,7 @@ manage.teardown = _stop_managed_workers  # type: ignore[attr-defined]
 # Ops commands: python uniphant.py {ps,add,scale,stop,restart}
 # ---------------------------------------------------------------------------
 
-_OPS_HELP = """usage: python uniphant.py {ps,add,scale,stop,restart} ...
+_OPS_HELP = """usage: python uniphant.py {ps,add,scale,set,stop,restart,pause,resume} ...
 
 The fleet from the command line, as thin layers over schema.sql's functions.
 Connection settings as for every uniphant process: the uniphant.conf of the
@@ -2858,15 +2948,24 @@ project root (the nearest directory above the current one that holds
 `workers`), ~/.uniphant/secrets/secrets.conf, then the environment.
 
 commands:
-  ps [--json]                 every desired worker and every other process: state,
-                              host, PID, since when, restarts, why its last run ended
-  add TYPE [--host HOST]      add a worker of TYPE, pinned to HOST (a host id, or
-                              `here`: this project's), else for any host; prints its id
+  ps [ID|TYPE] [--host HOST] [--state STATE] [--json]
+                              every desired worker and every other process (or those
+                              chosen): state, host, PID, since when, restarts, why its
+                              last run ended; for an ID, all that is known of it
+  add TYPE [--host HOST] [--set KEY=VALUE]...
+                              add a worker of TYPE, pinned to HOST (a host id, or
+                              `here`: this project's), else for any host, with settings
+                              for its config; prints its id
   scale TYPE N [--host HOST]  make it N workers of TYPE on HOST (else N any-host ones)
+  set ID [KEY=VALUE]...       give a worker these settings (and no others): it restarts
   stop ID|TYPE                remove a worker, or every worker of TYPE, from the
                               desired state: its manager stops it
-  restart ID|TYPE             end the process of a worker, or of every worker of
-                              TYPE: its manager starts it again at once"""
+  restart ID|TYPE [--rolling [--batch N]]
+                              end the process of a worker, or of every worker of
+                              TYPE: its manager starts it again at once; --rolling:
+                              N at a time (1), each batch once the one before is back
+  pause ID|TYPE               stop a worker's process, keeping it in the desired state
+  resume ID|TYPE              start a paused worker again"""
 
 
 def _ops_config() -> Config:
@@ -2884,17 +2983,23 @@ def _ops_config() -> Config:
     return config
 
 
-def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, ...]) -> Tuple[list, dict]:
-    """(positional arguments, options) of an ops command's arguments."""
+def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, ...],
+                   repeated: Tuple[str, ...] = ()) -> Tuple[list, dict]:
+    """(positional arguments, options) of an ops command's arguments; a repeated
+    option's values are a list."""
     positional, options = [], {}
     words = iter(args)
     for word in words:
         if word in flags:
             options[word] = True
-        elif word in valued:
-            options[word] = next(words, None)
-            if options[word] is None:
+        elif word in valued or word in repeated:
+            value = next(words, None)
+            if value is None:
                 raise UsageError(f"{word} needs a value")
+            if word in repeated:
+                options.setdefault(word, []).append(value)
+            else:
+                options[word] = value
         elif word.startswith("-"):
             raise UsageError(f"unrecognized option {_shorten(word)}")
         else:
@@ -2933,57 +3038,121 @@ def _age(seconds: Optional[float]) -> str:
     return f"{max(int(seconds), 0)}s"
 
 
+# What ps shows of each row of uniphant.fleet, in this order (the JSON keys).
+_PS_COLUMNS = ("worker_id", "worker_type", "state", "host", "host_id", "pinned", "pid", "since_seconds",
+               "restarts", "last_exit", "next_start_in", "detail", "settings")
+_PS_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
+           "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
+           "extract(epoch FROM next_start_at - now())::float8, detail, settings FROM uniphant.fleet "
+           "WHERE ($1::uuid IS NULL OR worker_id = $1::uuid) AND ($2::text IS NULL OR worker_type = $2) "
+           "AND ($3::text IS NULL OR host_id::text = $3 OR host = $3) AND ($4::text IS NULL OR state = $4) "
+           "ORDER BY worker_type, host, worker_id")
+
+
 def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
-    _, options = _ops_arguments(args, ("--json",), ())
-    if _:
-        raise UsageError(f"ps: unexpected argument {_shorten(_[0])} (it takes --json only)")
+    positional, options = _ops_arguments(args, ("--json",), ("--host", "--state"))
+    if len(positional) > 1:
+        raise UsageError(f"ps: unexpected argument {_shorten(positional[1])} (it takes one ID or TYPE)")
+    worker_id = _canonical_uuid(positional[0]) if positional else None
+    worker_type = _ops_type(positional[0]) if positional and not worker_id else None
+    host = options.get("--host")
+    host = _ops_host(config, host) if host == "here" else (_canonical_uuid(host or "") or host)
+    chosen = (worker_id, worker_type, host, options.get("--state"))
 
     def ps(connection) -> int:
-        rows = _rows(connection, "SELECT worker_id::text, worker_type, state, host, pid, "
-                     "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
-                     "extract(epoch FROM next_start_at - now())::float8, detail FROM uniphant.fleet "
-                     "ORDER BY worker_type, host, worker_id")
-        keys = ("worker_id", "worker_type", "state", "host", "pid", "since_seconds", "restarts",
-                "last_exit", "next_start_in", "detail")
+        rows = [dict(zip(_PS_COLUMNS, row)) for row in _rows(connection, _PS_SQL, chosen)]
+        if worker_id and not rows:
+            raise UniphantError(f"no such worker: {worker_id}")
         if options.get("--json"):
             import json
 
-            print(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
-            return EXIT_OK
-        table = [("WORKER", "TYPE", "STATE", "HOST", "PID", "SINCE", "RESTARTS", "DETAIL", "LAST EXIT")]
-        for worker_id, worker_type, state, host, pid, since, restarts, last_exit, next_in, detail in rows:
-            if state == "backoff" and next_in is not None:
-                state = f"backoff {_age(next_in)}"
-            table.append(tuple(_printable(cell) for cell in (
-                worker_id, worker_type, state, host or "", str(pid or ""), _age(since), str(restarts),
-                detail or "", last_exit or "")))
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-        for row in table:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+            print(json.dumps(rows[0] if worker_id else rows, indent=2))
+        elif worker_id:
+            _print_worker(rows[0])
+        else:
+            _print_table(rows)
         return EXIT_OK
     return ps
 
 
-def _ops_type_and_host(args: List[str], config: Config, usage: str) -> Tuple[str, Optional[str], list]:
-    """(worker type, host id or None, the other positional arguments) of `TYPE ... [--host HOST]`."""
-    positional, options = _ops_arguments(args, (), ("--host",))
+def _print_table(rows: List[Dict[str, Any]]) -> None:
+    """ps's table: every text from the database shown printable; the last column unpadded."""
+    table = [("WORKER", "TYPE", "STATE", "HOST", "HOST ID", "PLACED", "PID", "SINCE", "RESTARTS", "DETAIL",
+              "LAST EXIT")]
+    for row in rows:
+        state = row["state"]
+        if state == "backoff" and row["next_start_in"] is not None:
+            state = f"backoff {_age(row['next_start_in'])}"
+        table.append(tuple(_printable(cell) for cell in (
+            row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
+            "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
+            str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+def _print_worker(row: Dict[str, Any]) -> None:
+    """ps ID: all that is known of one worker, a line a fact."""
+    settings = row["settings"] or {}
+    facts = [
+        ("worker", row["worker_id"]), ("type", row["worker_type"]), ("state", row["state"]),
+        ("detail", row["detail"]), ("host", f"{row['host'] or '?'} ({row['host_id'] or 'none'})"),
+        ("placed", "pinned to its host" if row["pinned"] else "on any host with its script"),
+        ("pid", row["pid"]), ("since", _age(row["since_seconds"])), ("restarts", row["restarts"]),
+        ("last exit", row["last_exit"]),
+        ("next start", row["next_start_in"] is not None and f"in {_age(row['next_start_in'])}"),
+        ("settings", ", ".join(f"{key}={value}" for key, value in sorted(settings.items()))),
+    ]
+    for name, value in facts:
+        if value not in (None, "", False):
+            print(f"{name + ':':<12}{_printable(str(value))}")
+
+
+def _ops_type_and_host(args: List[str], config: Config, usage: str,
+                       repeated: Tuple[str, ...] = ()) -> Tuple[str, Optional[str], list, dict]:
+    """(worker type, host id or None, the other positional arguments, the options)
+    of `TYPE ... [--host HOST]`."""
+    positional, options = _ops_arguments(args, (), ("--host",), repeated)
     wanted = usage.count(" ") + 1
     if len(positional) > wanted:
         raise UsageError(f"unexpected argument {_shorten(positional[wanted])} "
                          f"(expected {usage} [--host HOST])")
     if len(positional) < wanted:
         raise UsageError(f"expected {usage} [--host HOST]")
-    return _ops_type(positional[0]), _ops_host(config, options.get("--host")), positional[1:]
+    return _ops_type(positional[0]), _ops_host(config, options.get("--host")), positional[1:], options
+
+
+def _ops_settings(words: List[str]) -> str:
+    """The JSON object of KEY=VALUE words, checked as a config file's lines are
+    (README, "Per-worker settings")."""
+    import json
+
+    settings: Dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        where = f"setting {_shorten(word)}"
+        if not sep or not key:
+            raise UsageError(f"{where}: expected KEY=VALUE")
+        if key in RESERVED_KEYS:
+            raise UsageError(f"{where}: {key!r} is reserved")
+        if key in settings:
+            raise UsageError(f"{where}: {key!r} is given twice")
+        _refuse_credential(key, where)
+        _checked(key, value, where)
+        settings[key] = value
+    return json.dumps(settings)
 
 
 def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
-    worker_type, host_id, _ = _ops_type_and_host(args, config, "TYPE")
+    worker_type, host_id, _, options = _ops_type_and_host(args, config, "TYPE", ("--set",))
+    settings = _ops_settings(options.get("--set", []))
 
     def add(connection) -> int:
         worker_id, provided = _call(
-            connection, "SELECT uniphant.add_worker($1, $2::uuid)::text, EXISTS (SELECT 1 FROM "
+            connection, "SELECT uniphant.add_worker($1, $2::uuid, $3::jsonb)::text, EXISTS (SELECT 1 FROM "
             "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
-            "AND m.host_id = coalesce($2::uuid, m.host_id))", (worker_type, host_id))
+            "AND m.host_id = coalesce($2::uuid, m.host_id))", (worker_type, host_id, settings))
         print(worker_id)
         if not provided:
             where = f"host {host_id}" if host_id else "any host"
@@ -2994,7 +3163,7 @@ def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
 
 
 def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
-    worker_type, host_id, (count,) = _ops_type_and_host(args, config, "TYPE N")
+    worker_type, host_id, (count,), _ = _ops_type_and_host(args, config, "TYPE N")
     if not _is_whole(count, 0, 100000):
         raise UsageError(f"N must be a whole number from 0 to 100000, got {_shorten(count)}")
     n = int(count)
@@ -3008,8 +3177,46 @@ def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
     return scale
 
 
+def _ops_set(args: List[str], config: Config) -> Callable[[Any], int]:
+    positional, _ = _ops_arguments(args, (), ())
+    worker_id = _canonical_uuid(positional[0]) if positional else None
+    if worker_id is None:
+        raise UsageError("set takes a worker id, then its settings as KEY=VALUE")
+    settings = _ops_settings(positional[1:])
+
+    def set_settings(connection) -> int:
+        if not _call(connection, "SELECT uniphant.set_worker_settings($1::uuid, $2::jsonb)", (worker_id, settings))[0]:
+            raise UniphantError(f"no such worker in workers: {worker_id}")
+        print(f"set: worker {worker_id} restarts with its new settings")
+        return EXIT_OK
+    return set_settings
+
+
+def _ops_restart(args: List[str], config: Config) -> Callable[[Any], int]:
+    """restart ID|TYPE, or a rolling restart of TYPE (--rolling [--batch N])."""
+    positional, options = _ops_arguments(args, ("--rolling",), ("--batch",))
+    if not options.get("--rolling"):
+        if "--batch" in options:
+            raise UsageError("--batch goes with --rolling")
+        return _ops_restart_now(args, config)
+    if len(positional) != 1 or _canonical_uuid(positional[0]):
+        raise UsageError("restart --rolling takes a worker type")
+    worker_type, batch = _ops_type(positional[0]), options.get("--batch", "1")
+    if not _is_whole(batch, 1, 100000):
+        raise UsageError(f"--batch takes a whole number from 1 to 100000, got {_shorten(batch)}")
+
+    def roll(connection) -> int:
+        count = _call(connection, "SELECT uniphant.restart_workers($1, $2)", (worker_type, int(batch)))[0]
+        if not count:
+            raise UniphantError(f"no running worker {worker_type}")
+        print(f"restart: a rolling restart of {count} workers of {worker_type}, {batch} at a time "
+              f"(`python uniphant.py ps {worker_type}` follows it)")
+        return EXIT_OK
+    return roll
+
+
 def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callable:
-    """An ops command that takes a worker id or a worker type (stop, restart)."""
+    """An ops command that takes a worker id or a worker type (stop, restart, pause, resume)."""
     def parse(args: List[str], config: Config) -> Callable[[Any], int]:
         positional, _ = _ops_arguments(args, (), ())
         if len(positional) > 1:
@@ -3031,14 +3238,21 @@ def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callab
     return parse
 
 
+_ops_restart_now = _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
+                                      "SELECT uniphant.restart_workers($1)", "no running worker {}")
+
 _OPS_COMMANDS = {
     "ps": _ops_ps,
     "add": _ops_add,
     "scale": _ops_scale,
+    "set": _ops_set,
     "stop": _ops_by_id_or_type("stop", "SELECT uniphant.remove_worker($1::uuid)::int",
                                "SELECT uniphant.remove_workers($1)", "no such worker in workers: {}"),
-    "restart": _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
-                                  "SELECT uniphant.restart_workers($1)", "no running worker {}"),
+    "restart": _ops_restart,
+    "pause": _ops_by_id_or_type("pause", "SELECT uniphant.pause_worker($1::uuid)::int",
+                                "SELECT uniphant.pause_workers($1)", "no running worker to pause: {}"),
+    "resume": _ops_by_id_or_type("resume", "SELECT uniphant.resume_worker($1::uuid)::int",
+                                 "SELECT uniphant.resume_workers($1)", "no paused worker {}"),
 }
 
 
@@ -3193,17 +3407,18 @@ def _stop_config(prog: str, worker_id: str) -> Config:
     return config
 
 
-def _stop(config: Config, pid_file: str) -> int:
+def _stop(config: Config, pid_file: str, sig: Optional[int] = None) -> int:
+    """stop: the process holding pid_file is sent sig (SIGTERM), then SIGKILL."""
     import signal
 
     process_id = _process_id_in(pid_file)
-    ended_by = stop_running_process(pid_file, config["stop_timeout"])
+    ended_by = stop_running_process(pid_file, config["stop_timeout"], sig)
     if ended_by is None:
         print(f"{_describe(config)} is not running.")
         return EXIT_FAILURE
     if ended_by == signal.SIGKILL:
         print(f"{_describe(config)} did not stop within {config['stop_timeout']:g} s "
-              f"of SIGTERM: sent SIGKILL.", file=sys.stderr)
+              f"of {_signal_name(sig or signal.SIGTERM)}: sent SIGKILL.", file=sys.stderr)
         if process_id is not None:
             _remove_row_of(config, process_id)
     print(f"{_describe(config)} stopped.")
@@ -3223,6 +3438,7 @@ def _remove_row_of(config: Config, process_id: str) -> None:
 
 def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> int:
     _install_signal_handlers()
+    _runtime.signals.handover = getattr(worker_function, "handover_signal", None)
     _refuse_shared_type(config)
     pid = get_pid_for_running_process(pid_file)
     if pid is not None:
@@ -3293,7 +3509,9 @@ def main(worker_function: WorkerFunction) -> None:
                           parent_pid=os.getppid() if foreground else None)
             pid_file = get_pid_file_path(config)
             if command == "restart" and get_pid_for_running_process(pid_file) is not None:
-                _stop(config, pid_file)
+                # A worker that can hand over gets its handover signal: its successor takes over.
+                handover = getattr(worker_function, "handover_signal", None)
+                _stop(config, pid_file, handover and _signal_number(handover))
             code = _start(config, worker_function, pid_file)
     except UniphantError as e:
         if isinstance(e, UsageError):
