@@ -216,6 +216,8 @@ WHERE h.id = m.host_id AND h.manager_role IS NULL;
 
 -- What the managers did, written on change only.  host_id: the host whose
 -- manager is responsible for the worker (NULL: nobody yet).
+-- log_tail: the last lines a worker logged before its last run ended other
+-- than on request (up to 20 lines, 4 KB, control characters escaped).
 CREATE TABLE IF NOT EXISTS uniphant.worker_states (
     worker_id     uuid PRIMARY KEY,
     host_id       uuid,
@@ -224,8 +226,24 @@ CREATE TABLE IF NOT EXISTS uniphant.worker_states (
     since         timestamptz NOT NULL DEFAULT now(),
     restarts      integer NOT NULL DEFAULT 0,
     last_exit     text,
-    next_start_at timestamptz
+    next_start_at timestamptz,
+    log_tail      text
 );
+ALTER TABLE uniphant.worker_states ADD COLUMN IF NOT EXISTS log_tail text;
+
+-- What happened to each worker, as its managers reported it: a row for each
+-- state it entered (a start with its PID, an end with why).  The last 50 of
+-- each worker are kept, until the worker is gone.
+CREATE TABLE IF NOT EXISTS uniphant.worker_events (
+    id        bigserial PRIMARY KEY,
+    worker_id uuid NOT NULL,
+    at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    host_id   uuid,
+    state     text NOT NULL,
+    pid       integer,
+    last_exit text
+);
+CREATE INDEX IF NOT EXISTS worker_events_worker ON uniphant.worker_events (worker_id, id);
 
 -- The roles given a part with grant_role(): each load of this file gives
 -- them what their part needs of it (new functions included).
@@ -262,7 +280,7 @@ END
 $$;
 
 REVOKE ALL ON uniphant.hosts, uniphant.processes, uniphant.workers, uniphant.managers,
-    uniphant.worker_states, uniphant.role_grants, uniphant.rolls FROM PUBLIC;
+    uniphant.worker_states, uniphant.role_grants, uniphant.rolls, uniphant.worker_events FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Processes: the manual's four functions, keyed by the session's
@@ -735,6 +753,9 @@ BEGIN
     WHERE NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = s.worker_id)
       AND NOT EXISTS (SELECT 1 FROM uniphant.processes p
                       WHERE p.worker_id = s.worker_id AND uniphant.process_live(p));
+    DELETE FROM uniphant.worker_events e
+    WHERE NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = e.worker_id)
+      AND NOT EXISTS (SELECT 1 FROM uniphant.worker_states s WHERE s.worker_id = e.worker_id);
     -- The row of a process that died (without removing it) is gone with it, by the
     -- rule every takeover follows, unless the worker is wanted: the next start of
     -- the worker takes its row over.
@@ -768,17 +789,20 @@ END
 $$;
 
 -- A manager records what happened to a worker it is planned to run (state
--- NULL: it forgets a worker it no longer runs).  A report about a worker
--- that is not planned on the manager's host (placement moved since its last
--- plan) changes nothing; values no manager sends are refused (22023).
+-- NULL: it forgets a worker it no longer runs), and its history gets a row
+-- when the state, PID or reason changes.  A report about a worker that is
+-- not planned on the manager's host (placement moved since its last plan)
+-- changes nothing; values no manager sends are refused (22023).
+DROP FUNCTION IF EXISTS uniphant.report_worker(uuid, text, integer, integer, text, double precision);
 CREATE OR REPLACE FUNCTION uniphant.report_worker(
     worker_id uuid, state text, pid integer DEFAULT NULL, restarts integer DEFAULT 0,
-    last_exit text DEFAULT NULL, next_start_in double precision DEFAULT NULL)
+    last_exit text DEFAULT NULL, next_start_in double precision DEFAULT NULL, log_tail text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
-    here uuid := uniphant.managed_host();
+    here   uuid := uniphant.managed_host();
+    before uniphant.worker_states%ROWTYPE;
 BEGIN
     IF report_worker.state IS NULL THEN  -- kept while a live process of it is left (manager_plan)
         DELETE FROM uniphant.worker_states s WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
@@ -793,17 +817,18 @@ BEGIN
             report_worker.state, report_worker.pid, report_worker.restarts, report_worker.next_start_in
             USING ERRCODE = '22023';
     END IF;
+    SELECT * INTO before FROM uniphant.worker_states s WHERE s.worker_id = report_worker.worker_id;
     IF EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
                AND w.host_id = here) THEN
         INSERT INTO uniphant.worker_states AS s
-            (worker_id, host_id, state, pid, restarts, last_exit, next_start_at)
+            (worker_id, host_id, state, pid, restarts, last_exit, next_start_at, log_tail)
         VALUES (report_worker.worker_id, here, report_worker.state, report_worker.pid,
                 report_worker.restarts, left(report_worker.last_exit, 500),
-                now() + make_interval(secs => report_worker.next_start_in))
+                now() + make_interval(secs => report_worker.next_start_in), left(report_worker.log_tail, 4096))
         ON CONFLICT ON CONSTRAINT worker_states_pkey DO UPDATE
         SET host_id = EXCLUDED.host_id, state = EXCLUDED.state, pid = EXCLUDED.pid,
             restarts = EXCLUDED.restarts, last_exit = EXCLUDED.last_exit,
-            next_start_at = EXCLUDED.next_start_at,
+            next_start_at = EXCLUDED.next_start_at, log_tail = coalesce(EXCLUDED.log_tail, s.log_tail),
             since = CASE WHEN s.state = EXCLUDED.state THEN s.since ELSE now() END;
     ELSE
         -- An any-host worker: the planner made the claim; only its holder updates it.
@@ -811,10 +836,24 @@ BEGIN
         SET state = report_worker.state, pid = report_worker.pid, restarts = report_worker.restarts,
             last_exit = left(report_worker.last_exit, 500),
             next_start_at = now() + make_interval(secs => report_worker.next_start_in),
+            log_tail = coalesce(left(report_worker.log_tail, 4096), s.log_tail),
             since = CASE WHEN s.state = report_worker.state THEN s.since ELSE now() END
         WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
           AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
                       AND w.host_id IS NULL);
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF (before.state, before.pid, before.last_exit) IS DISTINCT FROM
+       (report_worker.state, report_worker.pid, left(report_worker.last_exit, 500)) THEN
+        INSERT INTO uniphant.worker_events (worker_id, host_id, state, pid, last_exit)
+        VALUES (report_worker.worker_id, here, report_worker.state, report_worker.pid,
+                left(report_worker.last_exit, 500));
+        DELETE FROM uniphant.worker_events e
+        WHERE e.worker_id = report_worker.worker_id AND e.id <= (
+            SELECT e2.id FROM uniphant.worker_events e2 WHERE e2.worker_id = report_worker.worker_id
+            ORDER BY e2.id DESC OFFSET 50 LIMIT 1);
     END IF;
     IF report_worker.state = 'done' THEN
         UPDATE uniphant.workers w SET done_at = coalesce(w.done_at, now())
@@ -827,6 +866,20 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Watchers of the fleet (the page, `ps --watch`) hear of every change the
+-- managers report on their own channel; the managers do not listen to it.
+CREATE OR REPLACE FUNCTION uniphant.notify_watchers() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_notify('uniphant_watch', '');
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS worker_states_notify_watchers ON uniphant.worker_states;
+CREATE TRIGGER worker_states_notify_watchers AFTER INSERT OR UPDATE OR DELETE ON uniphant.worker_states
+    FOR EACH STATEMENT EXECUTE FUNCTION uniphant.notify_watchers();
 
 -- The manager of a host found that no process of worker_id runs there as
 -- PID pid (no process holds the worker's PID-file lock, and that PID has not
@@ -1035,7 +1088,7 @@ WITH live AS (
     SELECT * FROM uniphant.live_managers()
 ), placed AS (
     SELECT w.*, s.host_id AS state_host, s.state AS reported, s.pid AS state_pid, s.since,
-           s.restarts, s.last_exit, s.next_start_at, r.halted AS roll_halted,
+           s.restarts, s.last_exit, s.next_start_at, s.log_tail, r.halted AS roll_halted,
            CASE
                WHEN w.done_at IS NOT NULL THEN 'done'
                WHEN w.paused_at IS NOT NULL THEN 'paused'
@@ -1069,7 +1122,7 @@ SELECT pl.worker_id, pl.worker_type, pl.state,
            WHEN 'paused' THEN CASE WHEN p.pid IS NOT NULL THEN 'its process is stopping' END
            WHEN 'rolling' THEN 'restarting in a rolling restart'
        END, 'rolling restart halted: ' || pl.roll_halted) AS detail,
-       pl.settings, pl.paused_at, pl.done_at
+       pl.settings, pl.paused_at, pl.done_at, pl.log_tail
 FROM placed pl
 LEFT JOIN live p ON p.worker_id = pl.worker_id AND p.live
 LEFT JOIN uniphant.hosts hp ON hp.id = p.host_id
@@ -1078,7 +1131,8 @@ LEFT JOIN uniphant.hosts hw ON hw.id = pl.host_id
 UNION ALL
 SELECT p.worker_id, p.worker_type,
        CASE WHEN m.host_id IS NOT NULL THEN 'manager' ELSE 'not wanted' END,
-       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at, NULL, NULL, NULL, NULL
+       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at, NULL, NULL, NULL, NULL,
+       NULL
 FROM live p
 LEFT JOIN uniphant.hosts h ON h.id = p.host_id
 LEFT JOIN uniphant.managers m ON m.process_id = p.id
@@ -1140,7 +1194,7 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (7, 'manager', 'EXECUTE ON FUNCTION uniphant.set_worker_types(text[])'),
         (8, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid)'),
         (9, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
-                       'double precision)'),
+                       'double precision, text)'),
         (10, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
         (11, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
         (12, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid, jsonb)'),
@@ -1157,7 +1211,8 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (23, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
         (24, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
         (25, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
-        (26, 'operator', 'SELECT ON uniphant.fleet')) AS p (n, part, privilege)
+        (26, 'operator', 'SELECT ON uniphant.fleet'),
+        (27, 'operator', 'SELECT ON uniphant.worker_events')) AS p (n, part, privilege)
     WHERE p.part = kind OR (kind = 'manager' AND p.part = 'worker');
 $$;
 

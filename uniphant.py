@@ -332,16 +332,28 @@ def _home() -> Optional[str]:
     return None if home == "~" else home
 
 
+def _script_stem(config: Config) -> Optional[str]:
+    """The calling script's name without .py (workers/x/my.job.py: my.job), or None
+    where there is no script (the ops commands)."""
+    if config["script_dir"] == config["root_dir"]:
+        return None
+    below = os.path.relpath(config["script_dir"], os.path.join(config["root_dir"], "workers"))
+    prefix = "" if below == os.curdir else below.replace(os.sep, ".") + "."
+    return config["worker_type"][len(prefix):]
+
+
 def _secret_entries(config: Config) -> List[Tuple[str, str, str]]:
+    """The entries of the secrets files: the script's own, then each directory's."""
     home = _home()
     if home is None:
         return []
     secrets = os.path.join(home, ".uniphant", "secrets")
-    entries = []
+    entries, stem = [], _script_stem(config)
     for directory in _config_dirs(config):
-        relative = os.path.relpath(directory, config["root_dir"])
-        path = os.path.normpath(os.path.join(secrets, relative, "secrets.conf"))
-        entries += _config_entries(path, private=True)
+        relative = os.path.normpath(os.path.join(secrets, os.path.relpath(directory, config["root_dir"])))
+        if stem is not None and directory == config["script_dir"]:
+            entries += _config_entries(os.path.join(relative, f"{stem}.secrets.conf"), private=True)
+        entries += _config_entries(os.path.join(relative, "secrets.conf"), private=True)
     return entries
 
 
@@ -351,10 +363,13 @@ def read_secret_config_files(config: Config) -> Dict[str, Any]:
 
 
 def read_config_files(config: Config) -> Dict[str, Any]:
-    """Every setting of the uniphant.conf hierarchy and of the secrets files, and
-    those the desired state gives a worker its manager started."""
-    entries = [entry for directory in _config_dirs(config)
-               for entry in _config_entries(os.path.join(directory, "uniphant.conf"))]
+    """Every setting of the uniphant.conf hierarchy (with the script's own
+    <name>.uniphant.conf beside it) and of the secrets files, and those the
+    desired state gives a worker its manager started."""
+    stem = _script_stem(config)
+    entries = [] if stem is None else _config_entries(os.path.join(config["script_dir"], f"{stem}.uniphant.conf"))
+    entries += [entry for directory in _config_dirs(config)
+                for entry in _config_entries(os.path.join(directory, "uniphant.conf"))]
     return _settings(entries + _secret_entries(config) + _desired_entries(_runtime.settings))
 
 
@@ -480,7 +495,11 @@ def _pid_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
 
 
 def _log_file_path(config: Config) -> str:
-    return os.path.join(config["state_dir"], "log", config["worker_type"], f"{config['worker_id']}.log")
+    return _log_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
+
+
+def _log_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
+    return os.path.join(state_dir, "log", worker_type, f"{worker_id}.log")
 
 
 def _state_dir(root_dir: str) -> str:
@@ -2309,6 +2328,7 @@ class _Child:
         self.group = pid if self.forked or os.getsid(pid) == pid else None
         self.report_fd = report_fd           # its reports, until it closes them
         self.started = time.monotonic()
+        self.started_at = time.time()        # the same, by the wall clock, which files' times use
         self.ready = report_fd is None       # registered (an adopted one long since)
         self.stop_timeout = RUNTIME_DEFAULTS["stop_timeout"]
         self.ending = ""                     # the code of why its run ended, as it said (see _Ending)
@@ -2383,6 +2403,8 @@ class _Slot:
         self.restarts = 0
         self.started_once = False
         self.last_exit: Optional[str] = None
+        self.log_tail: Optional[str] = None  # the last lines of a run that failed, not yet reported
+        self.requested = False               # its last run ended on request: the next start is no restart
         self.settings: Dict[str, Any] = {}   # its desired settings, which reach its config
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
         self.move(STARTING)
@@ -2607,8 +2629,13 @@ class _Manager:
             child.read_reports()
             child.close()
             child.kill_group()  # what it left behind in its group goes with it
-            restart_at_once = child.ending == _Ending.ROW_DELETED and not child.ended_by
-            self._ended(slot, _how_it_ended(child, status), restart_at_once, child.started)
+            requested = child.ending == _Ending.ROW_DELETED and not child.ended_by
+            if requested:  # a restart from SQL: no failure, and no restart counted
+                slot.requested = True
+                self._ended(slot, "restarted on request (its process row was deleted)", True, child.started)
+                continue
+            slot.log_tail = _log_tail(self._log_file(slot), child.started_at)
+            self._ended(slot, _how_it_ended(child, status), False, child.started)
 
     def _ended(self, slot: _Slot, how: str, at_once: bool, started: float) -> None:
         """A run of slot's worker ended (how), or its start failed: forget it if it is
@@ -2658,9 +2685,9 @@ class _Manager:
         """Fork a worker of slot, or adopt the one that already runs here.  Whatever
         keeps it from starting (no script, a name the file system refuses) is the
         worker's failure, shown in its state, never the manager's."""
-        if slot.started_once:
+        if slot.started_once and not slot.requested:
             slot.restarts += 1
-        slot.started_once = True
+        slot.started_once, slot.requested = True, False
         slot.move(STARTING)
         try:
             if self._adopt(slot):
@@ -2677,6 +2704,9 @@ class _Manager:
 
     def _pid_file(self, slot: _Slot) -> str:
         return _pid_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
+
+    def _log_file(self, slot: _Slot) -> str:
+        return _log_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
 
     def _clear_stale_row(self, connection, slot: _Slot) -> None:
         """No process holds the worker's PID-file lock here; if its process row on this
@@ -2751,14 +2781,14 @@ class _Manager:
             if facts != slot.reported:
                 changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
                                               slot.last_exit, max(slot.due - now, 0.0) if facts and
-                                              state == BACKOFF else None)))
+                                              state == BACKOFF else None, slot.log_tail)))
         if not changed:
             return
         _in_one_transaction(connection, lambda: [
-            _call(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6)", params)
+            _call(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)", params)
             for _, _, params in changed])
         for slot, facts, _ in changed:
-            slot.reported = facts
+            slot.reported, slot.log_tail = facts, None
             if facts is None:
                 del self.slots[slot.worker_id]
 
@@ -2819,6 +2849,24 @@ def _unused_since(path: str, cutoff: float) -> bool:
         return not path.endswith(".pid") or get_pid_for_running_process(path) is None
     except (OSError, UniphantError):
         return False  # gone meanwhile, or not a file of ours: leave it
+
+
+# What a manager keeps of the log of a run that failed: its last lines, at most.
+_TAIL_LINES, _TAIL_BYTES = 20, 4096
+
+
+def _log_tail(path: str, since: float) -> Optional[str]:
+    """The last lines of the log file at path, if it was written to since (time.time),
+    each shown printable; None if there is none."""
+    try:
+        with os.fdopen(_open_own_file(path, os.O_RDONLY), "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since:
+                return None
+            f.seek(max(os.fstat(f.fileno()).st_size - _TAIL_BYTES, 0))
+            lines = f.read(_TAIL_BYTES).decode("utf-8", "replace").splitlines()[-_TAIL_LINES:]
+    except (OSError, UniphantError):
+        return None  # no log file (log_file=off), or not a file of ours
+    return "\n".join(_printable(line) for line in lines)[-_TAIL_BYTES:] or None
 
 
 def _how_it_ended(child: _Child, status: Optional[int]) -> str:
@@ -2965,7 +3013,10 @@ commands:
                               TYPE: its manager starts it again at once; --rolling:
                               N at a time (1), each batch once the one before is back
   pause ID|TYPE               stop a worker's process, keeping it in the desired state
-  resume ID|TYPE              start a paused worker again"""
+  resume ID|TYPE              start a paused worker again
+  logs ID|TYPE [-n N] [-f]    the last N lines (20) of a worker's log, or of each worker
+                              of TYPE, on this host; -f: and follow them (across
+                              rotation and restarts); on another host: which has it"""
 
 
 def _ops_config() -> Config:
@@ -3040,17 +3091,21 @@ def _age(seconds: Optional[float]) -> str:
 
 # What ps shows of each row of uniphant.fleet, in this order (the JSON keys).
 _PS_COLUMNS = ("worker_id", "worker_type", "state", "host", "host_id", "pinned", "pid", "since_seconds",
-               "restarts", "last_exit", "next_start_in", "detail", "settings")
+               "restarts", "last_exit", "next_start_in", "detail", "settings", "log_tail")
 _PS_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
            "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
-           "extract(epoch FROM next_start_at - now())::float8, detail, settings FROM uniphant.fleet "
+           "extract(epoch FROM next_start_at - now())::float8, detail, settings, log_tail FROM uniphant.fleet "
            "WHERE ($1::uuid IS NULL OR worker_id = $1::uuid) AND ($2::text IS NULL OR worker_type = $2) "
            "AND ($3::text IS NULL OR host_id::text = $3 OR host = $3) AND ($4::text IS NULL OR state = $4) "
            "ORDER BY worker_type, host, worker_id")
 
 
+_PS_HISTORY = ("SELECT extract(epoch FROM now() - at)::float8, state, pid, last_exit FROM uniphant.worker_events "
+               "WHERE worker_id = $1::uuid ORDER BY id DESC LIMIT 20")
+
+
 def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
-    positional, options = _ops_arguments(args, ("--json",), ("--host", "--state"))
+    positional, options = _ops_arguments(args, ("--json", "--watch"), ("--host", "--state"))
     if len(positional) > 1:
         raise UsageError(f"ps: unexpected argument {_shorten(positional[1])} (it takes one ID or TYPE)")
     worker_id = _canonical_uuid(positional[0]) if positional else None
@@ -3060,19 +3115,45 @@ def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
     chosen = (worker_id, worker_type, host, options.get("--state"))
 
     def ps(connection) -> int:
-        rows = [dict(zip(_PS_COLUMNS, row)) for row in _rows(connection, _PS_SQL, chosen)]
-        if worker_id and not rows:
-            raise UniphantError(f"no such worker: {worker_id}")
-        if options.get("--json"):
-            import json
+        if options.get("--watch"):
+            connection.execute_simple(f"LISTEN {_FLEET_CHANNEL}; LISTEN {_WATCH_CHANNEL}")
+        while True:
+            rows = [dict(zip(_PS_COLUMNS, row)) for row in _rows(connection, _PS_SQL, chosen)]
+            if worker_id and not rows:
+                raise UniphantError(f"no such worker: {worker_id}")
+            if worker_id:
+                rows[0]["history"] = [dict(zip(("seconds_ago", "state", "pid", "last_exit"), event))
+                                      for event in _rows(connection, _PS_HISTORY, (worker_id,))]
+            if options.get("--watch"):
+                print("\x1b[H\x1b[2J", end="")  # the screen cleared, for the fleet as it is now
+            if options.get("--json"):
+                import json
 
-            print(json.dumps(rows[0] if worker_id else rows, indent=2))
-        elif worker_id:
-            _print_worker(rows[0])
-        else:
-            _print_table(rows)
-        return EXIT_OK
+                print(json.dumps(rows[0] if worker_id else rows, indent=2), flush=True)
+            elif worker_id:
+                _print_worker(rows[0])
+            else:
+                _print_table(rows)
+            if not options.get("--watch"):
+                return EXIT_OK
+            _wait_for_the_fleet(connection)
     return ps
+
+
+# The channel that watchers of the fleet hear every reported change on
+# (schema.sql: notify_watchers).
+_WATCH_CHANNEL = "uniphant_watch"
+
+
+def _wait_for_the_fleet(connection) -> None:
+    """Until the fleet changes (a notification), or 5 s have passed."""
+    wire = _wire_of(connection)
+    if not connection.notifications and not wire.pending():
+        _readable(wire.fileno(), _PLAN_EVERY)
+    connection.execute_simple("")  # lets pg8000 read what has arrived
+    time.sleep(0.1)  # a burst of changes is one redraw
+    connection.execute_simple("")
+    connection.notifications.clear()
 
 
 def _print_table(rows: List[Dict[str, Any]]) -> None:
@@ -3107,6 +3188,15 @@ def _print_worker(row: Dict[str, Any]) -> None:
     for name, value in facts:
         if value not in (None, "", False):
             print(f"{name + ':':<12}{_printable(str(value))}")
+    if row["log_tail"]:
+        print("last lines: (before its last run ended)")
+        for line in row["log_tail"].splitlines():
+            print(f"  {_printable(line)}")
+    if row.get("history"):
+        print("history:    (newest first)")
+    for event in row.get("history", []):
+        print(f"{_age(event['seconds_ago']) + ' ago':>12}  {event['state']:<9}"
+              f"{'PID ' + str(event['pid']) if event['pid'] else '':<12}{_printable(event['last_exit'] or '')}")
 
 
 def _ops_type_and_host(args: List[str], config: Config, usage: str,
@@ -3238,6 +3328,78 @@ def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callab
     return parse
 
 
+def _ops_logs(args: List[str], config: Config) -> Any:
+    positional, options = _ops_arguments(args, ("-f", "--follow"), ("-n",))
+    if len(positional) != 1:
+        raise UsageError("logs takes one worker id or worker type")
+    count = options.get("-n", "20")
+    if not _is_whole(count, 0, 100000):
+        raise UsageError(f"-n takes a whole number of lines, got {_shorten(count)}")
+    if config["root_dir"] is None:
+        raise UniphantError("no project here (no directory above this one holds workers/): logs are "
+                            "read in the project whose workers wrote them")
+    worker_id = _canonical_uuid(positional[0])
+    target = worker_id or _ops_type(positional[0])
+    logs = os.path.join(config["state_dir"], "log")
+    if worker_id:
+        paths = [p for p in _files_below(logs, ".log") if os.path.basename(p) == f"{worker_id}.log"]
+    else:
+        paths = _files_below(logs, ".log")
+        paths = [p for p in paths if os.path.basename(os.path.dirname(p)) == target]
+    if paths:
+        _print_logs(sorted(paths), int(count), bool(options.get("-f") or options.get("--follow")))
+        return EXIT_OK
+
+    def elsewhere(connection) -> int:
+        rows = _rows(connection, "SELECT worker_id::text, host, host_id::text, log_tail FROM uniphant.fleet WHERE "
+                     "worker_id::text = $1 OR worker_type = $1 ORDER BY host, worker_id", (target,))
+        if not rows:
+            raise UniphantError(f"no log of {target} here, and no such worker in the fleet")
+        for worker, host, host_id, tail in rows:
+            print(f"worker {worker} is on host {_printable(host or '?')} ({host_id}): "
+                  f"its log is there (python uniphant.py logs {worker})")
+            for line in (tail or "").splitlines():
+                print(f"  {_printable(line)}")
+        return EXIT_FAILURE
+    return elsewhere
+
+
+def _print_logs(paths: List[str], count: int, follow: bool) -> None:
+    """The last count lines of each log file, named when there are more than one;
+    then, following, what is written to them, also once rotated or made anew."""
+    named = len(paths) > 1
+    watched = {}  # path -> (device, inode, position)
+    for path in paths:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()[-count:] if count else []
+            watched[path] = (*_identity(f.fileno()), f.tell())
+        _print_lines(path, lines, named)
+    while follow:
+        time.sleep(0.2)
+        for path, (device, inode, position) in list(watched.items()):
+            try:
+                with open(path, "rb") as f:
+                    now = _identity(f.fileno())
+                    if now != (device, inode) or os.fstat(f.fileno()).st_size < position:
+                        position = 0  # rotated away, or made anew: the new file from its start
+                    f.seek(position)
+                    _print_lines(path, f.read().decode("utf-8", "replace").splitlines(), named)
+                    watched[path] = (*now, f.tell())
+            except FileNotFoundError:
+                continue  # rotated away, not yet made anew
+
+
+def _identity(fd: int) -> Tuple[int, int]:
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
+
+
+def _print_lines(path: str, lines: List[str], named: bool) -> None:
+    prefix = f"{os.path.basename(path)[:-4]}: " if named else ""
+    for line in lines:
+        print(prefix + _printable(line), flush=True)
+
+
 _ops_restart_now = _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
                                       "SELECT uniphant.restart_workers($1)", "no running worker {}")
 
@@ -3253,6 +3415,7 @@ _OPS_COMMANDS = {
                                 "SELECT uniphant.pause_workers($1)", "no running worker to pause: {}"),
     "resume": _ops_by_id_or_type("resume", "SELECT uniphant.resume_worker($1::uuid)::int",
                                  "SELECT uniphant.resume_workers($1)", "no paused worker {}"),
+    "logs": _ops_logs,
 }
 
 
@@ -3273,7 +3436,9 @@ def _ops_main(argv: List[str]) -> None:
         if config["root_dir"] is None:
             print(f"{prog}: no project here (no directory above this one holds workers/): connecting "
                   f"with the environment's settings, else libpq's defaults", file=sys.stderr)
-        act = parse(argv[1:], config)
+        act = parse(argv[1:], config)  # a command done without the database gives its exit code
+        if isinstance(act, int):
+            sys.exit(act)
         connection = connect_to_database(config)
         try:
             code = act(connection)
@@ -3286,6 +3451,8 @@ def _ops_main(argv: List[str]) -> None:
         code = e.exit_code
     except BrokenPipeError:
         _leave_quietly()
+    except KeyboardInterrupt:  # Ctrl-C ends logs -f and ps --watch
+        code = 130
     sys.exit(code)
 
 
