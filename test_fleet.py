@@ -554,7 +554,7 @@ def test_logs_of_a_worker_on_another_host_says_which_host_has_them(project, db, 
         worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(other)))
         wait_for(lambda: fleet(db, worker).get("state") == "running", what="the worker on the other host")
         result = ops(project, "logs", worker)
-        assert result.returncode == 1 and f"is on host" in result.stdout and host_of(other) in result.stdout
+        assert result.returncode == 1 and "is on host" in result.stdout and host_of(other) in result.stdout
     finally:
         other.cleanup()
 
