@@ -15,7 +15,6 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
-import pgserver  # dev/pgserver.py, on the path by conftest.py
 from conftest import REPO, Project, host_of, wait_for, with_manager, worker_env
 
 pytestmark = pytest.mark.own_database  # managers of the README's fleet act on every worker they see
