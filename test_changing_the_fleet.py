@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
-import uuid
 
 import pg8000.dbapi
 import pytest

@@ -468,6 +468,97 @@ def test_the_ops_commands_outside_a_project_say_which_settings_they_use(project,
     assert result.returncode == 0 and "no project here" in result.stderr and "environment" in result.stderr
 
 
+def test_ps_shows_a_workers_detail_history_and_the_last_lines_of_a_failed_run(project, db):
+    project.write("workers/test/uniphant.conf", "mode=raise\n")
+    with_manager(project, "restart_delay=30\n")
+    worker = str(db.value("SELECT add_worker('test.probe', %s::uuid, '{\"queue\": \"mail\"}')", host_of(project)))
+    wait_for(lambda: fleet(db, worker).get("state") == "backoff", what="two failed runs")
+    shown = ops(project, "ps", worker)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert f"worker:     {worker}" in lines and "state:      backoff" in lines and "settings:   queue=mail" in lines
+    assert "last lines: (before its last run ended)" in lines
+    assert any("RuntimeError: boom from the worker" in line for line in lines[lines.index("history:    (newest first)"):])
+    tail = db.value("SELECT log_tail FROM fleet WHERE worker_id = %s::uuid", worker)
+    assert "stopping: the worker function failed" in tail and len(tail.splitlines()) <= 20
+    import json
+    detail = json.loads(ops(project, "ps", worker, "--json").stdout)
+    assert detail["history"][0]["state"] == "backoff" and len(detail["history"]) >= 3
+
+
+def test_ps_chooses_by_type_host_and_state_and_shows_host_ids_and_placement(project, db, tmp_path):
+    with_manager(project)
+    pinned = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
+    waiting = str(db.value("SELECT add_worker('test.other', %s::uuid)", str(uuid.uuid4())))
+    wait_for(lambda: fleet(db, pinned).get("state") == "running", what="the pinned worker")
+    by_type = ops(project, "ps", "test.probe").stdout
+    assert pinned in by_type and waiting not in by_type
+    by_state = ops(project, "ps", "--state", "waiting for its host").stdout
+    assert waiting in by_state and pinned not in by_state
+    here = ops(project, "ps", "--host", "here").stdout
+    assert pinned in here and waiting not in here
+    row = next(line for line in here.splitlines() if line.startswith(pinned))
+    assert host_of(project)[:8] in row and "pinned" in row
+
+
+def test_ps_watch_redraws_on_each_change(project, db):
+    with_manager(project)
+    watch = subprocess.Popen([sys.executable, os.path.join(REPO, "uniphant.py"), "ps", "--watch"], cwd=project.root,
+                             env=project.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        os.set_blocking(watch.stdout.fileno(), False)
+        seen = b""
+
+        def shows(text: str) -> bool:
+            nonlocal seen
+            seen += watch.stdout.read() or b""
+            return text.encode() in seen.rsplit(b"\x1b[2J", 1)[-1]
+        wait_for(lambda: shows("WORKER"), what="the first drawing")
+        worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
+        wait_for(lambda: shows(worker) and shows("running"), what="the worker, drawn again as it runs")
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=10)
+
+
+def test_logs_prints_a_workers_last_lines_and_follows_them_across_rotation_and_restarts(project, db):
+    project.write("workers/test/uniphant.conf", "interval=0.1\n")
+    with_manager(project)
+    worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
+    wait_for(lambda: project.log(worker).count("tick") >= 3, what="a few ticks")
+    last = ops(project, "logs", worker, "-n", "2")
+    assert last.returncode == 0 and len(last.stdout.splitlines()) == 2 and "tick" in last.stdout
+    follow = subprocess.Popen([sys.executable, os.path.join(REPO, "uniphant.py"), "logs", "test.probe", "-f",
+                               "-n", "0"], cwd=project.root, env=project.env, stdout=subprocess.PIPE)
+    try:
+        os.set_blocking(follow.stdout.fileno(), False)
+        got = []
+        read = lambda: got.append((follow.stdout.read() or b"").decode()) or "".join(got)  # noqa: E731
+        wait_for(lambda: "tick" in read(), what="new lines, followed")
+        log = project.path(f"log/test.probe/{worker}.log")
+        os.rename(log, log + ".1")  # logrotate, then the SIGHUP it sends
+        pid = running(db, worker)
+        os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: "reopened the log file" in read(), what="the rotated log, followed")
+        db.value("SELECT restart_worker(%s::uuid)", worker)
+        wait_for(lambda: read().count("started: process") >= 1, what="the restarted worker, followed")
+    finally:
+        follow.terminate()
+        follow.communicate(timeout=10)
+
+
+def test_logs_of_a_worker_on_another_host_says_which_host_has_them(project, db, tmp_path):
+    other = another_host(project, tmp_path)
+    try:
+        with_manager(other)
+        worker = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(other)))
+        wait_for(lambda: fleet(db, worker).get("state") == "running", what="the worker on the other host")
+        result = ops(project, "logs", worker)
+        assert result.returncode == 1 and "is on host" in result.stdout and host_of(other) in result.stdout
+    finally:
+        other.cleanup()
+
+
 def test_a_managed_worker_without_a_log_file_logs_to_the_managers_stdout(project, db):
     project.write("workers/test/uniphant.conf", "log_file=off\n")
     os.makedirs(project.path("workers/uniphant"), exist_ok=True)

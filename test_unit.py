@@ -176,3 +176,14 @@ def test_each_line_of_the_readmes_failure_behaviour_names_fault_tests_that_exist
         for name in names:
             assert name in tests, f"no test {name}"
             assert "pytest.mark.faults" in tests[name], f"{name} is not in the fault suite"
+
+
+def test_the_readmes_sql_api_names_every_table_view_and_function_of_schema_sql():
+    with open(os.path.join(REPO, "schema.sql"), encoding="utf-8") as f:
+        schema = f.read()
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        api = f.read().split("\n## The SQL API\n", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"(?:FUNCTION|TABLE IF NOT EXISTS|VIEW) uniphant\.(\w+)", schema))
+    assert len(names) > 40
+    missing = sorted(name for name in names if f"`{name}" not in api)
+    assert not missing, f"README's SQL API does not name {missing}"

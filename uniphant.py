@@ -2675,23 +2675,23 @@ class _Manager:
         now = time.monotonic()
         due = [slot for slot in self._startable() if slot.due <= now]
         for slot in sorted(due, key=lambda s: s.due):
+            if self._adopt(slot):
+                continue  # no fork, so no pacing: a new manager adopts a whole fleet at once
             if self.next_start > now:
-                return
+                continue
             self._start(connection, slot)
             pause = random.uniform(0.5, 1.5) / self.config["starts_per_second"]
             self.next_start = max(now, self.next_start) + pause
 
     def _start(self, connection, slot: _Slot) -> None:
-        """Fork a worker of slot, or adopt the one that already runs here.  Whatever
-        keeps it from starting (no script, a name the file system refuses) is the
-        worker's failure, shown in its state, never the manager's."""
+        """Fork a worker of slot.  Whatever keeps it from starting (no script, a name
+        the file system refuses) is the worker's failure, shown in its state, never
+        the manager's."""
         if slot.started_once and not slot.requested:
             slot.restarts += 1
         slot.started_once, slot.requested = True, False
         slot.move(STARTING)
         try:
-            if self._adopt(slot):
-                return
             self._clear_stale_row(connection, slot)
             scripts = _scripts_of_type(self.config["root_dir"], slot.worker_type)
             if len(scripts) != 1:
@@ -2758,6 +2758,9 @@ class _Manager:
         try:
             child = _Child(pid, None)
         except ProcessLookupError:
+            return False
+        except OSError as e:  # out of descriptors, say: looked at again at the next pass
+            self.logger.warning("worker %s: cannot watch PID %d: %s", slot.worker_id, pid, e.strerror)
             return False
         if get_pid_for_running_process(pid_file) != pid:  # it went, and its PID may be another's now
             child.close()

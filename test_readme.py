@@ -1,0 +1,244 @@
+"""README.md as written: every code block in it is run here as typed (shell
+commands against the test server, SQL, the worker examples), or by the test
+or the CI stage this file names for it.  A block no rule covers fails."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+
+from conftest import REPO, Project, host_of, wait_for, with_manager, worker_env
+
+pytestmark = pytest.mark.own_database  # managers of the README's fleet act on every worker they see
+
+
+def readme_blocks() -> List[Tuple[str, str, str]]:
+    """(section, language, text) of each fenced code block of README.md."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    blocks, section, i = [], "", 0
+    while i < len(lines):
+        if lines[i].startswith("## ") or lines[i].startswith("### "):
+            section = lines[i].lstrip("# ")
+        elif lines[i].startswith("```"):
+            end = lines.index("```", i + 1)
+            blocks.append((section, lines[i][3:].strip(), "\n".join(lines[i + 1:end]) + "\n"))
+            i = end
+        i += 1
+    return blocks
+
+
+def sh(text: str, cwd: str, env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """A shell block, run by bash as typed, where `python` is this virtual
+    environment's (as once activated): each command must succeed."""
+    env = dict(env, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return subprocess.run(["bash", "-e", "-c", text], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def examples_project(tmp_path, db) -> Project:
+    """A project with the examples and the manager, as the README's fleet has it."""
+    project = Project(str(tmp_path / "project"), str(tmp_path), worker_env(db.env, str(tmp_path)))
+    shutil.copytree(os.path.join(REPO, "workers", "examples"), project.path("workers/examples"))
+    return project
+
+
+# ---------------------------------------------------------------------------
+# The rules: what runs each block
+# ---------------------------------------------------------------------------
+
+def covered_elsewhere(block: str, tmp_path, db) -> None:
+    """The test runner's own commands: `.ci/run` runs them, with the variables the
+    README gives (or the test named in it runs them)."""
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    for command in block.splitlines():
+        command = command.split("#")[0].strip()
+        if command.endswith("./dev/demo"):
+            with open(os.path.join(REPO, "test_try_it.py"), encoding="utf-8") as f:
+                assert "def test_the_demo_runs_the_example_worker" in f.read()
+        elif command:
+            words = command.split()
+            assert words[-1] in ci, f"{command!r}: .ci/run does not run it"
+            for word in words[:-1]:
+                assert word.split("=")[0] + "=" in ci, f"{command!r}: .ci/run does not set {word}"
+
+
+def try_it_in_a_clone(block: str, tmp_path, db) -> None:
+    """psql, the virtual environment and the hello example, in a copy of the tree
+    whose .venv is this interpreter's."""
+    if not shutil.which("psql"):
+        pytest.skip("no psql here (Debian: apt-get install postgresql-client)")
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".venv*", ".git", "log", "pid", "__pycache__",
+                                                              ".host_id", ".lock", "bench"))
+    os.symlink(sys.prefix, tree / ".venv")
+    env = dict(worker_env(db.env, str(tmp_path)), PATH=os.environ["PATH"])
+    done = sh(block, str(tree), env)
+    assert done.returncode == 0, done.stderr
+    assert "started with PID" in done.stdout and "is running with PID" in done.stdout and "stopped." in done.stdout
+
+
+def layout(block: str, tmp_path, db) -> None:
+    """The vendored project's layout: test_install.py builds exactly these files."""
+    with open(os.path.join(REPO, "test_install.py"), encoding="utf-8") as f:
+        install = f.read()
+    for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
+        assert os.path.basename(name) in install, f"test_install.py does not build {name}"
+
+
+def gitignore(block: str, tmp_path, db) -> None:
+    with open(os.path.join(REPO, ".gitignore"), encoding="utf-8") as f:
+        ours = f.read().splitlines()
+    assert set(block.split()) <= set(ours)
+
+
+def first_worker(block: str, tmp_path, db) -> None:
+    """The first worker: it runs, and calls the database once per interval (no busy loop)."""
+    project = examples_project(tmp_path, db)
+    project.write("workers/readme/first.py", block)
+    project.write("workers/readme/uniphant.conf", "interval=0.2\n")
+    worker = str(uuid.uuid4())
+    child = project.popen(worker, "start", "-f", script="workers/readme/first.py")
+    try:
+        wait_for(lambda: project.log(worker, "readme.first").count("sessions") >= 5, what="five calls")
+        process = db.value("SELECT id::text FROM processes WHERE worker_id = %s::uuid", worker)
+        before = db.value("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        calls = project.log(worker, "readme.first").count("sessions")
+        wait_for(lambda: project.log(worker, "readme.first").count("sessions") >= calls + 5, what="five more")
+        assert process and db.value("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()") \
+            - before < 30  # five calls, a query each, and this test's own: nothing that spins
+    finally:
+        child.terminate()
+        child.communicate(timeout=10)
+
+
+def loop_worker(block: str, tmp_path, db) -> None:
+    """The looping worker, with the imports and main() of the first, drains its table."""
+    db.rows("CREATE TABLE IF NOT EXISTS outbox (id serial PRIMARY KEY)")
+    db.rows("INSERT INTO outbox SELECT FROM generate_series(1, 5)")
+    project = examples_project(tmp_path, db)
+    project.write("workers/readme/loop.py", "from uniphant import alive, main\n\n" + block +
+                  "\n\nif __name__ == '__main__':\n    main(work)\n")
+    worker = str(uuid.uuid4())
+    child = project.popen(worker, "start", "-f", script="workers/readme/loop.py")
+    try:
+        wait_for(lambda: db.value("SELECT count(*) FROM outbox") == 0, what="the outbox drained")
+    finally:
+        child.terminate()
+        child.communicate(timeout=10)
+
+
+def sketch(block: str, tmp_path, db) -> None:
+    """A sketch of code (with `...` for what is the reader's): it compiles."""
+    compile(block, "README.md", "exec")
+
+
+def sql(block: str, tmp_path, db) -> None:
+    """SQL, with each <placeholder> filled in with a real value of its kind."""
+    project = examples_project(tmp_path, db)
+    with_manager(project)
+    worker = str(db.value("SELECT add_worker('examples.hello')"))
+    text = block.replace("<host id>", host_of(project)).replace("<worker id>", worker)
+    conn = db.connect()
+    try:
+        conn.execute_simple(text)
+    finally:
+        conn.close()
+
+
+def manager_and_ops(block: str, tmp_path, db) -> None:
+    """The fleet's shell commands, in a project of the examples with the manager."""
+    project = examples_project(tmp_path, db)
+    os.makedirs(project.path("workers/uniphant"))
+    shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
+    shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    if "manager.py start" not in block:
+        with_manager(project)
+        db.value("SELECT scale('examples.hello', 2, %s::uuid)", host_of(project))
+        wait_for(lambda: db.value("SELECT count(*) FROM fleet WHERE state = 'running'") == 2, what="two workers")
+    watch = [line for line in block.splitlines() if "--watch" in line]
+    done = sh("\n".join(line for line in block.splitlines() if line not in watch), project.root, project.env)
+    assert done.returncode == 0, done.stderr
+    for line in watch:  # runs until Ctrl-C: it draws, then ends on SIGINT
+        child = subprocess.Popen(["bash", "-c", "exec " + line.split("#")[0]], cwd=project.root,
+                                 env=dict(project.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
+                                          os.environ["PATH"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert child.stdout.readline()
+        child.send_signal(signal.SIGINT)
+        child.communicate(timeout=10)
+        assert child.returncode == 130
+    project.cleanup()
+
+
+def rolling_deploy(block: str, tmp_path, db) -> None:
+    project = examples_project(tmp_path, db)
+    project.write("workers/app/echo.py", "from uniphant import main\n\ndef work(config, logger, connection):\n"
+                                         "    pass\n\nif __name__ == '__main__':\n    main(work)\n")
+    with_manager(project)
+    db.value("SELECT scale('app.echo', 3, %s::uuid)", host_of(project))
+    wait_for(lambda: db.value("SELECT count(*) FROM fleet WHERE state = 'running'") == 3, what="three workers")
+    done = sh(block.replace("python uniphant.py", f"{sys.executable} {REPO}/uniphant.py"), project.root,
+              project.env)
+    assert done.returncode == 0, done.stderr
+    project.cleanup()
+
+
+def privileges(block: str, tmp_path, db) -> None:
+    """test_install.py runs the privileges SQL as typed, and a fleet of its three roles."""
+    with open(os.path.join(REPO, "test_install.py"), encoding="utf-8") as f:
+        assert 'readme_block("Database privileges", "sql")' in f.read()
+
+
+def benchmarks(block: str, tmp_path, db) -> None:
+    """The benchmarks take minutes: each script named is there and says how it runs."""
+    for command in block.splitlines():
+        script = command.split()[0]
+        assert os.access(os.path.join(REPO, script), os.X_OK), script
+        with open(os.path.join(REPO, script), encoding="utf-8") as f:
+            target = re.search(r"bench/\w+\.py", f.read()).group(0)
+        shown = subprocess.run([sys.executable, os.path.join(REPO, target), "--help"], capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0 and "usage:" in shown.stdout, shown.stderr
+
+
+# (section, language, a line in the block) -> its rule
+RULES: List[Tuple[str, str, str, Callable]] = [
+    ("Try it", "sh", "./dev/demo", covered_elsewhere),
+    ("Try it", "sh", "VENV=.venv-newest", covered_elsewhere),
+    ("Try it", "sh", "psql -v ON_ERROR_STOP=1 -f schema.sql", try_it_in_a_clone),
+    ("Install", "text", "myproject/", layout),
+    ("Writing a worker", "python", "from uniphant import alive, main", first_worker),
+    ("Writing a worker", "python", "while alive(config, connection):", loop_worker),
+    ("Hooks", "python", "work.prepare", sketch),
+    ("Python API", "text", "/.host_id", gitignore),
+    ("Upgrading the schema", "sql", "DELETE FROM uniphant.processes", sql),
+    ("The fleet: desired state in SQL, a manager per host", "sh", "manager.py start", manager_and_ops),
+    ("The fleet: desired state in SQL, a manager per host", "sql", "uniphant.add_worker", sql),
+    ("The fleet: desired state in SQL, a manager per host", "sh", "python uniphant.py ps", manager_and_ops),
+    ("Changing the fleet", "sh", "--rolling", rolling_deploy),
+    ("Database privileges", "sql", "grant_role", privileges),
+    ("Benchmarks", "sh", "./dev/bench", benchmarks),
+]
+
+
+def rule_of(section: str, language: str, text: str) -> Callable:
+    for rule_section, rule_language, line, rule in RULES:
+        if section == rule_section and language == rule_language and line in text:
+            return rule
+    pytest.fail(f"README.md, {section!r}: a {language or 'plain'} block that no rule of test_readme.py runs:\n"
+                f"{text}")
+
+
+@pytest.mark.parametrize("section, language, text", readme_blocks(),
+                         ids=[f"{s}:{i}" for i, (s, _, _) in enumerate(readme_blocks())])
+def test_every_code_block_of_the_readme_runs_as_written(section, language, text, tmp_path, db):
+    rule_of(section, language, text)(text, tmp_path, db)
