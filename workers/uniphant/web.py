@@ -587,16 +587,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self._security_headers()
         self.end_headers()
         self.wfile.write(body)
 
     def _json(self, status: int, value: Any) -> None:
         self._send(status, "application/json", json.dumps(value, separators=(",", ":")).encode())
 
-    def _security_headers(self) -> None:
+    def end_headers(self) -> None:
+        """Every answer, the server's own errors included, with the security headers."""
         for name, value in _SECURITY_HEADERS:
             self.send_header(name, value)
+        super().end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         self.server.page.logger.debug("%s %s", self.address_string(), uniphant._printable(format % args))
@@ -721,7 +722,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
-            self._security_headers()
             self.end_headers()
             about = page.about.encode()
             self.wfile.write(b"retry: 2000\nevent: about\ndata: " + about + b"\n\n")
@@ -1122,10 +1122,13 @@ function renderWorker(w) {
   }
   parts.push(el("h3", {}, "History"));
   if (w.history.length) {
+    // Each event carries the last exit so far: it is shown where it changed, at the end it tells of.
+    const ended = (e, i) => i + 1 < w.history.length && w.history[i + 1].last_exit === e.last_exit ? "" : e.last_exit;
     parts.push(el("table", {"class": "history"}, el("thead", {}, el("tr", {}, ...["when", "state", "PID", "why it ended"]
-      .map((h) => el("th", {}, h)))), el("tbody", {}, ...w.history.map((e) => el("tr", {},
-      el("td", {}, ago(e.at), " ago"), el("td", {}, badge(e.state)), el("td", {"class": "num"}, e.pid === null ? "" : String(e.pid)),
-      el("td", {"class": "text"}, printable(e.last_exit)))))));
+      .map((h) => el("th", {}, h)))), el("tbody", {}, ...w.history.map((e, i) => el("tr", {},
+      el("td", {}, ago(e.at), " ago"), el("td", {}, badge(e.state)),
+      el("td", {"class": "num"}, e.pid === null ? "" : String(e.pid)),
+      el("td", {"class": "text"}, printable(ended(e, i))))))));
   } else {
     parts.push(el("p", {"class": "muted"}, "No history: no manager has reported on it."));
   }
