@@ -10,7 +10,10 @@ import http.server
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -23,6 +26,7 @@ import pgserver  # dev/pgserver.py, on the path by conftest.py
 import uniphant
 from conftest import (REPO, another_host, assert_clean_error, fleet, host_of, ops, running, session_of, wait_for,
                       with_manager, write_worker)
+from test_install import readme_block
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -468,17 +472,38 @@ def test_the_page_logs_in_as_an_operator_never_as_a_manager_or_a_superuser(proje
     assert db.value("SELECT count(*) FROM processes WHERE worker_id = %s::uuid", worker_id) == 0
 
 
-def test_the_manager_and_the_page_log_in_from_one_directory_as_two_roles(project, db, make_role, page_role):
-    manager_role, manager_password = make_role("manager")
-    db.rows("SELECT uniphant.grant_role(%s, 'manager')", manager_role)
-    project.write("workers/uniphant/manager.uniphant.conf",
-                  f"PGUSER={manager_role}\nPGHOST=127.0.0.1\nPGPORT={db.env['PGPORT']}\n")
-    project.write(".uniphant/secrets/workers/uniphant/manager.secrets.conf", f"PGPASSWORD={manager_password}\n",
-                  mode=0o600, base=project.home)
-    site = serve_page(project, db, *page_role)
-    roles = dict(db.rows("SELECT worker_type, role::text FROM processes"))
-    assert roles == {"uniphant.manager": manager_role, "uniphant.web": page_role[0]}
-    assert answer(site.url)[0] == 200
+def test_the_readmes_page_runs_as_typed_with_the_manager_as_another_role(project, db, make_role):
+    """README's SQL and commands as typed, in its layout: the manager and the page
+    in one directory, each with its own role in files named after its script."""
+    sql = readme_block("Seeing the fleet", "sql")
+    password = re.search(r"PASSWORD '([^']+)'", sql).group(1)
+    conn = db.connect()
+    conn.execute_simple(sql)
+    conn.close()
+    try:
+        manager_role, manager_password = make_role("manager")
+        db.rows("SELECT uniphant.grant_role(%s, 'manager')", manager_role)
+        project.write("workers/uniphant/manager.uniphant.conf",
+                      f"PGUSER={manager_role}\nPGHOST=127.0.0.1\nPGPORT={db.env['PGPORT']}\n")
+        project.write(".uniphant/secrets/workers/uniphant/manager.secrets.conf", f"PGPASSWORD={manager_password}\n",
+                      mode=0o600, base=project.home)
+        url = page_files(project, db, "app_page", password)
+        with_manager(project)
+        shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)  # vendored, as README's commands have it
+        done = subprocess.run(["bash", "-e", "-c", readme_block("Seeing the fleet", "sh")], cwd=project.root,
+                              env=dict(project.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
+                                       os.environ["PATH"]), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        page = done.stdout.splitlines()[0]
+        wait_for(lambda: fleet(db, page).get("state") == "running", what="the page running")
+        wait_for(lambda: answer(url)[0] == 200, what="the page answering")
+        roles = dict(db.rows("SELECT worker_type, role::text FROM processes"))
+        assert roles == {"uniphant.manager": manager_role, "uniphant.web": "app_page"}
+    finally:
+        project.cleanup()
+        db.rows("DELETE FROM processes WHERE role = 'app_page'")
+        db.rows("DROP OWNED BY app_page")
+        db.rows("DROP ROLE app_page")
 
 
 def test_every_answer_carries_the_security_headers_and_a_foreign_host_name_is_refused(site):
