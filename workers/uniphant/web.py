@@ -137,7 +137,8 @@ def _check_role(connection) -> str:
                             f"(README, \"Seeing the fleet\")")
     if not operator:
         raise UniphantError(f"the page's role {role} lacks the operator part: the schema's owner gives it "
-                            f"with SELECT uniphant.grant_role('{role}', 'operator')")
+                            f"with SELECT uniphant.grant_role('{role}', 'operator'), once this release's "
+                            f"schema.sql is loaded")
     return database
 
 
@@ -253,7 +254,7 @@ def _label(text: str) -> str:
 def _number(value: float) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "+Inf"
-    return str(value) if isinstance(value, int) else repr(round(value, 3))
+    return str(value) if isinstance(value, int) else repr(round(value, 6))
 
 
 class _Exposition:
@@ -465,6 +466,9 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True  # an open page's stream never holds up the end of the worker
     page: _Page
 
+    def handle_error(self, request, client_address) -> None:
+        self.page.logger.exception("a request from %s failed", client_address[0])
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
@@ -605,39 +609,57 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- requests --
 
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
-        try:
-            self._host_allowed()
-            path = urllib.parse.urlsplit(self.path).path
-            if path == "/":
-                self._send(200, "text/html; charset=utf-8", _PAGE)
-            elif path == "/events":
-                self._events()
-            elif path == "/api/fleet":
-                self._json(200, self._fleet_now())
-            elif path.startswith("/api/worker/"):
-                self._worker(path[len("/api/worker/"):])
-            elif path == "/metrics":
-                self._send(200, "text/plain; version=0.0.4; charset=utf-8", self._metrics().encode())
-            else:
-                raise _Refused(404, "no such page")
-        except _Refused as e:
-            self._json(e.status, {"error": str(e)})
+        self._answer(self._get)
 
     def do_POST(self) -> None:  # noqa: N802
+        self._answer(self._post)
+
+    def _answer(self, method) -> None:
+        """method(), or its refusal as a JSON error; a connection lost or not made
+        is a 503 (the next request connects anew), anything else a 500, logged."""
+        import pg8000.dbapi
+
         try:
             self._host_allowed()
-            path = urllib.parse.urlsplit(self.path).path
-            verb = path[len("/api/"):]
-            if not path.startswith("/api/") or verb not in ("add", "scale", *_ACTIONS):
-                raise _Refused(404, "no such action")
-            self._authorised()
-            body = self._body()
-            with self.server.page.connections.connection() as connection:
-                done = self._database(lambda: _act(connection.cursor(), verb, body))
-            self.server.page.logger.info("%s (asked from %s)", uniphant._printable(done), self.address_string())
-            self._json(200, {"message": done})
+            method()
         except _Refused as e:
             self._json(e.status, {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the browser went away
+        except (UniphantError, pg8000.dbapi.InterfaceError, OSError) as e:
+            self.server.page.logger.warning("%s %s: %s", self.command, uniphant._printable(self.path),
+                                            uniphant._explain(e))
+            self._json(503, {"error": f"the page cannot reach the database: {uniphant._explain(e)}"})
+        except Exception:
+            self.server.page.logger.exception("%s %s failed", self.command, uniphant._printable(self.path))
+            self._json(500, {"error": "the page failed: its log says why"})
+
+    def _get(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/":
+            self._send(200, "text/html; charset=utf-8", _PAGE)
+        elif path == "/events":
+            self._events()
+        elif path == "/api/fleet":
+            self._json(200, self._fleet_now())
+        elif path.startswith("/api/worker/"):
+            self._worker(path[len("/api/worker/"):])
+        elif path == "/metrics":
+            self._send(200, "text/plain; version=0.0.4; charset=utf-8", self._metrics().encode())
+        else:
+            raise _Refused(404, "no such page")
+
+    def _post(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        verb = path[len("/api/"):]
+        if not path.startswith("/api/") or verb not in ("add", "scale", *_ACTIONS):
+            raise _Refused(404, "no such action")
+        self._authorised()
+        body = self._body()
+        with self.server.page.connections.connection() as connection:
+            done = self._database(lambda: _act(connection.cursor(), verb, body))
+        self.server.page.logger.info("%s (asked from %s)", uniphant._printable(done), self.address_string())
+        self._json(200, {"message": done})
 
     def _host_allowed(self) -> None:
         """On a loopback address the page answers to loopback names only, so that a
@@ -675,12 +697,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _database(self, query):
-        """query()'s result; the database's refusal as the request's."""
+        """query()'s result; a bad request, or the database's refusal of it, as the request's."""
         import pg8000.dbapi
 
         try:
             return query()
-        except UniphantError as e:
+        except ConfigError as e:  # a setting the ops commands would refuse
             raise _Refused(400, str(e)) from None
         except pg8000.dbapi.DatabaseError as e:
             code, message = uniphant._sql_error(e)
@@ -726,8 +748,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             about = page.about.encode()
             self.wfile.write(b"retry: 2000\nevent: about\ndata: " + about + b"\n\n")
             seen = 0
-            while not page.fleet.closed:
+            while True:
                 seen, event, age = page.fleet.next(seen, _TICK_EVERY)
+                if page.fleet.closed:
+                    return
                 message = (f"data: {event}\n\n" if event is not None else
                            f'event: tick\ndata: {{"age":{age:.3f}}}\n\n')
                 self.wfile.write(message.encode())
@@ -777,10 +801,10 @@ def serve(config: Config, logger, connection) -> None:
     if connection is not page.connection:
         connection.execute_simple(f"LISTEN {_CHANNELS[0]}; LISTEN {_CHANNELS[1]}; LISTEN {page.probe_channel}")
         page.connection, page.fleet.read_at = connection, 0.0  # it may have missed a notification
-    notes = connection.notifications
-    ours = [note for note in notes if note[1] in _CHANNELS or note[1] == page.probe_channel]
+    notes, channels = connection.notifications, {*_CHANNELS, page.probe_channel}
+    ours = [note for note in notes if note[1] in channels]
     if ours:
-        others = [note for note in notes if note not in ours]
+        others = [note for note in notes if note[1] not in channels]
         notes.clear()
         notes.extend(others)
     for _, channel, payload in ours:
@@ -988,15 +1012,17 @@ function renderCounts() {
   }));
 }
 
+// A filter's menu, made anew only when its choices change (a menu open in the browser stays open).
 function fillSelect(select, all, values) {
   const current = view.get(select.name) || "";
-  const options = [el("option", {"value": ""}, all)];
   const known = new Map(values);
   if (current && !known.has(current)) known.set(current, printable(current));
-  for (const [value, label] of [...known].sort((a, b) => a[1].localeCompare(b[1]))) {
-    options.push(el("option", {"value": value}, label));
+  const choices = [...known].sort((a, b) => a[1].localeCompare(b[1]));
+  if (select.dataset.choices !== JSON.stringify(choices)) {
+    select.dataset.choices = JSON.stringify(choices);
+    select.replaceChildren(el("option", {"value": ""}, all),
+      ...choices.map(([value, label]) => el("option", {"value": value}, label)));
   }
-  select.replaceChildren(...options);
   select.value = current;
 }
 
@@ -1080,7 +1106,12 @@ function closeWorker() {
 }
 
 async function loadWorker(id) {
-  const answer = await fetch("/api/worker/" + encodeURIComponent(id), {cache: "no-store"});
+  let answer;
+  try {
+    answer = await fetch("/api/worker/" + encodeURIComponent(id), {cache: "no-store"});
+  } catch (error) {
+    return;  // the page's server is away: the header says so, and the next refresh tries again
+  }
   if (shownWorker !== id) return;
   const row = fleet && fleet.workers.find((r) => r.worker_id === id);
   $("#detail").dataset.row = JSON.stringify(row);
@@ -1224,6 +1255,7 @@ $("#bytype").addEventListener("submit", (e) => {
   }
 });
 setInterval(tick, 1000);
+setInterval(() => { if (shownWorker) loadWorker(shownWorker); }, 5000);  // its log grows without a word
 connect();
 """
 
