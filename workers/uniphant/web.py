@@ -1044,21 +1044,29 @@ function renderManagers() {
   $("#managers-none").hidden = rows.length > 0;
 }
 
-function renderWorkers() {
-  const all = workers(), rows = all.filter(chosen).sort(compare);
-  const body = el("tbody");
-  for (const row of rows) {
-    const tr = el("tr", {"data-worker": row.worker_id, "data-state": row.state, "tabindex": "0"});
-    for (const [key, label] of COLUMNS) {
-      const kind = ["pid", "restarts"].includes(key) ? "num" : ["last_exit", "detail", "host"].includes(key)
-        ? "text" : null;
-      tr.append(el("td", {"data-label": label, "class": kind}, cell(row, key)));
-    }
-    tr.addEventListener("click", () => openWorker(row.worker_id));
-    tr.addEventListener("keydown", (e) => { if (e.key === "Enter") openWorker(row.worker_id); });
-    body.append(tr);
+// Each worker's row, kept while the worker's data stays the same: a new state of
+// the fleet makes anew only the rows that changed.
+const rowsMade = new Map();  // worker id -> [its data as JSON, its <tr>]
+
+function rowOf(row) {
+  const data = JSON.stringify(row), made = rowsMade.get(row.worker_id);
+  if (made && made[0] === data) return made[1];
+  const tr = el("tr", {"data-worker": row.worker_id, "data-state": row.state, "tabindex": "0"});
+  for (const [key, label] of COLUMNS) {
+    const kind = ["pid", "restarts"].includes(key) ? "num" : ["last_exit", "detail", "host"].includes(key)
+      ? "text" : null;
+    tr.append(el("td", {"data-label": label, "class": kind}, cell(row, key)));
   }
-  $("#workers tbody").replaceWith(body);
+  tr.addEventListener("click", () => openWorker(row.worker_id));
+  tr.addEventListener("keydown", (e) => { if (e.key === "Enter") openWorker(row.worker_id); });
+  rowsMade.set(row.worker_id, [data, tr]);
+  return tr;
+}
+
+function renderWorkers() {
+  const all = workers(), rows = all.filter(chosen).sort(compare), present = new Set(all.map((r) => r.worker_id));
+  $("#workers tbody").replaceChildren(...rows.map(rowOf));
+  for (const id of rowsMade.keys()) if (!present.has(id)) rowsMade.delete(id);
   for (const th of document.querySelectorAll("#workers th")) {
     th.setAttribute("aria-sort", th.dataset.key === sortKey ? (ascending ? "ascending" : "descending") : "none");
     th.querySelector("span").textContent = th.dataset.key === sortKey ? (ascending ? " \u25B2" : " \u25BC") : "";
