@@ -443,6 +443,14 @@ def test_the_page_listens_on_127_0_0_1_unless_web_listen_says_otherwise(project,
                            "web.uniphant.conf:4: bad value for web_listen")
 
 
+def test_a_page_that_cannot_listen_says_why_in_its_state(site, project, db):
+    second = add(project, "uniphant.web", "--host", "here")  # the same web_listen as the first
+    wait_for(lambda: fleet(db, second).get("state") == "backoff", what="the second page failing")
+    assert "the page cannot listen on 127.0.0.1:" in fleet(db, second)["last_exit"]
+    assert "Address already in use" in fleet(db, second)["last_exit"]
+    assert fleet(db, site.worker_id)["state"] == "running"
+
+
 def test_web_token_is_taken_only_from_a_secrets_conf(project, db, page_role, worker_id):
     page_files(project, db, *page_role, token=None)
     conf = project.path("workers/uniphant/web.uniphant.conf")
