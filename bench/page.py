@@ -30,7 +30,8 @@ after each change, so that every change meets a quiet fleet.
   included); its RSS and PSS (/proc/<pid>/smaps_rollup) at the end.  The
   machine's whole load in each idle window (/proc/stat's busy time, this fleet
   and the browser included) is printed too: a busy machine slows everything.
-- A scrape of /metrics: its wall time, --changes times, at the end.
+- A scrape of /metrics: its wall time, and the notification lag it reports,
+  --changes times, at the end.
 """
 
 from __future__ import annotations
@@ -237,12 +238,15 @@ class Bench:
             self.add("machine_busy_pct", (_machine_cpu()[0] - machine0) / elapsed * 100)
 
     def scrapes(self) -> None:
+        """/metrics: the wall time of a scrape, and the notification lag it reports."""
         for _ in range(self.args.changes):
             before = time.monotonic()
             with urllib.request.urlopen(self.url + "metrics", timeout=10) as response:
-                size = len(response.read())
+                text = response.read().decode()
             self.add("scrape_ms", (time.monotonic() - before) * 1000)
-        self.details["metrics_bytes"] = size
+            lag = next(line for line in text.splitlines() if line.startswith("uniphant_notification_lag_seconds "))
+            self.add("lag_ms", float(lag.split()[1]) * 1000)
+        self.details["metrics_bytes"] = len(text)
 
     def memory(self) -> None:
         rss, pss = _memory_mb(self.page_pid)
@@ -257,6 +261,7 @@ ROWS = [  # sample key, what it is
     ("idle_cpu_pct", "page worker CPU, page open, nothing changing (% of a core)"),
     ("cpu_per_change_ms", "page worker CPU per change, what follows it included (ms)"),
     ("scrape_ms", "GET /metrics, wall time (ms)"),
+    ("lag_ms", "uniphant_notification_lag_seconds, as scraped (ms)"),
     ("rss_mb", "page worker RSS (MB)"),
     ("pss_mb", "page worker PSS (MB)"),
     ("machine_busy_pct", "the machine's whole load in the idle windows (% of a core)"),
