@@ -202,7 +202,7 @@ def ssl_server():
         conn.cursor().execute("CREATE ROLE alice LOGIN PASSWORD 'alice-pw'")
         conn.cursor().execute("GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
                               "register_process(uuid, uuid, text, integer, interval, boolean, integer), "
-                              "keepalive(), disconnect() TO alice")
+                              "keepalive(), disconnect(), uniphant_server_generation() TO alice")
         conn.close()
         yield server
 

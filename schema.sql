@@ -11,7 +11,7 @@ BEGIN;
 -- The version of these objects; the runtime refuses a database whose version
 -- is older than the one it needs, and says to load this file.
 CREATE OR REPLACE FUNCTION public.uniphant_schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS 'SELECT 2';
+LANGUAGE sql IMMUTABLE AS 'SELECT 3';
 
 CREATE TABLE IF NOT EXISTS public.hosts (
     id            uuid PRIMARY KEY,
@@ -596,5 +596,63 @@ REVOKE ALL ON FUNCTION public.register_host(uuid, text),
     public.remove_worker(uuid), public.remove_workers(text),
     public.restart_worker(uuid), public.restart_workers(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION public.uniphant_schema_version() TO PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- High availability (version 3; README, "PostgreSQL high availability"): the
+-- generation of the server a session reached, so that a process can refuse an
+-- old primary that comes back writable after a failover.
+-- ---------------------------------------------------------------------------
+
+-- The cluster's system identifier (the same on a primary and on every standby
+-- cloned from it) and the server's current timeline, which a promotion raises.
+-- On a primary the timeline is the one of the WAL it writes now: the latest
+-- checkpoint's timeline_id lags behind a promotion until the first checkpoint
+-- on the new timeline completes.  pg_walfile_name() fails during recovery, so a
+-- standby answers the newest timeline it knows of: that of the WAL it has
+-- received (visible to an owner who may read all statistics), else that of its
+-- latest restartpoint; both may lag, never lead.  SECURITY DEFINER, so that a
+-- worker role needs no privilege on pg_control_* or the statistics.
+CREATE OR REPLACE FUNCTION public.uniphant_server_generation(OUT system_identifier bigint,
+                                                            OUT timeline bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    system_identifier := (pg_catalog.pg_control_system()).system_identifier;
+    IF pg_catalog.pg_is_in_recovery() THEN
+        timeline := GREATEST((SELECT r.received_tli FROM pg_catalog.pg_stat_wal_receiver r),
+                             (pg_catalog.pg_control_checkpoint()).timeline_id);
+    ELSE
+        timeline := ('x' OPERATOR(pg_catalog.||) pg_catalog.left(
+                        pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 8))
+                    ::pg_catalog.bit(32)::pg_catalog.int8;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION public.uniphant_server_generation() FROM PUBLIC;
+
+-- Every process calls it as it connects: whoever may send heartbeats
+-- (keepalive(), workers and managers) or read the fleet (operators, for
+-- `uniphant.py ps`) may call it too, also when this file is loaded over an
+-- older version.
+DO $$
+DECLARE
+    grantee name;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT coalesce(r.rolname, 'PUBLIC')
+        FROM (SELECT a.grantee FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+              WHERE p.oid = 'public.keepalive()'::pg_catalog.regprocedure
+                AND a.privilege_type = 'EXECUTE'
+              UNION
+              SELECT a.grantee FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.oid = 'public.fleet'::pg_catalog.regclass AND a.privilege_type = 'SELECT') g
+        LEFT JOIN pg_catalog.pg_roles r ON r.oid = g.grantee
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION public.uniphant_server_generation() TO %s',
+                                  CASE WHEN grantee = 'PUBLIC' THEN 'PUBLIC'
+                                       ELSE pg_catalog.quote_ident(grantee) END);
+    END LOOP;
+END
+$$;
 
 COMMIT;

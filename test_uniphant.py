@@ -1010,8 +1010,8 @@ def make_role(db):
         role, password = f"{name}_{uuid.uuid4().hex[:8]}", "Secr3t-" + uuid.uuid4().hex
         db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
         db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-                f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect() "
-                f"TO {role}")
+                f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect(), "
+                f"uniphant_server_generation() TO {role}")
         made.append(role)
         return role, password
     yield make
@@ -1548,8 +1548,8 @@ def password_role(db):
     password = "Secr3t-" + uuid.uuid4().hex
     db.rows(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     db.rows(f"GRANT EXECUTE ON FUNCTION register_host(uuid, text), "
-            f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect() "
-            f"TO {role}")
+            f"register_process(uuid, uuid, text, integer, interval, boolean, integer), keepalive(), disconnect(), "
+            f"uniphant_server_generation() TO {role}")
     yield role, password
     db.rows("DELETE FROM processes WHERE role = %s", role)
     db.rows(f"DROP OWNED BY {role}")

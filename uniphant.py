@@ -24,7 +24,8 @@ every directory up to the project root (the parent of ``workers``), then from
 ``~/.uniphant/secrets/<same relative path>/secrets.conf``; lines are
 ``key=value``.  PostgreSQL is found as libpq would: ``PGHOST``, ``PGPORT``,
 ``PGDATABASE``, ``PGUSER``, ``PGPASSWORD``, ``PGPASSFILE``, ``PGSSLMODE``,
-``PGCONNECT_TIMEOUT`` from the files, else the environment, else the defaults.
+``PGCONNECT_TIMEOUT``, ``PGTARGETSESSIONATTRS``, ``PGLOADBALANCEHOSTS`` from the
+files, else the environment, else the defaults.
 
 The whole runtime is this file, on the standard library and pg8000 (Linux).
 The database objects are in ``schema.sql``.  See README.md for the rest.
@@ -63,7 +64,7 @@ __all__ = [
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 # The version of schema.sql this file needs (uniphant_schema_version()).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UniphantError(Exception):
@@ -107,6 +108,8 @@ STATE_DIR_VARIABLE = "UNIPHANT_STATE_DIR"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE = ("disable", "random")
 
 # Runtime keys and their defaults; config files hold them as text.  The
 # second line is the manager's (README, "The fleet").
@@ -190,6 +193,8 @@ _CHECKS: Dict[str, Callable[[str], Any]] = {
     "PGPORT": _port_list,
     "PGCONNECT_TIMEOUT": _connect_timeout,
     "PGSSLMODE": _choice(SSL_MODES, str.lower),
+    "PGTARGETSESSIONATTRS": _choice(SESSION_ATTRS, str.lower),
+    "PGLOADBALANCEHOSTS": _choice(LOAD_BALANCE, str.lower),
 }
 
 
@@ -396,7 +401,7 @@ def setup_config() -> Config:
     config = _script_config()
     config.update(RUNTIME_DEFAULTS)
     config.update(read_config_files(config))
-    for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE"):
+    for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS"):
         _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
     try:
         os.makedirs(config["state_dir"], 0o775, exist_ok=True)
@@ -460,14 +465,24 @@ def _write_atomically(path: str, text: str) -> None:
         raise
 
 
+def _host_lock(lock_file: str) -> int:
+    """The lock on lock_file, under which this host's files change; close it to release."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
     """This host's id from host_id_file, created once under a lock on lock_file."""
     host_id = _read_host_id(host_id_file)
     if host_id is not None:
         return host_id
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    fd = _host_lock(lock_file)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
         host_id = _read_host_id(host_id_file)  # a concurrent first start may have won
         if host_id is None:
             host_id = _new_uuid()
@@ -475,6 +490,51 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
     finally:
         os.close(fd)
     return host_id
+
+
+# The newest server generation (timeline) this host has seen of each PostgreSQL
+# cluster (system identifier), one "<system identifier> <timeline>" line each,
+# in the state directory next to .host_id (README, "PostgreSQL high availability").
+GENERATION_FILE = ".server_generation"
+
+
+def _read_generations(path: str) -> Dict[int, int]:
+    """{system identifier: newest timeline} from path; {} if there is no file."""
+    try:
+        fd = _open_own_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(65536)
+    except OSError as e:
+        raise UniphantError(f"cannot read {path}: {e.strerror}") from None
+    generations = {}
+    for number, line in enumerate(data.split(b"\n"), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        # A system identifier is a bigint, which may be negative.
+        if len(fields) != 2 or not all(f.isdigit() and len(f) <= 20 for f in (fields[0].lstrip(b"-"), fields[1])):
+            raise UniphantError(f"{path}:{number}: expected a cluster's system identifier and "
+                                f"timeline; remove the file if it is damaged (this host then forgets "
+                                f"which primaries it has seen superseded)")
+        generations[int(fields[0])] = int(fields[1])
+    return generations
+
+
+def _record_generation(state_dir: str, system: int, timeline: int) -> None:
+    """Make timeline the newest of cluster system in state_dir's generation file,
+    unless a newer one is there already."""
+    path = os.path.join(state_dir, GENERATION_FILE)
+    fd = _host_lock(os.path.join(state_dir, ".lock"))
+    try:
+        generations = _read_generations(path)
+        if generations.get(system, -1) < timeline:
+            generations[system] = timeline
+            _write_atomically(path, "".join(f"{s} {t}\n" for s, t in sorted(generations.items())))
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -589,6 +649,11 @@ class ConnectError(UniphantError):
         self.permanent = permanent
 
 
+class _ConnectionLost(UniphantError):
+    """The server was lost: the connection broke, or the server turned read-only or into a
+    standby (SQLSTATE 25006).  A running process reconnects; to a command it is an error."""
+
+
 class _Refused(UniphantError):
     """register_process() refused: another process runs the worker (SQLSTATE in
     code; for UN003, the PID of this host's process in detail)."""
@@ -620,11 +685,17 @@ class _Wire:
     pg8000 reads through a BufferedReader, which may hold a notification that
     arrived right behind a reply while poll() reports the socket idle.  This
     buffer is ours, so pending() can tell, and waiting never misses a stop.
-    It also remembers who the session was when it connected (``identity``).
+    It also remembers who the session was when it connected (``identity``) and
+    which server it reached.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, target: Tuple[str, int]) -> None:
         self.sock = sock
+        self.target = target  # the (host, port) of PGHOST and PGPORT it reached
+        self.where = _where(*target)
+        self.kind = ""        # what the server was at login: a primary, a standby, ...
+        self.keep_to: Optional[str] = None  # the target_session_attrs it must go on matching
+        self.passed_over: List[str] = []    # old primaries refused on the way to this server
         self.identity: Tuple[Optional[str], Optional[str]] = (None, None)
         self.pooled = False  # behind a transaction pooler: one transaction per statement
         self.newest_note: Any = None  # the newest notification seen on the last look
@@ -681,7 +752,8 @@ def _default_socket_dir() -> str:
 
 
 def _targets(config: Config) -> List[Tuple[str, int]]:
-    """The (host, port) pairs to try in order, as libpq reads PGHOST and PGPORT."""
+    """The (host, port) pairs to try, as libpq reads PGHOST and PGPORT: in order, or
+    shuffled anew for each connection with PGLOADBALANCEHOSTS=random."""
     hosts = [h.strip() for h in _pg_setting(config, "PGHOST").split(",") if h.strip()]
     hosts = hosts or [_default_socket_dir()]
     ports = [int(p) for p in (_pg_setting(config, "PGPORT") or "5432").split(",")]
@@ -689,7 +761,16 @@ def _targets(config: Config) -> List[Tuple[str, int]]:
         ports *= len(hosts)
     if len(ports) != len(hosts):
         raise ConfigError(f"PGPORT names {len(ports)} ports for {len(hosts)} hosts in PGHOST")
-    return list(zip(hosts, ports))
+    targets = list(zip(hosts, ports))
+    if _pg_setting(config, "PGLOADBALANCEHOSTS") == "random":
+        import random
+
+        random.shuffle(targets)
+    return targets
+
+
+def _where(host: str, port: int) -> str:
+    return f"socket {host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
 
 
 def _os_user() -> str:
@@ -788,7 +869,7 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
         except BaseException:
             sock.close()
             raise
-        return _Wire(sock)
+        return _Wire(sock, (host, port))
     sock = socket.create_connection((host, port), timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -803,67 +884,215 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
     except BaseException:
         sock.close()
         raise
-    return _Wire(sock)
+    return _Wire(sock, (host, port))
 
 
-def _connect(config: Config):
-    """connect_to_database(), given up at once when a stop signal comes (_Interrupted)."""
+def _connect(config: Config, skip: Optional[Dict[Tuple[str, int], str]] = None):
+    """connect_to_database(), given up at once when a stop signal comes (_Interrupted);
+    skip: the hosts not to try this time, and why."""
     _runtime.connecting = True
     try:
-        return connect_to_database(config)
+        return _connect_to(config, _session_attrs(config), skip=skip)
     finally:
         _runtime.connecting = False
+
+
+def _session_attrs(config: Config) -> str:
+    """target_session_attrs as set; else read-write, since uniphant's processes write."""
+    return _pg_setting(config, "PGTARGETSESSIONATTRS") or "read-write"
 
 
 def connect_to_database(config: Config):
     """A pg8000 connection in autocommit mode whose application_name is the process id.
 
-    Tries each host of PGHOST in turn; raises ConnectError with one line naming
-    where it tried and why it failed.
+    Tries each host of PGHOST in turn (shuffled with PGLOADBALANCEHOSTS=random) and
+    takes the first whose server suits PGTARGETSESSIONATTRS (read-write unless set)
+    and is not an old primary (_check_generation); raises ConnectError with one
+    line naming each host tried and why it was not taken.
+    """
+    return _connect_to(config, _session_attrs(config))
+
+
+def _connect_to(config: Config, attrs: str, fallback: bool = False,
+                skip: Optional[Dict[Tuple[str, int], str]] = None):
+    """A connection to the first host whose server suits attrs (target_session_attrs);
+    else, for prefer-standby or with fallback, to the first that answered (libpq's
+    second pass, without logging in twice).  Never to a host in skip, nor to one
+    behind the newest generation of its cluster seen here."""
+    wanted = "standby" if attrs == "prefer-standby" else attrs
+    fallback = fallback or attrs == "prefer-standby"
+    user = _pg_setting(config, "PGUSER") or _os_user()
+    login = (user, _pg_setting(config, "PGDATABASE") or user, _pg_setting(config, "PGSSLMODE") or "prefer")
+    failures: List[str] = []
+    passed_over: List[str] = []
+    second = None  # the fallback: the first server that answered but did not suit
+    try:
+        for host, port in _targets(config):
+            where = _where(host, port)
+            if skip and (host, port) in skip:
+                failures.append(f"{where}: {skip[host, port]}")
+                continue
+            try:
+                connection = _login(config, host, port, *login)
+            except ConnectError as e:
+                if e.permanent:
+                    raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", True) from None
+                failures.append(f"{where}: {e}")
+                continue
+            try:
+                suits = _appraise(connection, wanted)
+                behind = (_check_generation(config, connection) if suits or (fallback and second is None)
+                          else None)
+            except UniphantError:
+                _close_quietly(connection)
+                raise
+            except Exception as e:  # the connection was lost on the way: the next host
+                _close_quietly(connection)
+                failures.append(f"{where}: {_explain(e)}")
+                continue
+            wire = _wire_of(connection)
+            if behind is not None:
+                _close_quietly(connection)
+                passed_over.append(f"{where}: {behind}")
+                failures.append(f"{where}: {behind}")
+            elif suits:
+                if second is not None:
+                    _close_quietly(second)
+                wire.keep_to, wire.passed_over = wanted, passed_over
+                return connection
+            elif fallback and second is None:
+                second = connection
+            else:
+                _close_quietly(connection)
+                failures.append(f"{where}: {wire.kind} (target_session_attrs={attrs})")
+    except BaseException:
+        if second is not None:
+            _close_quietly(second)
+        raise
+    if second is not None:
+        _wire_of(second).passed_over = passed_over
+        return second
+    raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
+
+
+def _login(config: Config, host: str, port: int, user: str, database: str, sslmode: str):
+    """A logged-in connection to one host, in autocommit mode; ConnectError if not."""
+    import pg8000.dbapi
+
+    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
+    timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
+    password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
+    wire = None
+    try:
+        wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
+        connection = pg8000.dbapi.connect(
+            user=user, database=database, password=password, sock=wire,
+            ssl_context=False, application_name=config["process_id"])
+    except _Interrupted:
+        if wire is not None:
+            wire.close()
+        raise
+    except ConnectError:
+        raise
+    except Exception as e:
+        if password is None and _asks_for_password(e):
+            raise ConnectError(
+                f"the server asks for a password and none is configured: set PGPASSWORD "
+                f"(in a secrets.conf, say) or add a line for this server to "
+                f"{_pgpass_path(config) or 'a PGPASSFILE'}", permanent=True) from None
+        raise ConnectError(*_connect_failure(e, timeout)) from None
+    wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
+    statuses = connection.parameter_statuses
+    wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
+    wire.pooled = config.get("pooler") == "transaction"
+    connection.autocommit = True
+    return connection
+
+
+def _server_state(connection) -> Tuple[bool, bool]:
+    """(in hot standby, read-only by default) of the connection's server: as it
+    reported them at login (PostgreSQL 14 and later), else as it answers."""
+    statuses = connection.parameter_statuses
+    standby, read_only = statuses.get("in_hot_standby"), statuses.get("default_transaction_read_only")
+    if standby is None or read_only is None:
+        standby, read_only = connection.execute_simple(
+            "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN 'on' ELSE 'off' END, "
+            "pg_catalog.current_setting('default_transaction_read_only')").rows[0]
+    return standby == "on", read_only == "on"
+
+
+def _suits(wanted: str, standby: bool, read_only: bool) -> bool:
+    """Whether a server suits target_session_attrs wanted, as libpq judges it."""
+    writable = not (standby or read_only)
+    return {"any": True, "read-write": writable, "read-only": not writable,
+            "primary": not standby, "standby": standby}[wanted]
+
+
+def _kind(standby: bool, read_only: bool) -> str:
+    return "a standby" if standby else "a read-only server" if read_only else "a primary"
+
+
+def _appraise(connection, wanted: str) -> bool:
+    """Whether the connection's server suits target_session_attrs wanted; notes what it is."""
+    standby, read_only = _server_state(connection)
+    _wire_of(connection).kind = _kind(standby, read_only)
+    return _suits(wanted, standby, read_only)
+
+
+def _server(connection) -> str:
+    """The server a connection reached, and what it was: "host:port, a primary"."""
+    wire = _wire_of(connection)
+    return f"{wire.where}, {wire.kind}" if wire is not None else "the database server"
+
+
+def _check_server(connection) -> None:
+    """A server that no longer suits the target_session_attrs it was chosen for (it
+    turned read-only, or into a standby) is a lost server."""
+    wire = _wire_of(connection)
+    if wire is None or wire.keep_to is None:
+        return
+    statuses = connection.parameter_statuses
+    standby = statuses.get("in_hot_standby") == "on"
+    read_only = statuses.get("default_transaction_read_only") == "on"
+    if not _suits(wire.keep_to, standby, read_only):
+        raise _ConnectionLost(f"{wire.where} is {_kind(standby, read_only)} now "
+                              f"(target_session_attrs={wire.keep_to})")
+
+
+def _check_generation(config: Config, connection) -> Optional[str]:
+    """Why the connection's server is behind the newest generation of its cluster that
+    this process or its host has seen (an old primary back after a failover), or None.
+
+    A newer generation is remembered, and written down for the host by a process
+    that has a host id (a worker or a manager: not the ops commands).
     """
     import pg8000.dbapi
 
-    user = _pg_setting(config, "PGUSER") or _os_user()
-    database = _pg_setting(config, "PGDATABASE") or user
-    sslmode = _pg_setting(config, "PGSSLMODE") or "prefer"
-    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
-    timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
-    failures = []
-    for host, port in _targets(config):
-        where = f"socket {host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
-        password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
-        wire = None
-        try:
-            wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
-            connection = pg8000.dbapi.connect(
-                user=user, database=database, password=password, sock=wire,
-                ssl_context=False, application_name=config["process_id"])
-        except _Interrupted:
-            if wire is not None:
-                wire.close()
-            raise
-        except ConnectError as e:
-            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", e.permanent) from None
-        except Exception as e:
-            if password is None and _asks_for_password(e):
-                raise ConnectError(
-                    f"could not connect to PostgreSQL at {where}: the server asks for a password "
-                    f"and none is configured: set PGPASSWORD (in a secrets.conf, say) or add a "
-                    f"line for this server to {_pgpass_path(config) or 'a PGPASSFILE'}",
-                    permanent=True) from None
-            reason, permanent = _connect_failure(e, timeout)
-            if permanent:
-                raise ConnectError(f"could not connect to PostgreSQL at {where}: {reason}",
-                                   permanent=True) from None
-            failures.append(f"{where}: {reason}")
-            continue
-        wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
-        statuses = connection.parameter_statuses
-        wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
-        wire.pooled = config.get("pooler") == "transaction"
-        connection.autocommit = True
-        return connection
-    raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
+    wire, known = _wire_of(connection), _runtime.generations
+    state_dir = config.get("state_dir")
+    on_file = _read_generations(os.path.join(state_dir, GENERATION_FILE)) if state_dir else {}
+    try:
+        row = connection.execute_simple("SELECT system_identifier, timeline "
+                                        "FROM public.uniphant_server_generation()").rows[0]
+    except pg8000.dbapi.DatabaseError as e:
+        code, message = _sql_error(e)
+        if code not in ("42883", "3F000"):
+            raise ConnectError(f"could not connect to PostgreSQL at {wire.where}: {message}",
+                               permanent=True) from None
+        if known or on_file:
+            return "it has no uniphant_server_generation() to tell how new it is: load schema.sql"
+        return None  # no uniphant schema: register_host() says so
+    system, timeline = row
+    if not (isinstance(system, int) and isinstance(timeline, int) and timeline >= 0):
+        return f"its uniphant_server_generation() answered {_shorten(str(row))}"
+    seen = max(known.get(system, 0), on_file.get(system, 0))
+    if timeline < seen:
+        what = "a standby behind a failover" if wire.kind == "a standby" else "an old primary"
+        return f"{what}: timeline {timeline}, but timeline {seen} of this cluster has been seen; fence it"
+    known[system] = timeline
+    if state_dir and config.get("host_id") and timeline > on_file.get(system, 0):
+        _record_generation(state_dir, system, timeline)
+    return None
 
 
 def _asks_for_password(error: BaseException) -> bool:
@@ -964,7 +1193,7 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
 
     It goes around pg8000's cursor, which would open a transaction if the worker
     function had switched autocommit off.  A refusal, a missing schema or any
-    other SQL error becomes a UniphantError.
+    other SQL error becomes a UniphantError; a server found read-only, _ConnectionLost.
     """
     import pg8000.dbapi
 
@@ -981,6 +1210,8 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             context = connection.execute_unnamed(sql, params)
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
+        if code == "25006":  # read_only_sql_transaction: a standby, or a server made read-only
+            raise _ConnectionLost(f"{wire.where if wire else 'the server'} is read-only: {message}") from None
         if code in ("UN001", "UN003", "UN004", "UN005", "22023"):
             raise _Refused(message, code, e.args[0].get("D", "")) from None
         if code in ("42883", "42P01", "3F000"):
@@ -1088,6 +1319,23 @@ def _disconnect_quietly(connection) -> None:
         return  # the start's error says what went wrong; a row left is taken over
 
 
+def _connect_for(config: Config, first_write: Callable[[Any], None]):
+    """A connection on which first_write, a start's first write, went through.  A server
+    that turns out read-only only then is skipped like a standby, and the next tried."""
+    skip: Dict[Tuple[str, int], str] = {}
+    while True:
+        connection = _connect(config, skip)
+        try:
+            first_write(connection)
+            return connection
+        except _ConnectionLost as e:
+            _disconnect_quietly(connection)
+            skip[_wire_of(connection).target] = f"read-only at the first write ({e})"
+        except BaseException:
+            _disconnect_quietly(connection)
+            raise
+
+
 def _remove_row(config: Config, patience: float) -> bool:
     """Remove this process's row from a new session; whether it did.
 
@@ -1144,6 +1392,7 @@ class _Runtime:
         self.pid = os.getpid()                   # the process that runs the worker
         self.config: Optional[Config] = None     # the runtime's own copy of the configuration
         self.connecting = False                  # a stop signal interrupts the connect under way
+        self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
 
 
 _runtime = _Runtime()
@@ -1451,9 +1700,8 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         if not _lock_pid_file(config, pid_file):
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
         setup_logging(config)
-        connection = _connect(config)
+        connection = _connect_for(config, lambda c: register_process(config, c))
         try:
-            register_process(config, connection)
             if worker_function is manage:
                 _prepare_manager(config, connection)
         except BaseException:
@@ -1483,13 +1731,6 @@ class _WorkerExit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
-
-
-class _ConnectionLost(Exception):
-    """The connection broke during a call of the worker function."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(_explain(error))
 
 
 def _heartbeat_period(config: Config) -> float:
@@ -1532,6 +1773,7 @@ def _stop_reason(config: Config, connection) -> Optional[str]:
     wire = _wire_of(connection)
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
+    _check_server(connection)
     now = time.monotonic()
     # A notification is a hint only: any role may NOTIFY any channel.
     hinted = _take_notifications(connection, _channel(config)) or _runtime.hinted
@@ -1775,7 +2017,11 @@ def _worker_failure(config: Config, connection, logger: logging.Logger, error: B
         (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.last_words)
         return _WorkerExit(code)
     if _is_lost(connection):
-        return _ConnectionLost(error)
+        return _ConnectionLost(_explain(error))
+    try:
+        _check_server(connection)  # what it did failed because the server turned read-only
+    except _ConnectionLost as e:
+        return e
     logger.error("stopping: the worker function failed", exc_info=error)
     rt.last_words = _explain(error)  # the exception's last line, for the manager
     return _WorkerExit(EXIT_FAILURE)
@@ -1809,6 +2055,13 @@ def _is_lost(connection) -> bool:
     return False
 
 
+def _log_passed_over(logger: logging.Logger, connection) -> None:
+    """Log each old primary refused on the way to the connection's server."""
+    wire = _wire_of(connection)
+    for refusal in wire.passed_over if wire is not None else ():
+        logger.warning("refused %s", refusal)
+
+
 def _reconnect(config: Config, logger: logging.Logger, error: str):
     """A new connection with the same process id, or None if told to stop meanwhile.
 
@@ -1836,7 +2089,9 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
                 _close_quietly(connection)
                 failure = _explain(e)
             else:
-                logger.info("database connection restored after %.1f s", time.monotonic() - lost_at)
+                _log_passed_over(logger, connection)
+                logger.info("database connection restored after %.1f s: %s",
+                            time.monotonic() - lost_at, _server(connection))
                 _runtime.next_heartbeat = 0.0  # ask at once whether the row survived the outage
                 return connection
         (logger.debug if failure in seen else logger.warning)("reconnecting: %s", failure)
@@ -1865,8 +2120,9 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     rt.watchdog = _Watchdog(config, logger)
     rt.confirmed_at = time.monotonic()  # registering has just made the row
     rt.next_heartbeat = rt.confirmed_at + _heartbeat_period(config)
-    logger.info("worker %s started: process %s, PID %d, host %s",
-                config["worker_id"], config["process_id"], os.getpid(), config["host_name"])
+    _log_passed_over(logger, connection)
+    logger.info("worker %s started: process %s, PID %d, host %s, database %s", config["worker_id"],
+                config["process_id"], os.getpid(), config["host_name"], _server(connection))
     if config["foreground"] and rt.announce_ready:
         _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
     if connection.parameter_statuses.get("is_superuser") == "on":
@@ -2631,6 +2887,28 @@ _OPS_COMMANDS = {
 }
 
 
+# The ops commands that only read: they take a standby when no writable server answers.
+_OPS_READING = ("ps",)
+
+
+def _ops_connect(prog: str, config: Config, reading: bool):
+    """The ops command's connection.  Unless PGTARGETSESSIONATTRS says otherwise, a
+    command that only reads takes any server when no writable one answers; it says
+    on stderr which server it read from."""
+    attrs = _pg_setting(config, "PGTARGETSESSIONATTRS")
+    connection = _connect_to(config, attrs or "read-write", fallback=reading and not attrs)
+    wire = _wire_of(connection)
+    for refusal in wire.passed_over:
+        print(f"{prog}: warning: refused {refusal}", file=sys.stderr)
+    if reading and wire.kind == "a primary":
+        print(f"{prog}: read from {wire.where}, a primary", file=sys.stderr)
+    elif reading:
+        fell_back = "" if attrs else "no writable server answered: "
+        print(f"{prog}: warning: {fell_back}read from {wire.where}, {wire.kind}: "
+              f"what it shows may be stale", file=sys.stderr)
+    return connection
+
+
 def _ops_main(argv: List[str]) -> None:
     """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
     prog = "uniphant.py"
@@ -2643,7 +2921,7 @@ def _ops_main(argv: List[str]) -> None:
             raise UsageError(f"expected a command: {', '.join(_OPS_COMMANDS)}")
         config = _ops_config()
         act = parse(argv[1:], config)
-        connection = connect_to_database(config)
+        connection = _ops_connect(prog, config, argv[0] in _OPS_READING)
         try:
             code = act(connection)
         finally:
@@ -2778,13 +3056,12 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     if here and not _lock_pid_file(config, pid_file):
         print(_already_running(config, get_pid_for_running_process(pid_file)), file=sys.stderr)
         return EXIT_FAILURE
-    connection = _connect(config)
+    connection = _connect_for(config, lambda c: register_host(config, c))
     # What exists now, pg8000's many modules above all, lives until exit: kept
     # out of the collector's way, it makes every collection, and the exit of
     # this process and of the daemon, some 30 ms cheaper.
     gc.freeze()
     try:
-        register_host(config, connection)
         if not here:
             return start_daemon(config, connection, worker_function, pid_file)
         setup_logging(config)

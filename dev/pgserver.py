@@ -318,6 +318,7 @@ class Server:
                   "-E", "UTF8", "--locale=C", "--no-sync")
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
             f.write("local all all trust\n"
+                    "local replication all trust\n"
                     "host all all 127.0.0.1/32 scram-sha-256\n"
                     "host all all ::1/128 scram-sha-256\n")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
@@ -325,6 +326,7 @@ class Server:
                     f"unix_socket_directories = '{self.dir}'\n"
                     "listen_addresses = '127.0.0.1'\n"
                     "max_connections = 300\n"
+                    "wal_level = replica\nmax_wal_senders = 10\n"
                     "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "log_min_messages = warning\n")
             if ssl:
@@ -352,6 +354,41 @@ class Server:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def standby(self) -> "Server":
+        """A streaming standby of this running server (pg_basebackup -R -X stream), started
+        on a port and socket directory of its own; the caller destroys it (a context manager)."""
+        standby = Server(self.origin)
+        try:
+            standby._run("pg_basebackup", "-D", standby.data, "-R", "-X", "stream", "-c", "fast",
+                         "-h", self.dir, "-p", str(self.port), "-U", SUPERUSER)
+            with open(os.path.join(standby.data, "postgresql.conf"), "a") as f:
+                f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.dir}'\n")
+            return standby.start()
+        except BaseException:
+            standby.destroy()
+            raise
+
+    def promote(self) -> "Server":
+        """Promote this standby; return once it accepts writes."""
+        self._run("pg_ctl", "-D", self.data, "-w", "-t", "60", "promote")
+        deadline = time.monotonic() + 60
+        while True:
+            if not self.value("SELECT pg_is_in_recovery()"):
+                return self
+            if time.monotonic() > deadline:
+                raise ServerError(f"the standby in {self.dir} was promoted but still is in recovery")
+            time.sleep(0.02)
+
+    def wait_for_replay(self, primary: "Server", timeout: float = 60) -> None:
+        """Wait until this standby has replayed everything primary has written so far."""
+        lsn = primary.value("SELECT pg_current_wal_lsn()::text")
+        deadline = time.monotonic() + timeout
+        while not self.value("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", lsn):
+            if time.monotonic() > deadline:
+                raise ServerError(f"the standby in {self.dir} did not replay up to {lsn} "
+                                  f"within {timeout:g} s")
+            time.sleep(0.02)
 
     def destroy(self) -> None:
         """Stop the server, end every program still running in its directory and remove it.
@@ -416,6 +453,16 @@ class Server:
             database=database, unix_sock=f"{self.dir}/.s.PGSQL.{self.port}", **kwargs)
         conn.autocommit = True
         return conn
+
+    def value(self, sql: str, *params, database: str = SUPERUSER):
+        """The first column of the first row of one query, on a connection of its own."""
+        conn = self.connect(database)
+        try:
+            cursor = conn.cursor()
+            cursor.execute(sql, params)
+            return cursor.fetchone()[0]
+        finally:
+            conn.close()
 
     def create_database(self, name: str, schema: bool = True) -> None:
         """CREATE DATABASE, and load schema.sql into it; ServerError with the server's message."""
