@@ -1329,8 +1329,8 @@ def _connect_for(config: Config, first_write: Callable[[Any], None]):
             first_write(connection)
             return connection
         except _ConnectionLost as e:
-            _disconnect_quietly(connection)
             skip[_wire_of(connection).target] = f"read-only at the first write ({e})"
+            _disconnect_quietly(connection)
         except BaseException:
             _disconnect_quietly(connection)
             raise

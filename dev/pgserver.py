@@ -381,8 +381,19 @@ class Server:
             time.sleep(0.02)
 
     def wait_for_replay(self, primary: "Server", timeout: float = 60) -> None:
-        """Wait until this standby has replayed everything primary has written so far."""
-        lsn = primary.value("SELECT pg_current_wal_lsn()::text")
+        """Wait until this standby has replayed everything primary has committed so far."""
+        conn = primary.connect()
+        try:
+            cursor = conn.cursor()
+            # A commit that waits for the disk flushes every commit before it (the
+            # tests' servers do not wait): all of them are then in the WAL up to the
+            # flush position, which ends a record, so replay reaches it.
+            cursor.execute("SET synchronous_commit = on")
+            cursor.execute("SELECT txid_current()")
+            cursor.execute("SELECT pg_current_wal_flush_lsn()::text")
+            lsn = cursor.fetchone()[0]
+        finally:
+            conn.close()
         deadline = time.monotonic() + timeout
         while not self.value("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", lsn):
             if time.monotonic() > deadline:
@@ -455,12 +466,14 @@ class Server:
         return conn
 
     def value(self, sql: str, *params, database: str = SUPERUSER):
-        """The first column of the first row of one query, on a connection of its own."""
+        """The first column of the first row of one statement (None if it returns no rows),
+        on a connection of its own."""
         conn = self.connect(database)
         try:
             cursor = conn.cursor()
             cursor.execute(sql, params)
-            return cursor.fetchone()[0]
+            row = cursor.fetchone() if cursor.description else None
+            return row[0] if row else None
         finally:
             conn.close()
 
