@@ -382,9 +382,9 @@ def pid_of(server: pgserver.Server, worker: str):
 @pytest.mark.faults
 def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_twice(projects):
     """The split brain of a failover without fencing: the primary fails, the standby is
-    promoted, the old primary comes back writable (on its old timeline), and every
-    session on the new primary is terminated, so that each process reconnects with
-    the old primary first in PGHOST."""
+    promoted, the old primary comes back writable (on its old timeline), and a
+    manager's session on the new primary is terminated, then every session, so
+    that each process reconnects with the old primary first in PGHOST."""
     with own_pair() as (old, new):
         conf = "stale_after=6\ninterval=0.2\n"
         first, second = projects("host1", old, new, conf=conf), projects("host2", old, new, conf=conf)
@@ -403,16 +403,22 @@ def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_t
         # placing the workers again, nor a worker from registering.
         wait_for(lambda: value(old, "SELECT bool_and(heartbeat_at < now() - stale_after) FROM processes"),
                  timeout=30, what="the old primary's rows to go stale")
-        split = value(new, "SELECT now()")
-        value(new, "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a "
-                   "JOIN processes p ON a.application_name = p.id::text")
         refusal = (f"refused {where(old)}: an old primary: timeline 1, but timeline 2 of this cluster "
                    f"has been seen; fence it")
-        for project, manager_id in managers.items():
-            wait_for(lambda: refusal in project.log(manager_id, "uniphant.manager"), what="the manager's refusal")
-        wait_for(lambda: live_sessions(new) == 8, timeout=30, what="the fleet back on the new primary")
+        # A manager's session ends: it reconnects, the old primary first in its list.
+        first_manager = value(new, "SELECT id::text FROM processes WHERE worker_id = %s::uuid", managers[first])
+        split = value(new, "SELECT now()")
+        terminate(new, "a.application_name = %s", first_manager)
+        wait_for(lambda: refusal in first.log(managers[first], "uniphant.manager"), what="the manager's refusal")
+        wait_for(lambda: live_sessions(new) == 8, timeout=30, what="the manager back on the new primary")
         wait_for(lambda: all(value(new, "SELECT count(*) >= 3 FROM calls WHERE worker_id = %s::uuid AND at > %s",
                                    w, split) for w in workers), what="every worker at work after the split")
+        # Then every session ends: each worker reconnects, the old primary first.
+        split = value(new, "SELECT now()")
+        terminate(new, "a.application_name IN (SELECT p.id::text FROM processes p)")
+        wait_for(lambda: live_sessions(new) == 8, timeout=30, what="the fleet back on the new primary")
+        wait_for(lambda: all(value(new, "SELECT count(*) >= 3 FROM calls WHERE worker_id = %s::uuid AND at > %s",
+                                   w, split) for w in workers), what="every worker at work again")
         for w in workers:
             logs = [p.log(w, "test.recorder") for p in managers]
             assert any(refusal in log.partition("lost the database connection")[2] for log in logs), logs
@@ -427,6 +433,11 @@ def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_t
         for w in workers:
             holders = [p.running_pid(w, "test.recorder") for p in managers]
             assert len([h for h in holders if h]) <= 1, holders
+
+
+def terminate(server: pgserver.Server, where_sql: str, *params) -> None:
+    """End the sessions of server's pg_stat_activity `a` that match where_sql."""
+    value(server, f"SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a WHERE {where_sql}", *params)
 
 
 def assert_one_copy_at_a_time(calls: set) -> None:

@@ -385,11 +385,13 @@ class Server:
         conn = primary.connect()
         try:
             cursor = conn.cursor()
-            # A commit that waits for the disk flushes every commit before it (the
-            # tests' servers do not wait): all of them are then in the WAL up to the
-            # flush position, which ends a record, so replay reaches it.
+            # A commit that writes WAL and waits for the disk flushes every commit
+            # before it (the tests' servers do not wait): all of them are then in
+            # the WAL up to the flush position, which ends a record, so replay
+            # reaches it.  (A transaction that writes no WAL of its own commits
+            # without waiting, whatever synchronous_commit says.)
             cursor.execute("SET synchronous_commit = on")
-            cursor.execute("SELECT txid_current()")
+            cursor.execute("SELECT pg_logical_emit_message(true, 'pgserver', '')")
             cursor.execute("SELECT pg_current_wal_flush_lsn()::text")
             lsn = cursor.fetchone()[0]
         finally:
