@@ -315,33 +315,21 @@ def fleet_state(server: pgserver.Server, worker: str) -> tuple:
     return tuple(rows(server, "SELECT state, restarts FROM fleet WHERE worker_id = %s::uuid", worker)[0])
 
 
-def test_a_server_read_only_at_the_first_write_is_skipped_at_start(pair, projects, worker_id):
-    """A server whose state said writable at login, but whose first write fails with
-    SQLSTATE 25006 (here, register_host() made to fail so over the socket only),
-    is passed over for the next host: the same server over TCP."""
-    primary, _ = pair
-    database = f"first_write_{uuid.uuid4().hex[:8]}"
-    primary.create_database(database)
-    primary.value("ALTER ROLE postgres PASSWORD 'first-write'")
-    primary.value("""
-        CREATE OR REPLACE FUNCTION public.register_host(host_id uuid, host_name text) RETURNS void
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-        BEGIN
-            IF inet_client_addr() IS NULL THEN
-                RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction' USING ERRCODE = '25006';
-            END IF;
-            INSERT INTO hosts (id, name) VALUES (host_id, host_name) ON CONFLICT (id) DO NOTHING;
-        END $$""", database=database)
-    settings = {"PGDATABASE": database, "PGPASSWORD": "first-write"}
-    project = projects("first_write", primary, **settings)
-    project.env.update(PGHOST=f"{primary.dir},127.0.0.1", PGPORT=f"{primary.port},{primary.port}")
-    start_daemon(project, worker_id)
-    assert primary.value("SELECT count(*) FROM processes WHERE worker_id = %s::uuid", worker_id,
-                         database=database) == 1
-    socket_only = projects("first_write_socket", primary, **settings)
-    assert_clean_error(socket_only.run(str(uuid.uuid4()), "start"), 1,
-                       f"could not connect to PostgreSQL at {where(primary)}: read-only at the first write "
-                       f"({where(primary)} is read-only: cannot execute INSERT in a read-only transaction)")
+def test_a_server_read_only_at_the_first_write_is_passed_over_like_a_standby(pair, projects, worker_id):
+    """With target_session_attrs=any a standby listed first is taken at login; its first
+    write fails (SQLSTATE 25006), at a start and at a reconnect: the next host is tried."""
+    primary, standby = pair
+    project = projects("first_write", standby, primary, PGTARGETSESSIONATTRS="any")
+    pid = start_daemon(project, worker_id)
+    assert pid_of(primary, worker_id) == pid
+    process_id = value(primary, "SELECT id::text FROM processes WHERE worker_id = %s::uuid", worker_id)
+    terminate(primary, "a.application_name = %s", process_id)
+    wait_for(lambda: f"s: {where(primary)}, a primary" in project.log(worker_id).partition("restored")[2],
+             what="the reconnect")
+    alone = projects("first_write_standby", standby, PGTARGETSESSIONATTRS="any")
+    assert_clean_error(alone.run(str(uuid.uuid4()), "start"), 1,
+                       f"could not connect to PostgreSQL at {where(standby)}: read-only at the first write "
+                       f"({where(standby)} is read-only: cannot execute INSERT in a read-only transaction)")
 
 
 # ---------------------------------------------------------------------------

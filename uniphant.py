@@ -887,12 +887,12 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
     return _Wire(sock, (host, port))
 
 
-def _connect(config: Config, skip: Optional[Dict[Tuple[str, int], str]] = None):
+def _connect(config: Config, tried: Optional[Dict[Tuple[str, int], str]] = None):
     """connect_to_database(), given up at once when a stop signal comes (_Interrupted);
-    skip: the hosts not to try this time, and why."""
+    tried: see _connect_to."""
     _runtime.connecting = True
     try:
-        return _connect_to(config, _session_attrs(config), skip=skip)
+        return _connect_to(config, _session_attrs(config), tried=tried)
     finally:
         _runtime.connecting = False
 
@@ -914,65 +914,74 @@ def connect_to_database(config: Config):
 
 
 def _connect_to(config: Config, attrs: str, fallback: bool = False,
-                skip: Optional[Dict[Tuple[str, int], str]] = None):
+                tried: Optional[Dict[Tuple[str, int], str]] = None):
     """A connection to the first host whose server suits attrs (target_session_attrs);
     else, for prefer-standby or with fallback, to the first that answered (libpq's
-    second pass, without logging in twice).  Never to a host in skip, nor to one
-    behind the newest generation of its cluster seen here."""
-    wanted = "standby" if attrs == "prefer-standby" else attrs
+    second pass, without logging in twice).  Never to one behind the newest
+    generation of its cluster seen here.  tried: the hosts tried already, and why
+    they would not do: they are not tried again, and those tried now are added."""
+    tried = {} if tried is None else tried
     fallback = fallback or attrs == "prefer-standby"
     user = _pg_setting(config, "PGUSER") or _os_user()
     login = (user, _pg_setting(config, "PGDATABASE") or user, _pg_setting(config, "PGSSLMODE") or "prefer")
-    failures: List[str] = []
-    passed_over: List[str] = []
-    second = None  # the fallback: the first server that answered but did not suit
+    targets, passed_over = _targets(config), []
+    connection = second = None  # second: the fallback, the first server that answered but did not suit
     try:
-        for host, port in _targets(config):
-            where = _where(host, port)
-            if skip and (host, port) in skip:
-                failures.append(f"{where}: {skip[host, port]}")
+        for target in targets:
+            if target in tried:
                 continue
-            try:
-                connection = _login(config, host, port, *login)
-            except ConnectError as e:
-                if e.permanent:
-                    raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", True) from None
-                failures.append(f"{where}: {e}")
-                continue
-            try:
-                suits = _appraise(connection, wanted)
-                behind = (_check_generation(config, connection) if suits or (fallback and second is None)
-                          else None)
-            except UniphantError:
-                _close_quietly(connection)
-                raise
-            except Exception as e:  # the connection was lost on the way: the next host
-                _close_quietly(connection)
-                failures.append(f"{where}: {_explain(e)}")
-                continue
-            wire = _wire_of(connection)
-            if behind is not None:
-                _close_quietly(connection)
-                passed_over.append(f"{where}: {behind}")
-                failures.append(f"{where}: {behind}")
-            elif suits:
-                if second is not None:
-                    _close_quietly(second)
-                wire.keep_to, wire.passed_over = wanted, passed_over
-                return connection
-            elif fallback and second is None:
+            connection, why = _try_host(config, target, login, attrs, fallback and second is None, passed_over)
+            if connection is None:
+                tried[target] = why
+            elif why:
                 second = connection
             else:
-                _close_quietly(connection)
-                failures.append(f"{where}: {wire.kind} (target_session_attrs={attrs})")
-    except BaseException:
+                break
+        else:
+            connection, second = second, None
+    finally:
         if second is not None:
             _close_quietly(second)
+    if connection is None:
+        raise ConnectError("could not connect to PostgreSQL at " + "; ".join(
+            f"{_where(*target)}: {tried[target]}" for target in targets if target in tried))
+    _wire_of(connection).passed_over = passed_over
+    return connection
+
+
+def _try_host(config: Config, target: Tuple[str, int], login: Tuple[str, str, str], attrs: str,
+              may_fall_back: bool, passed_over: List[str]) -> Tuple[Any, str]:
+    """Log in to one host: (the connection, "") if its server suits attrs, (the connection,
+    why not) if it does not but may_fall_back, else (None, why not).  An old primary
+    is refused, and noted in passed_over."""
+    where = _where(*target)
+    try:
+        connection = _login(config, *target, *login)
+    except ConnectError as e:
+        if e.permanent:
+            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", permanent=True) from None
+        return None, str(e)
+    wanted = "standby" if attrs == "prefer-standby" else attrs
+    try:
+        suits = _appraise(connection, wanted)
+        behind = _check_generation(config, connection) if suits or may_fall_back else None
+    except UniphantError:
+        _close_quietly(connection)
         raise
-    if second is not None:
-        _wire_of(second).passed_over = passed_over
-        return second
-    raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
+    except Exception as e:  # the connection was lost on the way
+        _close_quietly(connection)
+        return None, _explain(e)
+    wire = _wire_of(connection)
+    if behind is None and suits:
+        wire.keep_to = wanted
+        return connection, ""
+    why = behind or f"{wire.kind} (target_session_attrs={attrs})"
+    if behind is None and may_fall_back:
+        return connection, why
+    if behind is not None:
+        passed_over.append(f"{where}: {behind}")
+    _close_quietly(connection)
+    return None, why
 
 
 def _login(config: Config, host: str, port: int, user: str, database: str, sslmode: str):
@@ -1251,9 +1260,17 @@ def register_host(config: Config, connection) -> None:
 def _listen(config: Config, connection) -> None:
     """Listen for the deletion of this process's row, unless a transaction pooler
     is in the way (it would lose the LISTEN: the manager relays with SIGUSR1)."""
+    import pg8000.dbapi
+
     if config["pooler"] == "none":
-        # The channel is built from hex digits of our own process id: safe to format.
-        connection.execute_simple(f"LISTEN {_channel(config)}")
+        try:
+            # The channel is built from hex digits of our own process id: safe to format.
+            connection.execute_simple(f"LISTEN {_channel(config)}")
+        except pg8000.dbapi.DatabaseError as e:
+            code, message = _sql_error(e)
+            if code == "25006":  # a standby
+                raise _ConnectionLost(f"{_wire_of(connection).where} is read-only: {message}") from None
+            raise
 
 
 # How long a start waits for this host's previous process of the worker, and
@@ -1319,20 +1336,22 @@ def _disconnect_quietly(connection) -> None:
         return  # the start's error says what went wrong; a row left is taken over
 
 
-def _connect_for(config: Config, first_write: Callable[[Any], None]):
-    """A connection on which first_write, a start's first write, went through.  A server
-    that turns out read-only only then is skipped like a standby, and the next tried."""
-    skip: Dict[Tuple[str, int], str] = {}
+def _connect_for(config: Config, first_write: Callable[[Any], None], leave: Callable[[Any], None] = _close_quietly):
+    """A connection on which first_write went through: a server that turns out read-only
+    only then (SQLSTATE 25006) is passed over like a standby, and the next host
+    tried; no host is tried twice.  leave: what to do with a connection given up."""
+    tried: Dict[Tuple[str, int], str] = {}
     while True:
-        connection = _connect(config, skip)
+        connection = _connect(config, tried)
+        target = _wire_of(connection).target
         try:
             first_write(connection)
             return connection
         except _ConnectionLost as e:
-            skip[_wire_of(connection).target] = f"read-only at the first write ({e})"
-            _disconnect_quietly(connection)
+            tried[target] = f"read-only at the first write ({e})"
+            leave(connection)
         except BaseException:
-            _disconnect_quietly(connection)
+            leave(connection)
             raise
 
 
@@ -1700,7 +1719,7 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         if not _lock_pid_file(config, pid_file):
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
         setup_logging(config)
-        connection = _connect_for(config, lambda c: register_process(config, c))
+        connection = _connect_for(config, lambda c: register_process(config, c), _disconnect_quietly)
         try:
             if worker_function is manage:
                 _prepare_manager(config, connection)
@@ -2074,26 +2093,24 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
     lost_at, delay, seen = time.monotonic(), _BACKOFF_FIRST, set()
     while _local_stop_reason(config) is None:
         try:
-            connection = _connect(config)
+            connection = _connect_for(config, lambda c: _listen(config, c))
         except _Interrupted:
             continue  # the loop's condition sees the signal
         except ConnectError as e:
             if e.permanent:
                 raise
             failure = str(e)
+        except UniphantError:
+            raise
+        except Exception as e:
+            failure = _explain(e)
         else:
-            try:
-                _listen(config, connection)
-                _tolerate_any_notification(connection)
-            except Exception as e:
-                _close_quietly(connection)
-                failure = _explain(e)
-            else:
-                _log_passed_over(logger, connection)
-                logger.info("database connection restored after %.1f s: %s",
-                            time.monotonic() - lost_at, _server(connection))
-                _runtime.next_heartbeat = 0.0  # ask at once whether the row survived the outage
-                return connection
+            _tolerate_any_notification(connection)
+            _log_passed_over(logger, connection)
+            logger.info("database connection restored after %.1f s: %s",
+                        time.monotonic() - lost_at, _server(connection))
+            _runtime.next_heartbeat = 0.0  # ask at once whether the row survived the outage
+            return connection
         (logger.debug if failure in seen else logger.warning)("reconnecting: %s", failure)
         seen.add(failure)
         _wait(random.uniform(delay / 2, delay))
@@ -3056,7 +3073,7 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     if here and not _lock_pid_file(config, pid_file):
         print(_already_running(config, get_pid_for_running_process(pid_file)), file=sys.stderr)
         return EXIT_FAILURE
-    connection = _connect_for(config, lambda c: register_host(config, c))
+    connection = _connect_for(config, lambda c: register_host(config, c), _disconnect_quietly)
     # What exists now, pg8000's many modules above all, lives until exit: kept
     # out of the collector's way, it makes every collection, and the exit of
     # this process and of the daemon, some 30 ms cheaper.
