@@ -401,8 +401,9 @@ def setup_config() -> Config:
     config = _script_config()
     config.update(RUNTIME_DEFAULTS)
     config.update(read_config_files(config))
-    for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS"):
-        _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
+    for key in _CHECKS:
+        if key.startswith("PG"):
+            _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
     try:
         os.makedirs(config["state_dir"], 0o775, exist_ok=True)
     except OSError as e:
@@ -506,7 +507,7 @@ def _read_generations(path: str) -> Dict[int, int]:
         return {}
     try:
         with os.fdopen(fd, "rb") as f:
-            data = f.read(65536)
+            data = f.read()
     except OSError as e:
         raise UniphantError(f"cannot read {path}: {e.strerror}") from None
     generations = {}
@@ -515,7 +516,8 @@ def _read_generations(path: str) -> Dict[int, int]:
         if not fields:
             continue
         # A system identifier is a bigint, which may be negative.
-        if len(fields) != 2 or not all(f.isdigit() and len(f) <= 20 for f in (fields[0].lstrip(b"-"), fields[1])):
+        numbers = (fields[0].lstrip(b"-"), fields[-1])
+        if len(fields) != 2 or not all(f.isdigit() and len(f) <= 20 for f in numbers):
             raise UniphantError(f"{path}:{number}: expected a cluster's system identifier and "
                                 f"timeline; remove the file if it is damaged (this host then forgets "
                                 f"which primaries it has seen superseded)")
@@ -930,7 +932,8 @@ def _connect_to(config: Config, attrs: str, fallback: bool = False,
         for target in targets:
             if target in tried:
                 continue
-            connection, why = _try_host(config, target, login, attrs, fallback and second is None, passed_over)
+            connection, why = _try_host(config, target, login, attrs, fallback and second is None,
+                                        passed_over)
             if connection is None:
                 tried[target] = why
             elif why:
@@ -1336,7 +1339,8 @@ def _disconnect_quietly(connection) -> None:
         return  # the start's error says what went wrong; a row left is taken over
 
 
-def _connect_for(config: Config, first_write: Callable[[Any], None], leave: Callable[[Any], None] = _close_quietly):
+def _connect_for(config: Config, first_write: Callable[[Any], None],
+                 leave: Callable[[Any], None] = _close_quietly):
     """A connection on which first_write went through: a server that turns out read-only
     only then (SQLSTATE 25006) is passed over like a standby, and the next host
     tried; no host is tried twice.  leave: what to do with a connection given up."""
