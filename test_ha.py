@@ -38,6 +38,11 @@ if __name__ == "__main__":
     main(work)
 '''
 
+# The stale_after of the tests whose managers lose their sessions: a manager
+# confirms its row only as often as it plans (every 5 s) while idle, and below
+# 14 s its watchdog's lease is shorter than that.
+MANAGER_STALE_AFTER = 14
+
 CALLS = ("CREATE TABLE IF NOT EXISTS calls (worker_id uuid NOT NULL, pid integer NOT NULL, "
          "at timestamptz NOT NULL DEFAULT clock_timestamp())")
 
@@ -348,29 +353,39 @@ def test_a_server_read_only_at_the_first_write_is_passed_over_like_a_standby(pai
 
 @pytest.mark.faults
 def test_promote_moves_workers_and_a_manager_to_the_new_primary_without_exit(projects):
+    """Two hosts' managers and their any-host workers, the primary killed, the standby
+    promoted only once every row there is older than stale_after: each process
+    reconnects to the new primary and resumes, and no worker is stopped or moved."""
     with own_pair() as (primary, standby):
-        project = projects("promote", primary, standby, conf="interval=0.2\n")
-        manager_id = with_manager(project)
-        workers = [str(value(primary, "SELECT add_worker('test.recorder')")) for _ in range(3)]
+        conf = f"stale_after={MANAGER_STALE_AFTER}\ninterval=0.2\n"
+        hosts_ = [projects(name, primary, standby, conf=conf) for name in ("promote1", "promote2")]
+        managers = {project: with_manager(project) for project in hosts_}
+        value(primary, "SELECT scale('test.recorder', 4)")
         wait_for(lambda: value(primary, "SELECT count(*) FROM fleet WHERE state = 'running' "
-                                        "AND worker_type = 'test.recorder'") == 3, what="three workers")
+                                        "AND worker_type = 'test.recorder'") == 4, what="four workers")
+        workers = [str(w) for (w,) in rows(primary, "SELECT worker_id FROM workers")]
         pids = {w: pid_of(primary, w) for w in workers}
-        manager_pid = project.running_pid(manager_id, "uniphant.manager")
+        manager_pids = {p: p.running_pid(m, "uniphant.manager") for p, m in managers.items()}
         standby.wait_for_replay(primary)
         primary.stop("immediate")
+        wait_for(lambda: value(standby, "SELECT bool_and(heartbeat_at < now() - stale_after) FROM processes"),
+                 timeout=30, what="every row on the standby to look stale")
         standby.promote()
-        wait_for(lambda: live_sessions(standby) == 4, what="the workers and the manager on the new primary")
+        wait_for(lambda: live_sessions(standby) == 6, what="the workers and the managers on the new primary")
         at = value(standby, "SELECT now()")
-        wait_for(lambda: at_work(standby, workers, at), what="the workers at work on the new primary")
+        wait_for(lambda: at_work(standby, workers, at, calls=3), what="the workers at work on the new primary")
         assert {w: pid_of(standby, w) for w in workers} == pids
-        assert project.running_pid(manager_id, "uniphant.manager") == manager_pid
-        logs = [project.log(w, "test.recorder") for w in workers]
-        for log in logs + [project.log(manager_id, "uniphant.manager")]:
+        assert {p: p.running_pid(m, "uniphant.manager") for p, m in managers.items()} == manager_pids
+        logs = [p.log(w, "test.recorder") for w in workers for p in hosts_ if p.log(w, "test.recorder")]
+        assert len(logs) == 4  # each worker ran on one host only
+        for log in logs + [p.log(m, "uniphant.manager") for p, m in managers.items()]:
             assert "database connection restored after" in log and f"s: {where(standby)}, a primary" in log
             assert "stopping" not in log
+        assert value(standby, "SELECT sum(restarts) FROM fleet WHERE worker_type = 'test.recorder'") == 0
         system = value(standby, "SELECT system_identifier FROM uniphant_server_generation()")
-        with open(project.path(".server_generation")) as f:
-            assert f.read() == f"{system} 2\n"
+        for project in hosts_:
+            with open(project.path(".server_generation")) as f:
+                assert f.read() == f"{system} 2\n"
 
 
 def pid_of(server: pgserver.Server, worker: str):
@@ -384,7 +399,7 @@ def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_t
     manager's session on the new primary is terminated, then every session, so
     that each process reconnects with the old primary first in PGHOST."""
     with own_pair() as (old, new):
-        conf = "stale_after=6\ninterval=0.2\n"
+        conf = f"stale_after={MANAGER_STALE_AFTER}\ninterval=0.2\n"
         first, second = projects("host1", old, new, conf=conf), projects("host2", old, new, conf=conf)
         managers = {first: with_manager(first), second: with_manager(second)}
         value(old, "SELECT scale('test.recorder', 6)")
@@ -504,6 +519,15 @@ def test_a_worker_role_can_read_the_server_generation(db, make_role):
         assert tuple(cursor.fetchone()) == tuple(db.rows("SELECT * FROM uniphant_server_generation()")[0])
     finally:
         conn.close()
+
+
+def test_a_role_that_may_not_read_the_generation_is_told_what_to_grant(project, db, worker_id, make_role):
+    role, password = make_role("worker")
+    db.rows(f"REVOKE EXECUTE ON FUNCTION uniphant_server_generation() FROM {role}")
+    result = project.run(worker_id, "start", env={"PGHOST": "127.0.0.1", "PGUSER": role, "PGPASSWORD": password})
+    assert_clean_error(result, 1, "could not connect to PostgreSQL at 127.0.0.1:",
+                       "permission denied for function uniphant_server_generation: grant EXECUTE on it to this "
+                       'role (README, "Database privileges")')
 
 
 def test_loading_the_schema_lets_every_role_that_heartbeats_or_reads_the_fleet_read_the_generation(cluster):

@@ -1088,6 +1088,8 @@ def _check_generation(config: Config, connection) -> Optional[str]:
                                         "FROM public.uniphant_server_generation()").rows[0]
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
+        if code == "42501":
+            message += ': grant EXECUTE on it to this role (README, "Database privileges")'
         if code not in ("42883", "3F000"):
             raise ConnectError(f"could not connect to PostgreSQL at {wire.where}: {message}",
                                permanent=True) from None
@@ -2243,6 +2245,11 @@ def _note_leftover_threads(logger: logging.Logger) -> None:
 # How often the manager reads its plan when no notification comes: a lost
 # notification, or a host that died, costs at most this long to notice.
 _PLAN_EVERY = 5.0
+# How long a manager that has reconnected waits before it plans: the processes
+# that lost their sessions with it (a failover, a restart of the server) have
+# tried again within a backoff cap, and confirmed their rows, by then.  Until
+# then their rows may look dead, and a plan would start their workers elsewhere.
+_PLAN_AFTER_RECONNECT = _BACKOFF_CAP + 0.5
 # The last words of a worker whose row was deleted: a restart asked for from
 # SQL (restart_worker), which is not a failure.
 _ROW_DELETED = "its process row was deleted"
@@ -2345,6 +2352,7 @@ class _Manager:
         self.ready_told = False
         self.status_told = ""
         self.next_watchdog = 0.0
+        self.sessions = 0                # the database sessions it has managed on
 
     # One pass: see who ended, read the plan when it may have changed, then
     # act on it and write down what changed.
@@ -2722,7 +2730,9 @@ def manage(config: Config, logger: logging.Logger, connection) -> None:
     if manager is None:  # _start prepares a manager only for main(manage) itself
         raise UniphantError("the manager runs as main(manage), not inside another worker function")
     connection.execute_simple("LISTEN uniphant_fleet")
-    manager.next_plan = 0.0  # a new connection may have missed a notification
+    # A new session may have missed a notification: plan soon.
+    manager.next_plan = time.monotonic() + _PLAN_AFTER_RECONNECT if manager.sessions else 0.0
+    manager.sessions += 1
     while alive(config, connection):
         manager.step(connection)
         manager.wait(connection)
