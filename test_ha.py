@@ -330,6 +330,7 @@ def fleet_state(server: pgserver.Server, worker: str) -> tuple:
     return tuple(rows(server, "SELECT state, restarts FROM fleet WHERE worker_id = %s::uuid", worker)[0])
 
 
+@pytest.mark.faults
 def test_a_server_read_only_at_the_first_write_is_passed_over_like_a_standby(pair, projects, worker_id):
     """With target_session_attrs=any a standby listed first is taken at login; its first
     write fails (SQLSTATE 25006), at a start and at a reconnect: the next host is tried."""
