@@ -20,7 +20,7 @@ import pytest
 import uniphant
 from conftest import Project, worker_env, wait_for
 from test_fleet import host_of, ops, with_manager
-from test_uniphant import assert_clean_error, gone, make_role, start_daemon  # noqa: F401
+from test_uniphant import assert_clean_error, make_role, start_daemon  # noqa: F401
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dev"))
 import pgserver  # noqa: E402
@@ -47,27 +47,24 @@ CALLS = ("CREATE TABLE IF NOT EXISTS calls (worker_id uuid NOT NULL, pid integer
          "at timestamptz NOT NULL DEFAULT clock_timestamp())")
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """A primary with a streaming standby, database `uniphant` on both; the tests that
-    use it leave both running as they found them."""
-    with pgserver.Server() as primary:
-        primary.init().start()
-        primary.create_database("uniphant")
-        primary.value(CALLS, database="uniphant")
-        with primary.standby() as standby:
-            yield primary, standby
-
-
 @contextlib.contextmanager
 def own_pair():
-    """A primary and a standby of the test's own, to promote or to kill."""
+    """A primary and its streaming standby, with database `uniphant` and the table
+    `calls`, for a test of its own: to promote or to kill."""
     with pgserver.Server() as primary:
         primary.init().start()
         primary.create_database("uniphant")
         primary.value(CALLS, database="uniphant")
         with primary.standby() as standby:
             yield primary, standby
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A pair (own_pair) that the tests of one test process share: each leaves both
+    servers running as it found them."""
+    with own_pair() as servers:
+        yield servers
 
 
 @pytest.fixture
