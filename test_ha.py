@@ -9,6 +9,7 @@ The tests that leave the pair as they found it share one per test process
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -496,6 +497,22 @@ def test_a_fresh_start_refuses_the_old_primary_its_host_has_seen_superseded(proj
         other = str(uuid.uuid4())
         pid = start_daemon(fresh, other)
         assert pid_of(old, other) == pid
+
+
+@pytest.mark.faults
+def test_a_full_disk_does_not_keep_a_process_from_its_server(db, tmp_path, monkeypatch):
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(uniphant, "_write_atomically", full)
+    monkeypatch.setattr(uniphant._runtime, "generations", {})
+    monkeypatch.setattr(uniphant._runtime.log, "pending", [])
+    config = dict(db.env, process_id=str(uuid.uuid4()), stale_after=60.0, state_dir=str(tmp_path),
+                  lock_file=str(tmp_path / ".lock"), host_id=str(uuid.uuid4()))
+    uniphant.connect_to_database(config).close()
+    assert uniphant._runtime.log.pending == [
+        "cannot record the server's generation in .server_generation (No space left on device): a process "
+        "started on this host later will not know to refuse an old primary"]
+    assert not (tmp_path / ".server_generation").exists()
 
 
 def test_a_damaged_generation_file_is_a_clear_error(project, db, worker_id):

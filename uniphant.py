@@ -754,6 +754,14 @@ def setup_logging(config: Config) -> logging.Logger:
     return logger
 
 
+def _warn(message: str) -> None:
+    """A warning for the log, or for it once it is set up."""
+    if _runtime.log.logger is not None:
+        _runtime.log.logger.warning("%s", message)
+    else:
+        _runtime.log.pending.append(message)
+
+
 def _printable(text: str) -> str:
     """text with each character that is not printable shown as an escape (\\x1b,
     \\u202e): text from the database or from a worker can then neither move a
@@ -1270,7 +1278,11 @@ def _check_generation(config: Config, connection) -> Optional[str]:
         return f"{what}: timeline {timeline}, but timeline {seen} of this cluster has been seen; fence it"
     known[system] = timeline
     if state_dir and config.get("host_id") and timeline > on_file.get(system, 0):
-        _record_generation(config, system, timeline)
+        try:
+            _record_generation(config, system, timeline)
+        except OSError as e:  # a full disk, say: this process knows, and goes on
+            _warn(f"cannot record the server's generation in {GENERATION_FILE} ({e.strerror}): a process "
+                  f"started on this host later will not know to refuse an old primary")
     return None
 
 
