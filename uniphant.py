@@ -3733,13 +3733,13 @@ def _reads_only(argv: List[str]) -> bool:
 def _ops_connect(prog: str, config: Config, reading: bool):
     """The ops command's connection.  Unless PGTARGETSESSIONATTRS says otherwise, a
     command that only reads takes any server when no writable one answers; it says
-    on stderr which server it read from, when PGHOST offers a choice."""
+    on stderr which server it read from."""
     attrs = _pg_setting(config, "PGTARGETSESSIONATTRS")
     connection = _connect_to(config, attrs or "read-write", fallback=reading and not attrs)
     wire = _wire_of(connection)
     for refusal in wire.passed_over:
         print(f"{prog}: warning: refused {_printable(refusal)}", file=sys.stderr)
-    if reading and wire.kind == "a primary" and len(_targets(config)) > 1:
+    if reading and wire.kind == "a primary":
         print(f"{prog}: read from {wire.where}, a primary", file=sys.stderr)
     elif reading and wire.kind != "a primary":
         fell_back = "" if attrs else "no writable server answered: "
