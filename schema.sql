@@ -98,6 +98,31 @@ $$;
 CREATE OR REPLACE FUNCTION uniphant.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS 'SELECT 3';
 
+-- The generation of the server a session reached (README, "PostgreSQL high
+-- availability"), so that a process can refuse an old primary that comes back
+-- writable after a failover: the cluster's system identifier (the same on a
+-- primary and on every standby cloned from it) and the server's current
+-- timeline, which a promotion raises.  On a primary the timeline is the one of
+-- the WAL it writes now: the latest checkpoint's lags behind a promotion until
+-- the first checkpoint on the new timeline completes.  pg_walfile_name() fails
+-- during recovery, so a standby answers the newest timeline it knows of: that
+-- of the WAL it has received (visible to an owner who may read all
+-- statistics), else that of its latest restartpoint; both may lag, never lead.
+-- SECURITY DEFINER, so that a role needs no privilege on pg_control_* or the
+-- statistics.  SQL, not PL/pgSQL: every process calls it once per session, and
+-- PL/pgSQL would compile it in each (1 ms of the 2 that a call would cost).
+CREATE OR REPLACE FUNCTION uniphant.server_generation(OUT system_identifier bigint, OUT timeline bigint)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT (pg_catalog.pg_control_system()).system_identifier,
+           CASE WHEN pg_catalog.pg_is_in_recovery()
+                THEN GREATEST((SELECT r.received_tli FROM pg_catalog.pg_stat_wal_receiver r),
+                              (pg_catalog.pg_control_checkpoint()).timeline_id)
+                ELSE ('x' OPERATOR(pg_catalog.||) pg_catalog.left(
+                          pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 8))
+                     ::pg_catalog.bit(32)::pg_catalog.int8
+           END;
+$$;
+
 -- What is wrong with a desired worker's settings, or NULL: a JSON object of at
 -- most 100 keys (like a config file's), each to a string, number or boolean of
 -- at most 10000 characters.  Credentials never go here, where every operator
@@ -1180,11 +1205,13 @@ END
 $$;
 
 -- What each part may use: the one list of privileges.  A manager is a worker
--- too.  An operator reads every host and every manager that ever registered,
--- so that a manager that is down shows as such (README, "Seeing the fleet").
+-- too; every part connects, and asks the server's generation as it does.  An
+-- operator reads every host and every manager that ever registered, so that a
+-- manager that is down shows as such (README, "Seeing the fleet").
 CREATE OR REPLACE FUNCTION uniphant.privileges_of(kind text) RETURNS text[]
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT array_agg(p.privilege ORDER BY p.n) FROM (VALUES
+        (0, 'every', 'EXECUTE ON FUNCTION uniphant.server_generation()'),
         (1, 'worker', 'EXECUTE ON FUNCTION uniphant.register_host(uuid, text)'),
         (2, 'worker', 'EXECUTE ON FUNCTION uniphant.register_process(uuid, uuid, text, integer, interval, '
                       'boolean, integer)'),
@@ -1216,7 +1243,7 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (27, 'operator', 'SELECT ON uniphant.worker_events'),
         (28, 'operator', 'SELECT ON uniphant.managers'),
         (29, 'operator', 'SELECT ON uniphant.hosts')) AS p (n, part, privilege)
-    WHERE p.part = kind OR (kind = 'manager' AND p.part = 'worker');
+    WHERE p.part IN (kind, 'every') OR (kind = 'manager' AND p.part = 'worker');
 $$;
 
 -- Nothing here is anyone's but its owner's unless a part gives it: every

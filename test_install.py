@@ -136,3 +136,35 @@ def db_env(db, tmp_path) -> dict:
     from conftest import worker_env
     (tmp_path / "home").mkdir(exist_ok=True)
     return worker_env(db.env, str(tmp_path / "home"))
+
+
+def test_the_schema_owner_needs_no_superuser(tmp_path, cluster):
+    """README, "Database privileges": a role of its own owns uniphant's objects,
+    loads schema.sql and gives a worker role its part; the worker runs."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, worker_role = f"owner_{suffix}", f"worker_{suffix}"
+    database = cluster.database(f"owned_{suffix}", schema=False)
+    name = database.env["PGDATABASE"]
+    cluster._admin(f"CREATE ROLE {owner} LOGIN NOSUPERUSER PASSWORD 'owner-secret'",
+                   f"CREATE ROLE {worker_role} LOGIN PASSWORD 'worker-secret'",
+                   f'ALTER DATABASE "{name}" OWNER TO {owner}')
+    project = Project(str(tmp_path / "project"), str(tmp_path),
+                      dict(db_env(database, tmp_path), PGUSER=worker_role, PGPASSWORD="worker-secret"))
+    try:
+        conn = database.connect(user=owner, password="owner-secret")
+        try:
+            with open(os.path.join(REPO, "schema.sql"), encoding="utf-8") as f:
+                conn.execute_simple(f.read())
+            conn.execute_simple(f"SELECT uniphant.grant_role('{worker_role}', 'worker')")
+        finally:
+            conn.close()
+        worker = str(uuid.uuid4())
+        started = project.run(worker, "start")
+        assert started.returncode == 0, started.stderr
+        assert database.value("SELECT role::text FROM uniphant.processes WHERE worker_id = %s::uuid",
+                              worker) == worker_role
+        assert project.run(worker, "stop").returncode == 0
+    finally:
+        project.cleanup()
+        cluster._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f"DROP ROLE {worker_role}",
+                       f"DROP ROLE {owner}")

@@ -99,6 +99,7 @@ def gitignore(block: str, tmp_path, db) -> None:
     with open(os.path.join(REPO, ".gitignore"), encoding="utf-8") as f:
         ours = f.read().splitlines()
     assert set(block.split()) <= set(ours)
+    assert {"/.host_id", "/.lock", "/.server_generation"} <= set(block.split())  # every file a host writes
 
 
 def first_worker(block: str, tmp_path, db) -> None:
@@ -233,6 +234,16 @@ def benchmarks(block: str, tmp_path, db) -> None:
         assert shown.returncode == 0 and "usage:" in shown.stdout, shown.stderr
 
 
+def runtime_words(block: str, tmp_path, db) -> None:
+    """A sample of what uniphant prints (test_ha.py checks the lines against real
+    servers): every word of it, but the addresses, ids and numbers, is the runtime's."""
+    with open(os.path.join(REPO, "uniphant.py"), encoding="utf-8") as f:
+        source = f.read()
+    words = set(re.findall(r"(?<![\w.])[a-z_]{4,}(?![\w.:])", block)) - {"worker", "host"}
+    missing = sorted(word for word in words if word not in source)
+    assert not missing, f"words of the sample that uniphant.py never prints: {missing}"
+
+
 # (section, language, a line in the block) -> its rule
 RULES: List[Tuple[str, str, str, Callable]] = [
     ("Try it", "sh", "./dev/demo", covered_elsewhere),
@@ -253,6 +264,10 @@ RULES: List[Tuple[str, str, str, Callable]] = [
     ("Running the page", "sh", "add uniphant.web", page_as_typed),
     ("Metrics and alerts", "yaml", "scrape_configs:", prometheus),
     ("Metrics and alerts", "yaml", "- alert:", prometheus),
+    ("PostgreSQL high availability", "", "could not connect to PostgreSQL at", runtime_words),
+    ("PostgreSQL high availability", "", "database connection restored after", runtime_words),
+    ("PostgreSQL high availability", "", "no writable server answered", runtime_words),
+    ("A failover, and never two copies", "", "an old primary", runtime_words),
     ("Database privileges", "sql", "grant_role", privileges),
     ("Benchmarks", "sh", "./dev/bench", benchmarks),
 ]

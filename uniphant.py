@@ -24,7 +24,8 @@ every directory up to the project root (the parent of ``workers``), then from
 ``~/.uniphant/secrets/<same relative path>/secrets.conf``; lines are
 ``key=value``.  PostgreSQL is found as libpq would: ``PGHOST``, ``PGPORT``,
 ``PGDATABASE``, ``PGUSER``, ``PGPASSWORD``, ``PGPASSFILE``, ``PGSSLMODE``,
-``PGCONNECT_TIMEOUT`` from the files, else the environment, else the defaults.
+``PGCONNECT_TIMEOUT``, ``PGTARGETSESSIONATTRS``, ``PGLOADBALANCEHOSTS`` from the
+files, else the environment, else the defaults.
 
 The whole runtime is this file, on the standard library and pg8000 (Linux).
 The database objects are in ``schema.sql``.  See README.md for the rest.
@@ -119,6 +120,8 @@ STATE_DIR_VARIABLE = "UNIPHANT_STATE_DIR"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE = ("disable", "random")
 
 # What config files and settings strip around keys and values: ASCII
 # whitespace only, so that no other script's spaces pass for nothing.
@@ -204,6 +207,8 @@ _CONNECTION_CHECKS: Dict[str, Callable[[str], Any]] = {
     "PGPORT": _port_list,
     "PGCONNECT_TIMEOUT": _connect_timeout,
     "PGSSLMODE": _choice(SSL_MODES, str.lower),
+    "PGTARGETSESSIONATTRS": _choice(SESSION_ATTRS, str.lower),
+    "PGLOADBALANCEHOSTS": _choice(LOAD_BALANCE, str.lower),
 }
 
 
@@ -271,9 +276,10 @@ def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
 # The connection keys uniphant reads, as libpq's environment names them, and
 # libpq's connection-string names for some, which a config file does not take.
 _CONNECTION_KEYS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSSLMODE",
-                    "PGCONNECT_TIMEOUT")
+                    "PGCONNECT_TIMEOUT", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS")
 _CONNINFO_NAMES = {"dbname": "PGDATABASE", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE",
-                   "connect_timeout": "PGCONNECT_TIMEOUT"}
+                   "connect_timeout": "PGCONNECT_TIMEOUT", "target_session_attrs": "PGTARGETSESSIONATTRS",
+                   "load_balance_hosts": "PGLOADBALANCEHOSTS"}
 
 
 def _resembles(key: str) -> Optional[str]:
@@ -528,7 +534,7 @@ def setup_config() -> Config:
     if not _runtime.managed:  # a managed worker's stderr is the manager's: its log says it
         for warning in _runtime.log.pending:
             print(f"{os.path.basename(sys.argv[0])}: warning: {warning}", file=sys.stderr)
-    for key in ("PGPORT", "PGCONNECT_TIMEOUT", "PGSSLMODE"):
+    for key in _CONNECTION_CHECKS:
         _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
     try:
         os.makedirs(config["state_dir"], 0o775, exist_ok=True)
@@ -592,14 +598,24 @@ def _write_atomically(path: str, text: str) -> None:
         raise
 
 
+def _host_lock(lock_file: str) -> int:
+    """The lock on lock_file, under which this host's files change; close it to release."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
     """This host's id from host_id_file, created once under a lock on lock_file."""
     host_id = _read_host_id(host_id_file)
     if host_id is not None:
         return host_id
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    fd = _host_lock(lock_file)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
         host_id = _read_host_id(host_id_file)  # a concurrent first start may have won
         if host_id is None:
             host_id = _new_uuid()
@@ -607,6 +623,52 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
     finally:
         os.close(fd)
     return host_id
+
+
+# The newest server generation (timeline) this host has seen of each PostgreSQL
+# cluster (system identifier), one "<system identifier> <timeline>" line each,
+# in the state directory next to .host_id (README, "PostgreSQL high availability").
+GENERATION_FILE = ".server_generation"
+
+
+def _read_generations(path: str) -> Dict[int, int]:
+    """{system identifier: newest timeline} from path; {} if there is no file."""
+    try:
+        fd = _open_own_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UniphantError(f"cannot read {path}: {e.strerror}") from None
+    generations = {}
+    for number, line in enumerate(data.split(b"\n"), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        # A system identifier is a bigint, which may be negative.
+        numbers = (fields[0].lstrip(b"-"), fields[-1])
+        if len(fields) != 2 or not all(f.isdigit() and len(f) <= 20 for f in numbers):
+            raise UniphantError(f"{path}:{number}: expected a cluster's system identifier and "
+                                f"timeline; remove the file if it is damaged (this host then forgets "
+                                f"which primaries it has seen superseded)")
+        generations[int(fields[0])] = int(fields[1])
+    return generations
+
+
+def _record_generation(config: Config, system: int, timeline: int) -> None:
+    """Make timeline the newest of cluster system in the host's generation file,
+    unless a newer one is there already."""
+    path = os.path.join(config["state_dir"], GENERATION_FILE)
+    fd = _host_lock(config["lock_file"])
+    try:
+        generations = _read_generations(path)
+        if generations.get(system, -1) < timeline:
+            generations[system] = timeline
+            _write_atomically(path, "".join(f"{s} {t}\n" for s, t in sorted(generations.items())))
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -692,6 +754,14 @@ def setup_logging(config: Config) -> logging.Logger:
     return logger
 
 
+def _warn(message: str) -> None:
+    """A warning for the log, or for it once it is set up."""
+    if _runtime.log.logger is not None:
+        _runtime.log.logger.warning("%s", message)
+    else:
+        _runtime.log.pending.append(message)
+
+
 def _printable(text: str) -> str:
     """text with each character that is not printable shown as an escape (\\x1b,
     \\u202e): text from the database or from a worker can then neither move a
@@ -757,6 +827,16 @@ class AlreadyRunning(UniphantError):
                    host if on_host else None)
 
 
+# What a role refused a privilege of uniphant's is told.
+_GRANT_HINT = ("the database's owner gives a role its part with uniphant.grant_role() "
+               "(README, \"Database privileges\")")
+
+
+class _ConnectionLost(UniphantError):
+    """The server was lost: the connection broke, or the server turned read-only or into a
+    standby (SQLSTATE 25006).  A running process reconnects; to a command it is an error."""
+
+
 class _SchemaMissing(UniphantError):
     """The database lacks a function or table of schema.sql."""
 
@@ -778,11 +858,17 @@ class _Wire:
     pg8000 reads through a BufferedReader, which may hold a notification that
     arrived right behind a reply while poll() reports the socket idle.  This
     buffer is ours, so pending() can tell, and waiting never misses a stop.
-    It also remembers who the session was when it connected (``identity``).
+    It also remembers who the session was when it connected (``identity``) and
+    which server it reached.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, target: Tuple[str, int]) -> None:
         self.sock = sock
+        self.target = target  # the (host, port) of PGHOST and PGPORT it reached
+        self.where = _where(*target)
+        self.kind = ""        # what the server was at login: a primary, a standby, ...
+        self.keep_to: Optional[str] = None  # the target_session_attrs it must go on matching
+        self.passed_over: List[str] = []    # old primaries refused on the way to this server
         self.identity: Tuple[Optional[str], Optional[str]] = (None, None)
         self.pooled = False  # behind a transaction pooler: one transaction per statement
         self.newest_note: Any = None  # the newest notification seen on the last look
@@ -839,7 +925,8 @@ def _default_socket_dir() -> str:
 
 
 def _targets(config: Config) -> List[Tuple[str, int]]:
-    """The (host, port) pairs to try in order, as libpq reads PGHOST and PGPORT."""
+    """The (host, port) pairs to try, as libpq reads PGHOST and PGPORT: in order, or
+    shuffled anew for each connection with PGLOADBALANCEHOSTS=random."""
     hosts = [h.strip() for h in _pg_setting(config, "PGHOST").split(",") if h.strip()]
     hosts = hosts or [_default_socket_dir()]
     ports = [int(p) for p in (_pg_setting(config, "PGPORT") or "5432").split(",")]
@@ -847,7 +934,16 @@ def _targets(config: Config) -> List[Tuple[str, int]]:
         ports *= len(hosts)
     if len(ports) != len(hosts):
         raise ConfigError(f"PGPORT names {len(ports)} ports for {len(hosts)} hosts in PGHOST")
-    return list(zip(hosts, ports))
+    targets = list(zip(hosts, ports))
+    if _pg_setting(config, "PGLOADBALANCEHOSTS") == "random":
+        import random
+
+        random.shuffle(targets)
+    return targets
+
+
+def _where(host: str, port: int) -> str:
+    return f"socket {host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
 
 
 def _os_user() -> str:
@@ -946,7 +1042,7 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
         except BaseException:
             sock.close()
             raise
-        return _Wire(sock)
+        return _Wire(sock, (host, port))
     sock = socket.create_connection((host, port), timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -961,69 +1057,233 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
     except BaseException:
         sock.close()
         raise
-    return _Wire(sock)
+    return _Wire(sock, (host, port))
 
 
-def _connect(config: Config):
-    """connect_to_database(), given up at once when a stop signal comes (_Interrupted)."""
+def _connect(config: Config, tried: Optional[Dict[Tuple[str, int], str]] = None):
+    """connect_to_database(), given up at once when a stop signal comes (_Interrupted);
+    tried: see _connect_to."""
     _runtime.signals.connecting = True
     try:
-        return connect_to_database(config)
+        return _connect_to(config, _session_attrs(config), tried=tried)
     finally:
         _runtime.signals.connecting = False
+
+
+def _session_attrs(config: Config) -> str:
+    """target_session_attrs as set; else read-write, since uniphant's processes write."""
+    return _pg_setting(config, "PGTARGETSESSIONATTRS") or "read-write"
 
 
 def connect_to_database(config: Config):
     """A pg8000 connection in autocommit mode whose application_name is the process id.
 
-    Tries each host of PGHOST in turn; raises ConnectError with one line naming
-    where it tried and why it failed.
+    Tries each host of PGHOST in turn (shuffled with PGLOADBALANCEHOSTS=random) and
+    takes the first whose server suits PGTARGETSESSIONATTRS (read-write unless set)
+    and is not an old primary (_check_generation); raises ConnectError with one
+    line naming each host tried and why it was not taken.
+    """
+    return _connect_to(config, _session_attrs(config))
+
+
+def _connect_to(config: Config, attrs: str, fallback: bool = False,
+                tried: Optional[Dict[Tuple[str, int], str]] = None):
+    """A connection to the first host whose server suits attrs (target_session_attrs);
+    else, for prefer-standby or with fallback, to the first that answered (libpq's
+    second pass, without logging in twice).  Never to one behind the newest
+    generation of its cluster seen here.  tried: the hosts tried already, and why
+    they would not do: they are not tried again, and those tried now are added."""
+    tried = {} if tried is None else tried
+    fallback = fallback or attrs == "prefer-standby"
+    user = _pg_setting(config, "PGUSER") or _os_user()
+    login = (user, _pg_setting(config, "PGDATABASE") or user, _pg_setting(config, "PGSSLMODE") or "prefer")
+    targets, passed_over = _targets(config), []
+    connection = second = None  # second: the fallback, the first server that answered but did not suit
+    try:
+        for target in targets:
+            if target in tried:
+                continue
+            connection, why = _try_host(config, target, login, attrs, fallback and second is None,
+                                        passed_over)
+            if connection is None:
+                tried[target] = why
+            elif why:
+                second = connection
+            else:
+                break
+        else:
+            connection, second = second, None
+    finally:
+        if second is not None:
+            _close_quietly(second)
+    if connection is None:
+        raise ConnectError("could not connect to PostgreSQL at " + "; ".join(
+            f"{_where(*target)}: {tried[target]}" for target in targets if target in tried))
+    _wire_of(connection).passed_over = passed_over
+    return connection
+
+
+def _try_host(config: Config, target: Tuple[str, int], login: Tuple[str, str, str], attrs: str,
+              may_fall_back: bool, passed_over: List[str]) -> Tuple[Any, str]:
+    """Log in to one host: (the connection, "") if its server suits attrs, (the connection,
+    why not) if it does not but may_fall_back, else (None, why not).  An old primary
+    is refused, and noted in passed_over."""
+    where = _where(*target)
+    try:
+        connection = _login(config, *target, *login)
+    except ConnectError as e:
+        if e.permanent:
+            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", permanent=True) from None
+        return None, str(e)
+    wanted = "standby" if attrs == "prefer-standby" else attrs
+    try:
+        suits = _appraise(connection, wanted)
+        behind = _check_generation(config, connection) if suits or may_fall_back else None
+    except UniphantError:
+        _close_quietly(connection)
+        raise
+    except Exception as e:  # the connection was lost on the way
+        _close_quietly(connection)
+        return None, _explain(e)
+    wire = _wire_of(connection)
+    if behind is None and suits:
+        wire.keep_to = wanted
+        return connection, ""
+    why = behind or f"{wire.kind} (target_session_attrs={attrs})"
+    if behind is None and may_fall_back:
+        return connection, why
+    if behind is not None:
+        passed_over.append(f"{where}: {behind}")
+    _close_quietly(connection)
+    return None, why
+
+
+def _login(config: Config, host: str, port: int, user: str, database: str, sslmode: str):
+    """A logged-in connection to one host, in autocommit mode; ConnectError if not."""
+    import pg8000.dbapi
+
+    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
+    timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
+    password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
+    wire = None
+    try:
+        wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
+        connection = pg8000.dbapi.connect(
+            user=user, database=database, password=password, sock=wire,
+            ssl_context=False, application_name=config["process_id"])
+    except _Interrupted:
+        if wire is not None:
+            wire.close()
+        raise
+    except ConnectError:
+        raise
+    except Exception as e:
+        if password is None and _asks_for_password(e):
+            raise ConnectError(
+                f"the server asks for a password and none is configured: set PGPASSWORD "
+                f"(in a secrets.conf, say) or add a line for this server to "
+                f"{_pgpass_path(config) or 'a PGPASSFILE'}", permanent=True) from None
+        raise ConnectError(*_connect_failure(e, timeout)) from None
+    wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
+    statuses = connection.parameter_statuses
+    wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
+    wire.pooled = config.get("pooler") == "transaction"
+    connection.autocommit = True
+    # pg8000 keeps the password, and what SCRAM derived from it, for logging in only.
+    connection.password = connection.auth = None
+    return connection
+
+
+def _server_state(connection) -> Tuple[bool, bool]:
+    """(in hot standby, read-only by default) of the connection's server: as it
+    reported them at login (PostgreSQL 14 and later), else as it answers."""
+    statuses = connection.parameter_statuses
+    standby, read_only = statuses.get("in_hot_standby"), statuses.get("default_transaction_read_only")
+    if standby is None or read_only is None:
+        standby, read_only = connection.execute_simple(
+            "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN 'on' ELSE 'off' END, "
+            "pg_catalog.current_setting('default_transaction_read_only')").rows[0]
+    return standby == "on", read_only == "on"
+
+
+def _suits(wanted: str, standby: bool, read_only: bool) -> bool:
+    """Whether a server suits target_session_attrs wanted, as libpq judges it."""
+    writable = not (standby or read_only)
+    return {"any": True, "read-write": writable, "read-only": not writable,
+            "primary": not standby, "standby": standby}[wanted]
+
+
+def _kind(standby: bool, read_only: bool) -> str:
+    return "a standby" if standby else "a read-only server" if read_only else "a primary"
+
+
+def _appraise(connection, wanted: str) -> bool:
+    """Whether the connection's server suits target_session_attrs wanted; notes what it is."""
+    standby, read_only = _server_state(connection)
+    _wire_of(connection).kind = _kind(standby, read_only)
+    return _suits(wanted, standby, read_only)
+
+
+def _server(connection) -> str:
+    """The server a connection reached, and what it was: "host:port, a primary"."""
+    wire = _wire_of(connection)
+    return f"{wire.where}, {wire.kind}" if wire is not None else "the database server"
+
+
+def _check_server(connection) -> None:
+    """A server that no longer suits the target_session_attrs it was chosen for (it
+    turned read-only, or into a standby) is a lost server."""
+    wire = _wire_of(connection)
+    if wire is None or wire.keep_to is None:
+        return
+    statuses = connection.parameter_statuses
+    standby = statuses.get("in_hot_standby") == "on"
+    read_only = statuses.get("default_transaction_read_only") == "on"
+    if not _suits(wire.keep_to, standby, read_only):
+        raise _ConnectionLost(f"{wire.where} is {_kind(standby, read_only)} now "
+                              f"(target_session_attrs={wire.keep_to})")
+
+
+def _check_generation(config: Config, connection) -> Optional[str]:
+    """Why the connection's server is behind the newest generation of its cluster that
+    this process or its host has seen (an old primary back after a failover), or None.
+
+    A newer generation is remembered, and written down for the host by a process
+    that has a host id (a worker or a manager: not the ops commands).
     """
     import pg8000.dbapi
 
-    user = _pg_setting(config, "PGUSER") or _os_user()
-    database = _pg_setting(config, "PGDATABASE") or user
-    sslmode = _pg_setting(config, "PGSSLMODE") or "prefer"
-    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
-    timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
-    failures = []
-    for host, port in _targets(config):
-        where = f"socket {host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
-        password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
-        wire = None
+    wire, known = _wire_of(connection), _runtime.generations
+    state_dir = config.get("state_dir")
+    on_file = _read_generations(os.path.join(state_dir, GENERATION_FILE)) if state_dir else {}
+    try:
+        row = connection.execute_simple("SELECT system_identifier, timeline "
+                                        "FROM uniphant.server_generation()").rows[0]
+    except pg8000.dbapi.DatabaseError as e:
+        code, message = _sql_error(e)
+        if code == "42501":
+            message += f": {_GRANT_HINT}"
+        if code not in ("42883", "3F000"):
+            raise ConnectError(f"could not connect to PostgreSQL at {wire.where}: {message}",
+                               permanent=True) from None
+        if known or on_file:
+            return "it has no uniphant.server_generation() to tell how new it is: load schema.sql"
+        return None  # no uniphant schema: registering says so
+    system, timeline = row
+    if not (isinstance(system, int) and isinstance(timeline, int) and timeline >= 0):
+        return f"its uniphant.server_generation() answered {_shorten(str(row))}"
+    seen = max(known.get(system, 0), on_file.get(system, 0))
+    if timeline < seen:
+        what = "a standby behind a failover" if wire.kind == "a standby" else "an old primary"
+        return f"{what}: timeline {timeline}, but timeline {seen} of this cluster has been seen; fence it"
+    known[system] = timeline
+    if state_dir and config.get("host_id") and timeline > on_file.get(system, 0):
         try:
-            wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
-            connection = pg8000.dbapi.connect(
-                user=user, database=database, password=password, sock=wire,
-                ssl_context=False, application_name=config["process_id"])
-        except _Interrupted:
-            if wire is not None:
-                wire.close()
-            raise
-        except ConnectError as e:
-            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", e.permanent) from None
-        except Exception as e:
-            if password is None and _asks_for_password(e):
-                raise ConnectError(
-                    f"could not connect to PostgreSQL at {where}: the server asks for a password "
-                    f"and none is configured: set PGPASSWORD (in a secrets.conf, say) or add a "
-                    f"line for this server to {_pgpass_path(config) or 'a PGPASSFILE'}",
-                    permanent=True) from None
-            reason, permanent = _connect_failure(e, timeout)
-            if permanent:
-                raise ConnectError(f"could not connect to PostgreSQL at {where}: {reason}",
-                                   permanent=True) from None
-            failures.append(f"{where}: {reason}")
-            continue
-        wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
-        statuses = connection.parameter_statuses
-        wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
-        wire.pooled = config.get("pooler") == "transaction"
-        connection.autocommit = True
-        # pg8000 keeps the password, and what SCRAM derived from it, for logging in only.
-        connection.password = connection.auth = None
-        return connection
-    raise ConnectError("could not connect to PostgreSQL at " + "; ".join(failures))
+            _record_generation(config, system, timeline)
+        except OSError as e:  # a full disk, say: this process knows, and goes on
+            _warn(f"cannot record the server's generation in {GENERATION_FILE} ({e.strerror}): a process "
+                  f"started on this host later will not know to refuse an old primary")
+    return None
 
 
 def _asks_for_password(error: BaseException) -> bool:
@@ -1126,7 +1386,7 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
 
     It goes around pg8000's cursor, which would open a transaction if the worker
     function had switched autocommit off.  A refusal, a missing schema or any
-    other SQL error becomes a UniphantError.
+    other SQL error becomes a UniphantError; a server found read-only, _ConnectionLost.
     """
     import pg8000.dbapi
 
@@ -1143,6 +1403,8 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             context = connection.execute_unnamed(sql, params)
     except pg8000.dbapi.DatabaseError as e:
         code, message = _sql_error(e)
+        if code == "25006":  # read_only_sql_transaction: a standby, or a server made read-only
+            raise _ConnectionLost(f"{wire.where if wire else 'the server'} is read-only: {message}") from None
         if code in ("UN001", "UN003", "UN005"):
             raise AlreadyRunning.refused(e.args[0]) from None
         if code in ("UN004", "UN007", "22023"):
@@ -1151,8 +1413,7 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
         if code == "42501":
-            raise UniphantError(f"{message}: the database's owner gives a role its part with "
-                                f"uniphant.grant_role() (README, \"Database privileges\")") from None
+            raise UniphantError(f"{message}: {_GRANT_HINT}") from None
         raise UniphantError(f"database error {code}: {message}") from None
     return context.rows or []
 
@@ -1189,9 +1450,17 @@ def register_host(config: Config, connection) -> None:
 def _listen(config: Config, connection) -> None:
     """Listen for the deletion of this process's row, unless a transaction pooler
     is in the way (it would lose the LISTEN: the manager relays with SIGUSR1)."""
+    import pg8000.dbapi
+
     if config["pooler"] == "none":
-        # The channel is built from hex digits of our own process id: safe to format.
-        connection.execute_simple(f"LISTEN {_channel(config)}")
+        try:
+            # The channel is built from hex digits of our own process id: safe to format.
+            connection.execute_simple(f"LISTEN {_channel(config)}")
+        except pg8000.dbapi.DatabaseError as e:
+            code, message = _sql_error(e)
+            if code == "25006":  # a standby
+                raise _ConnectionLost(f"{_wire_of(connection).where} is read-only: {message}") from None
+            raise
 
 
 # How long a start waits for this host's previous process of the worker, and
@@ -1262,6 +1531,25 @@ def _disconnect_quietly(connection) -> None:
     except Exception:
         return  # the start's error says what went wrong; a row left is taken over
 
+
+def _connect_for(config: Config, first_write: Callable[[Any], None],
+                 leave: Callable[[Any], None] = _close_quietly):
+    """A connection on which first_write went through: a server that turns out read-only
+    only then (SQLSTATE 25006) is passed over like a standby, and the next host
+    tried; no host is tried twice.  leave: what to do with a connection given up."""
+    tried: Dict[Tuple[str, int], str] = {}
+    while True:
+        connection = _connect(config, tried)
+        target = _wire_of(connection).target
+        try:
+            first_write(connection)
+            return connection
+        except _ConnectionLost as e:
+            tried[target] = f"read-only at the first write ({e})"
+            leave(connection)
+        except BaseException:
+            leave(connection)
+            raise
 
 def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
     """Remove this process's row from a new session (with leave); whether it did.
@@ -1346,6 +1634,7 @@ class _Runtime:
         self.next_call = 0.0                     # when the worker function is due (time.monotonic)
         self.ending: Optional[_Ending] = None    # why the run ended, for the manager
         self.manager: Optional[_Manager] = None  # in a manager's process: its state (see manage)
+        self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
 
 
 _runtime = _Runtime()
@@ -1702,8 +1991,7 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         if not _lock_pid_file(config, pid_file):
             raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
         setup_logging(config)
-        connection = _connect(config)
-        _register(config, connection, worker_function)
+        connection = _connect_for(config, lambda c: _register(config, c, worker_function))
     except BaseException as e:
         _tell(ready_w, "error", _explain(e))
         return EXIT_FAILURE
@@ -1770,13 +2058,6 @@ class _WorkerExit(Exception):
         self.code = code
 
 
-class _ConnectionLost(Exception):
-    """The connection broke during a call of the worker function."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(_explain(error))
-
-
 def _heartbeat_period(config: Config) -> float:
     """Seconds between heartbeats: 0.35 of stale_after (21 s at the default 60), so
     the row never looks stale, a 200-worker fleet writes under 10 a second, and the
@@ -1820,6 +2101,7 @@ def _stop_reason(config: Config, connection) -> Optional[_Ending]:
     wire = _wire_of(connection)
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
+    _check_server(connection)
     now = time.monotonic()
     # A notification is a hint only: any role may NOTIFY any channel.
     hinted = _take_notifications(connection, _channel(config)) or lease.hinted
@@ -2063,7 +2345,11 @@ def _worker_failure(config: Config, connection, logger: logging.Logger, error: B
         (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.ending)
         return _WorkerExit(code)
     if _is_lost(connection):
-        return _ConnectionLost(error)
+        return _ConnectionLost(_explain(error))
+    try:
+        _check_server(connection)  # what it did failed because the server turned read-only
+    except _ConnectionLost as e:
+        return e
     logger.error("stopping: the worker function failed", exc_info=error)
     rt.ending = _Ending(_Ending.FAILED, _explain(error))  # the exception's last line, for the manager
     return _WorkerExit(EXIT_FAILURE)
@@ -2104,6 +2390,13 @@ def _is_lost(connection) -> bool:
     return False
 
 
+def _log_passed_over(logger: logging.Logger, connection) -> None:
+    """Log each old primary refused on the way to the connection's server."""
+    wire = _wire_of(connection)
+    for refusal in wire.passed_over if wire is not None else ():
+        logger.warning("refused %s", refusal)
+
+
 def _reconnect(config: Config, logger: logging.Logger, error: str):
     """A new connection with the same process id, or None if told to stop meanwhile.
 
@@ -2116,24 +2409,24 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
     lost_at, delay, seen = time.monotonic(), _BACKOFF_FIRST, set()
     while _local_stop_reason(config) is None:
         try:
-            connection = _connect(config)
+            connection = _connect_for(config, lambda c: _listen(config, c))
         except _Interrupted:
             continue  # the loop's condition sees the signal
         except ConnectError as e:
             if e.permanent:
                 raise
             failure = str(e)
+        except UniphantError:
+            raise
+        except Exception as e:
+            failure = _explain(e)
         else:
-            try:
-                _listen(config, connection)
-                _tolerate_any_notification(connection)
-            except Exception as e:
-                _close_quietly(connection)
-                failure = _explain(e)
-            else:
-                logger.info("database connection restored after %.1f s", time.monotonic() - lost_at)
-                _runtime.lease.next_heartbeat = 0.0  # ask at once whether the row survived the outage
-                return connection
+            _tolerate_any_notification(connection)
+            _log_passed_over(logger, connection)
+            logger.info("database connection restored after %.1f s: %s",
+                        time.monotonic() - lost_at, _server(connection))
+            _runtime.lease.next_heartbeat = 0.0  # ask at once whether the row survived the outage
+            return connection
         (logger.debug if failure in seen else logger.warning)("reconnecting: %s", failure)
         seen.add(failure)
         _wait(random.uniform(delay / 2, delay))
@@ -2160,8 +2453,10 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     rt.lease.watchdog = _Watchdog(config, logger)
     rt.lease.confirmed_at = time.monotonic()  # registering has just made the row
     rt.lease.next_heartbeat = rt.lease.confirmed_at + _heartbeat_period(config)
-    logger.info("worker %s started: process %s, PID %d, host %s, uniphant %s",
-                config["worker_id"], config["process_id"], os.getpid(), config["host_name"], __version__)
+    _log_passed_over(logger, connection)
+    logger.info("worker %s started: process %s, PID %d, host %s, uniphant %s, database %s",
+                config["worker_id"], config["process_id"], os.getpid(), config["host_name"],
+                __version__, _server(connection))
     if config["foreground"] and not hasattr(worker_function, "wakeup"):
         _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
     if connection.parameter_statuses.get("is_superuser") == "on":
@@ -2284,6 +2579,11 @@ def _note_leftover_threads(logger: logging.Logger) -> None:
 # How often the manager reads its plan when no notification comes: a lost
 # notification, or a host that died, costs at most this long to notice.
 _PLAN_EVERY = 5.0
+# How long a manager that has reconnected waits before it plans: the processes
+# that lost their sessions with it (a failover, a restart of the server) have
+# tried again within a backoff cap, and confirmed their rows, by then.  Until
+# then their rows may look dead, and a plan would start their workers elsewhere.
+_PLAN_AFTER_RECONNECT = _BACKOFF_CAP + 0.5
 # The channel the managers hear of changes to the fleet on (schema.sql: notify_fleet).
 _FLEET_CHANNEL = "uniphant_fleet"
 # How often a manager looks for files of workers gone from the desired state.
@@ -2436,7 +2736,9 @@ class _Manager:
     def step(self, connection) -> None:
         if connection is not self.connection:  # the first pass, or a new connection
             connection.execute_simple(f"LISTEN {_FLEET_CHANNEL}")
-            self.connection, self.next_plan = connection, 0.0  # it may have missed a notification
+            # A new session may have missed a notification: plan soon.
+            self.next_plan = time.monotonic() + _PLAN_AFTER_RECONNECT if self.connection else 0.0
+            self.connection = connection
         self._reap()
         if _take_notifications(connection, _FLEET_CHANNEL) or time.monotonic() >= self.next_plan:
             self._plan(connection)
@@ -3422,6 +3724,30 @@ _OPS_COMMANDS = {
 }
 
 
+def _reads_only(argv: List[str]) -> bool:
+    """Whether the ops command only reads, so that a standby will do: ps, but not
+    ps --watch, which listens (a standby cannot)."""
+    return argv[0] == "ps" and "--watch" not in argv
+
+
+def _ops_connect(prog: str, config: Config, reading: bool):
+    """The ops command's connection.  Unless PGTARGETSESSIONATTRS says otherwise, a
+    command that only reads takes any server when no writable one answers; it says
+    on stderr which server it read from."""
+    attrs = _pg_setting(config, "PGTARGETSESSIONATTRS")
+    connection = _connect_to(config, attrs or "read-write", fallback=reading and not attrs)
+    wire = _wire_of(connection)
+    for refusal in wire.passed_over:
+        print(f"{prog}: warning: refused {_printable(refusal)}", file=sys.stderr)
+    if reading and wire.kind == "a primary":
+        print(f"{prog}: read from {wire.where}, a primary", file=sys.stderr)
+    elif reading and wire.kind != "a primary":
+        fell_back = "" if attrs else "no writable server answered: "
+        print(f"{prog}: warning: {fell_back}read from {wire.where}, {wire.kind}: "
+              f"what it shows may be stale", file=sys.stderr)
+    return connection
+
+
 def _ops_main(argv: List[str]) -> None:
     """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
     prog = "uniphant.py"
@@ -3442,7 +3768,7 @@ def _ops_main(argv: List[str]) -> None:
         act = parse(argv[1:], config)  # a command done without the database gives its exit code
         if isinstance(act, int):
             sys.exit(act)
-        connection = connect_to_database(config)
+        connection = _ops_connect(prog, config, _reads_only(argv))
         try:
             code = act(connection)
         finally:
@@ -3621,13 +3947,12 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
     if here and not _lock_pid_file(config, pid_file):
         print(_already_running(config, get_pid_for_running_process(pid_file)), file=sys.stderr)
         return EXIT_FAILURE
-    connection = _connect(config)
+    connection = _connect_for(config, lambda c: register_host(config, c))
     # What exists now, pg8000's many modules above all, lives until exit: kept
     # out of the collector's way, it makes every collection, and the exit of
     # this process and of the daemon, some 30 ms cheaper.
     gc.freeze()
     try:
-        register_host(config, connection)
         if not here:
             return start_daemon(config, connection, worker_function, pid_file)
         setup_logging(config)

