@@ -1205,7 +1205,9 @@ END
 $$;
 
 -- What each part may use: the one list of privileges.  A manager is a worker
--- too; every part connects, and asks the server's generation as it does.
+-- too; every part connects, and asks the server's generation as it does.  An
+-- operator reads every host and every manager that ever registered, so that a
+-- manager that is down shows as such (README, "Seeing the fleet").
 CREATE OR REPLACE FUNCTION uniphant.privileges_of(kind text) RETURNS text[]
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT array_agg(p.privilege ORDER BY p.n) FROM (VALUES
@@ -1238,7 +1240,9 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (24, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
         (25, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
         (26, 'operator', 'SELECT ON uniphant.fleet'),
-        (27, 'operator', 'SELECT ON uniphant.worker_events')) AS p (n, part, privilege)
+        (27, 'operator', 'SELECT ON uniphant.worker_events'),
+        (28, 'operator', 'SELECT ON uniphant.managers'),
+        (29, 'operator', 'SELECT ON uniphant.hosts')) AS p (n, part, privilege)
     WHERE p.part IN (kind, 'every') OR (kind = 'manager' AND p.part = 'worker');
 $$;
 

@@ -199,6 +199,29 @@ def privileges(block: str, tmp_path, db) -> None:
         assert 'readme_block("Database privileges", "sql")' in f.read()
 
 
+def page_as_typed(block: str, tmp_path, db) -> None:
+    """test_seeing_the_fleet.py runs the page's SQL and commands as typed, in its layout."""
+    with open(os.path.join(REPO, "test_seeing_the_fleet.py"), encoding="utf-8") as f:
+        tests = f.read()
+    assert 'readme_block("Seeing the fleet", "sql")' in tests and 'readme_block("Seeing the fleet", "sh")' in tests
+    for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
+        assert os.path.basename(name) in tests, f"test_seeing_the_fleet.py does not build {name}"
+
+
+def prometheus(block: str, tmp_path, db) -> None:
+    """The scrape config and the alert rules: the page's address, and metrics it exports."""
+    with open(os.path.join(REPO, "workers", "uniphant", "web.py"), encoding="utf-8") as f:
+        web = f.read()
+    if "scrape_configs:" in block:
+        default = re.search(r'DEFAULT_LISTEN = "(.*)"', web).group(1)
+        assert f'targets: ["{default}"]' in block
+        return
+    exported = set(re.findall(r'out\.family\("(\w+)"', web))
+    named = set(re.findall(r"\buniphant_\w+", block))
+    assert named and named <= exported, named - exported
+    assert block.count("- alert:") == block.count("expr:") == block.count("for:") == 3
+
+
 def benchmarks(block: str, tmp_path, db) -> None:
     """The benchmarks take minutes: each script named is there and says how it runs."""
     for command in block.splitlines():
@@ -236,6 +259,11 @@ RULES: List[Tuple[str, str, str, Callable]] = [
     ("The fleet: desired state in SQL, a manager per host", "sql", "uniphant.add_worker", sql),
     ("The fleet: desired state in SQL, a manager per host", "sh", "python uniphant.py ps", manager_and_ops),
     ("Changing the fleet", "sh", "--rolling", rolling_deploy),
+    ("Running the page", "sql", "grant_role('app_page'", page_as_typed),
+    ("Running the page", "text", "web.uniphant.conf", page_as_typed),
+    ("Running the page", "sh", "add uniphant.web", page_as_typed),
+    ("Metrics and alerts", "yaml", "scrape_configs:", prometheus),
+    ("Metrics and alerts", "yaml", "- alert:", prometheus),
     ("PostgreSQL high availability", "", "could not connect to PostgreSQL at", runtime_words),
     ("PostgreSQL high availability", "", "database connection restored after", runtime_words),
     ("PostgreSQL high availability", "", "no writable server answered", runtime_words),
