@@ -114,12 +114,13 @@ def _connector(env: Dict[str, str], database: str) -> Callable[..., object]:
         port = int(env.get("PGPORT") or 5432)
         where = ({"unix_sock": f"{host}/.s.PGSQL.{port}"} if host.startswith("/")
                  else {"host": host, "port": port})
-        # The tests name uniphant's objects as a user who set search_path would.
-        params = dict(user=env["PGUSER"], password=env.get("PGPASSWORD") or None,
-                      database=database, startup_params={"search_path": "public, uniphant"}, **where)
+        params = dict(user=env["PGUSER"], password=env.get("PGPASSWORD") or None, database=database, **where)
         params.update(kwargs)
         conn = pg8000.dbapi.connect(**params)
         conn.autocommit = True
+        # The tests name uniphant's objects as a user who set search_path would
+        # (pg8000 takes startup parameters only from 1.31.3).
+        conn.execute_simple("SET search_path = public, uniphant")
         return conn
     return connect
 

@@ -327,7 +327,7 @@ def test_a_role_that_may_create_in_public_gains_nothing_through_our_functions(cl
             database.rows("SELECT uniphant.grant_role(%s, %s)", mallory, kind)
         as_mallory = lambda process_id: database.connect(  # noqa: E731
             user=mallory, password=password, host="127.0.0.1", port=int(database.env["PGPORT"]), unix_sock=None,
-            application_name=process_id, startup_params={"search_path": "public, uniphant"})
+            application_name=process_id)
         planter = as_mallory("planter")
         planter.execute_simple(HIJACKS)
         planter.close()

@@ -465,10 +465,12 @@ class Server:
         import pg8000.dbapi
 
         kwargs.setdefault("user", SUPERUSER)
-        kwargs.setdefault("startup_params", {"search_path": "public, uniphant"})
         conn = pg8000.dbapi.connect(
             database=database, unix_sock=f"{self.dir}/.s.PGSQL.{self.port}", **kwargs)
         conn.autocommit = True
+        # uniphant's objects by their names, as for a user who set search_path
+        # (pg8000 takes startup parameters only from 1.31.3).
+        conn.execute_simple("SET search_path = public, uniphant")
         return conn
 
     def value(self, sql: str, *params, database: str = SUPERUSER):
