@@ -48,10 +48,10 @@ def vendored(tmp_path, db) -> Project:
     shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
     project.write("uniphant.conf", f"PGHOST=127.0.0.1\nPGPORT={db.env['PGPORT']}\n"
                                    f"PGDATABASE={db.env['PGDATABASE']}\n")
-    project.write("workers/uniphant/uniphant.conf", "PGUSER=app_manager\n")
+    project.write("workers/uniphant/manager.uniphant.conf", "PGUSER=app_manager\n")
     project.write("workers/app/uniphant.conf", "PGUSER=app_worker\n")
     project.write("workers/app/hello.py", HELLO)
-    project.write(".uniphant/secrets/workers/uniphant/secrets.conf", "PGPASSWORD=manager-secret\n",
+    project.write(".uniphant/secrets/workers/uniphant/manager.secrets.conf", "PGPASSWORD=manager-secret\n",
                   mode=0o600, base=project.home)
     project.write(".uniphant/secrets/workers/app/secrets.conf", "PGPASSWORD=worker-secret\n",
                   mode=0o600, base=project.home)
