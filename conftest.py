@@ -27,6 +27,14 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
 
+# A test session started in the background by a shell without job control
+# inherits SIGINT and SIGQUIT ignored, and so would every program it starts:
+# the tests of what Ctrl-C does need the programs to get them as a terminal
+# gives them.  (A caught signal is reset to its default in a child.)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
 PROBE = '''\
 """A worker whose behaviour its config key `mode` picks."""
 import os, sys, time

@@ -1469,13 +1469,15 @@ _SESSION_END_WAIT = 2.0
 
 
 def register_process(config: Config, connection) -> None:
-    """Register this process for its worker, then listen for the deletion of its row.
+    """Listen for the deletion of this process's row, then register the process for
+    its worker (in that order: a deletion right after the registration is heard).
 
     A row of this host's previous process is taken over once the kernel says
     that PID does not run the worker here, that is has not its PID file open
     (the database cannot look: it asks, UN003).  Raises UniphantError
     naming the running process (AlreadyRunning) when another one runs the worker.
     """
+    _listen(config, connection)
     deadline, gone_pid = time.monotonic() + _SESSION_END_WAIT, None
     while True:
         try:
@@ -1492,7 +1494,6 @@ def register_process(config: Config, connection) -> None:
                 gone_pid = holder
                 continue  # ask again at once, now that we have looked
         time.sleep(0.02)
-    _listen(config, connection)
 
 
 def keepalive(connection) -> bool:
