@@ -32,7 +32,7 @@ import time
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet import IDLE, PYTHON, REPO, BenchError, _end_processes_in, _wait_until  # noqa: E402
+from fleet import IDLE, PYTHON, REPO, BenchError, _end_processes_in, _fleet_root, _wait_until  # noqa: E402
 
 import pgserver  # noqa: E402  (dev/, on the path through fleet)
 
@@ -52,12 +52,7 @@ class Fleet:
         server.create_database(name)
         self.db = server.connect(name)
         for root in self.roots:
-            os.makedirs(os.path.join(root, "workers", "bench"))
-            os.makedirs(os.path.join(root, "workers", "uniphant"))
-            shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"),
-                        os.path.join(root, "workers", "uniphant"))
-            with open(os.path.join(root, "workers", "bench", "idle.py"), "w") as f:
-                f.write(IDLE)
+            _fleet_root(root, {"workers/bench/idle.py": IDLE})
             self.manager(root, "start")
 
     def manager(self, root: str, command: str) -> float:

@@ -76,7 +76,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
-from fleet import BenchError, _end_processes_in, _processes_in, _revision  # noqa: E402
+from fleet import BenchError, _end_processes_in, _fleet_root, _processes_in, _revision  # noqa: E402
 
 import uniphant  # noqa: E402  (dev/setup makes this tree's copy importable)
 
@@ -495,13 +495,7 @@ class Soak:
             "workers/chaos/uniphant.conf": f"interval = {WORKER_INTERVAL:g}\n",
             "workers/chaos/worker.py": WORKER,
         }
-        for relative, text in files.items():
-            path = os.path.join(root, relative)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
-        shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"),
-                    os.path.join(root, "workers", "uniphant"))
+        _fleet_root(root, files)
 
     def _wait(self, condition: Callable[[], Any], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

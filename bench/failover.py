@@ -56,7 +56,7 @@ from typing import Any, Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
-from fleet import BenchError, _end_processes_in, _revision, _wait_until  # noqa: E402  (bench/ is on the path)
+from fleet import BenchError, _end_processes_in, _fleet_root, _revision, _wait_until  # noqa: E402  (bench/ is on the path)
 from lifecycle import IDLE  # noqa: E402
 
 PYTHON = sys.executable
@@ -116,14 +116,8 @@ class Run:
                         PGPORT=f"{self.primary.port},{self.standby.port}", PGUSER=pgserver.SUPERUSER,
                         PGDATABASE="uniphant", PYTHONPATH=REPO, HOME=self.dir)
         for root, manager in zip(self.roots, self.managers):
-            os.makedirs(os.path.join(root, "workers", "uniphant"))
-            os.makedirs(os.path.join(root, "workers", "bench"))
-            shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"),
-                        os.path.join(root, "workers", "uniphant"))
-            with open(os.path.join(root, "workers", "bench", "idle.py"), "w") as f:
-                f.write(IDLE)
-            with open(os.path.join(root, "uniphant.conf"), "w") as f:
-                f.write("log_level=DEBUG\n")  # each failed attempt to reconnect, one line
+            # log_level=DEBUG: each failed attempt to reconnect, one line
+            _fleet_root(root, {"workers/bench/idle.py": IDLE, "uniphant.conf": "log_level=DEBUG\n"})
             start = subprocess.run([PYTHON, "workers/uniphant/manager.py", manager, "start"], cwd=root,
                                    env=self.env, capture_output=True, text=True, timeout=60)
             if start.returncode:

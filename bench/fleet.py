@@ -346,6 +346,18 @@ def _processes_in(directory: str) -> List[Tuple[int, str]]:
     return found
 
 
+def _fleet_root(root: str, files: Dict[str, str]) -> None:
+    """A project root for a benchmark's fleet: files (its path below root: its text),
+    and the manager's script."""
+    for relative, text in files.items():
+        path = os.path.join(root, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    os.makedirs(os.path.join(root, "workers", "uniphant"), exist_ok=True)
+    shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), os.path.join(root, "workers", "uniphant"))
+
+
 def _end_processes_in(directory: str) -> int:
     """End everything this benchmark started below directory: the managers first
     (SIGTERM: they stop their workers), then SIGKILL to whatever is left.
@@ -449,16 +461,11 @@ class Run:
         self.db.execute_simple(STAMPS)
         self.backend = self.value("SELECT pg_backend_pid()")
         for i, root in enumerate(self.roots):
-            os.makedirs(os.path.join(root, "workers", "uniphant"))
-            os.makedirs(os.path.join(root, "workers", "bench"))
-            shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"),
-                        os.path.join(root, "workers", "uniphant"))
-            for name, text in (("idle", IDLE), ("crash", CRASH)):
-                with open(os.path.join(root, "workers", "bench", f"{name}.py"), "w") as f:
-                    f.write(text)
+            files = {"workers/bench/idle.py": IDLE, "workers/bench/crash.py": CRASH}
             if i == 0:  # the crash loop's manager: a short backoff cap
-                with open(os.path.join(root, "workers", "uniphant", "uniphant.conf"), "w") as f:
-                    f.write(f"restart_delay={RESTART_DELAY:g}\nrestart_delay_max={self.args.crash_cap:g}\n")
+                files["workers/uniphant/uniphant.conf"] = (f"restart_delay={RESTART_DELAY:g}\n"
+                                                           f"restart_delay_max={self.args.crash_cap:g}\n")
+            _fleet_root(root, files)
         self.managers = [str(uuid.uuid4()) for _ in self.roots]
         starts = [subprocess.Popen([PYTHON, "workers/uniphant/manager.py", manager, "start"], cwd=root,
                                    env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
