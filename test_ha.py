@@ -514,15 +514,6 @@ def test_a_full_disk_does_not_keep_a_process_from_its_server(db, tmp_path, monke
     assert not (tmp_path / ".server_generation").exists()
 
 
-def test_a_damaged_generation_file_is_a_clear_error(project, db, worker_id):
-    project.write(".server_generation", "7713841890006118157 2\nnot a generation\n")
-    result = project.run(worker_id, "start")
-    assert_clean_error(result, 1, f"{project.path('.server_generation')}:2: expected a cluster's system "
-                                  "identifier and timeline; remove the file if it is damaged")
-    assert db.process(worker_id) is None
-    assert project.run(worker_id, "status").returncode == 3  # status reads no such file
-
-
 def test_every_part_may_read_the_server_generation(db):
     roles = [f"g_{uuid.uuid4().hex[:8]}" for _ in range(4)]
     try:

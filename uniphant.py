@@ -631,18 +631,21 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
 GENERATION_FILE = ".server_generation"
 
 
-def _read_generations(path: str) -> Dict[int, int]:
-    """{system identifier: newest timeline} from path; {} if there is no file."""
+def _read_generations(path: str) -> Tuple[Dict[int, int], Optional[str]]:
+    """{system identifier: newest timeline} from path ({} if there is no file), and
+    what is wrong with the file, if anything: the lines that are sound count."""
     try:
         fd = _open_own_file(path, os.O_RDONLY)
     except FileNotFoundError:
-        return {}
+        return {}, None
+    except UniphantError as e:  # a symlink, a FIFO, a directory in its place
+        return {}, str(e)
     try:
         with os.fdopen(fd, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise UniphantError(f"cannot read {path}: {e.strerror}") from None
-    generations = {}
+        return {}, f"cannot read {path}: {e.strerror}"
+    generations, problem = {}, None
     for number, line in enumerate(data.split(b"\n"), 1):
         fields = line.split()
         if not fields:
@@ -650,25 +653,78 @@ def _read_generations(path: str) -> Dict[int, int]:
         # A system identifier is a bigint, which may be negative.
         numbers = (fields[0].lstrip(b"-"), fields[-1])
         if len(fields) != 2 or not all(f.isdigit() and len(f) <= 20 for f in numbers):
-            raise UniphantError(f"{path}:{number}: expected a cluster's system identifier and "
-                                f"timeline; remove the file if it is damaged (this host then forgets "
-                                f"which primaries it has seen superseded)")
-        generations[int(fields[0])] = int(fields[1])
-    return generations
+            problem = problem or f"{path}:{number}: expected a cluster's system identifier and timeline"
+            continue
+        generations[int(fields[0])] = max(int(fields[1]), generations.get(int(fields[0]), 0))
+    return generations, problem
 
 
-def _record_generation(config: Config, system: int, timeline: int) -> None:
-    """Make timeline the newest of cluster system in the host's generation file,
-    unless a newer one is there already."""
+def _record_generation(config: Config, generations: Dict[int, int]) -> None:
+    """Make the host's generation file hold at least generations, newest of each
+    cluster, keeping its newer ones; a damaged file is written anew."""
     path = os.path.join(config["state_dir"], GENERATION_FILE)
     fd = _host_lock(config["lock_file"])
     try:
-        generations = _read_generations(path)
-        if generations.get(system, -1) < timeline:
-            generations[system] = timeline
-            _write_atomically(path, "".join(f"{s} {t}\n" for s, t in sorted(generations.items())))
+        on_file, problem = _read_generations(path)
+        newest = dict(on_file)
+        for system, timeline in generations.items():
+            newest[system] = max(timeline, newest.get(system, 0))
+        if problem or newest != on_file:
+            _write_atomically(path, "".join(f"{s} {t}\n" for s, t in sorted(newest.items())))
     finally:
         os.close(fd)
+
+
+def _keep_generation_file(config: Config) -> None:
+    """At a heartbeat: write the generations this process has seen back into the
+    host's file if it has gone, been damaged, or lost them, so that a process
+    started later knows them.  One lstat() while the file is as last seen."""
+    state_dir = config.get("state_dir")
+    if not (state_dir and config.get("host_id") and _runtime.generations):
+        return
+    path = os.path.join(state_dir, GENERATION_FILE)
+    if _file_identity(path) == _runtime.generation_file:
+        return
+    on_file, problem = _read_generations(path)
+    _remember_generations(on_file, problem)
+    _write_back_generations(config, on_file, problem)
+    _runtime.generation_file = _file_identity(path)
+
+
+def _file_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """(inode, modification time, size) of path itself, None if there is none:
+    a file replaced or written since differs."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+def _remember_generations(on_file: Dict[int, int], problem: Optional[str]) -> None:
+    """Add what the host's file holds to what this process remembers (which a
+    damaged or missing file never takes away); warn of a damaged one."""
+    if problem:
+        _warn(f"{problem}: it is ignored, and the newest generations this host's processes "
+              f"have seen are written back")
+    known = _runtime.generations
+    for system, timeline in on_file.items():
+        known[system] = max(timeline, known.get(system, 0))
+
+
+def _write_back_generations(config: Config, on_file: Dict[int, int], problem: Optional[str]) -> None:
+    """Record what this process remembers in the host's file where the file (as read:
+    on_file, problem) is damaged or behind it; only a process with a host id does."""
+    known = _runtime.generations
+    if not (config.get("state_dir") and config.get("host_id")):
+        return
+    if not problem and all(on_file.get(s, -1) >= t for s, t in known.items()):
+        return
+    try:
+        _record_generation(config, known)
+    except OSError as e:  # a full disk, a directory in its place: this process knows, and goes on
+        _warn(f"cannot record the server's generation in {GENERATION_FILE} ({e.strerror}): a process "
+              f"started on this host later will not know to refuse an old primary")
 
 
 # ---------------------------------------------------------------------------
@@ -1255,7 +1311,8 @@ def _check_generation(config: Config, connection) -> Optional[str]:
 
     wire, known = _wire_of(connection), _runtime.generations
     state_dir = config.get("state_dir")
-    on_file = _read_generations(os.path.join(state_dir, GENERATION_FILE)) if state_dir else {}
+    on_file, problem = _read_generations(os.path.join(state_dir, GENERATION_FILE)) if state_dir else ({}, None)
+    _remember_generations(on_file, problem)
     try:
         row = connection.execute_simple("SELECT system_identifier, timeline "
                                         "FROM uniphant.server_generation()").rows[0]
@@ -1266,23 +1323,18 @@ def _check_generation(config: Config, connection) -> Optional[str]:
         if code not in ("42883", "3F000"):
             raise ConnectError(f"could not connect to PostgreSQL at {wire.where}: {message}",
                                permanent=True) from None
-        if known or on_file:
+        if known:
             return "it has no uniphant.server_generation() to tell how new it is: load schema.sql"
         return None  # no uniphant schema: registering says so
     system, timeline = row
     if not (isinstance(system, int) and isinstance(timeline, int) and timeline >= 0):
         return f"its uniphant.server_generation() answered {_shorten(str(row))}"
-    seen = max(known.get(system, 0), on_file.get(system, 0))
+    seen = known.get(system, 0)
     if timeline < seen:
         what = "a standby behind a failover" if wire.kind == "a standby" else "an old primary"
         return f"{what}: timeline {timeline}, but timeline {seen} of this cluster has been seen; fence it"
     known[system] = timeline
-    if state_dir and config.get("host_id") and timeline > on_file.get(system, 0):
-        try:
-            _record_generation(config, system, timeline)
-        except OSError as e:  # a full disk, say: this process knows, and goes on
-            _warn(f"cannot record the server's generation in {GENERATION_FILE} ({e.strerror}): a process "
-                  f"started on this host later will not know to refuse an old primary")
+    _write_back_generations(config, on_file, problem)
     return None
 
 
@@ -1619,7 +1671,8 @@ class _Runtime:
     """What one uniphant process knows while it runs.
 
     One instance per process: a worker that the manager forks starts with a
-    fresh one, so nothing of its parent's run carries over.
+    fresh one, so nothing of its parent's run carries over but the server
+    generations it has seen (a host's file of them may be gone or damaged).
     """
 
     def __init__(self) -> None:
@@ -1636,6 +1689,7 @@ class _Runtime:
         self.ending: Optional[_Ending] = None    # why the run ended, for the manager
         self.manager: Optional[_Manager] = None  # in a manager's process: its state (see manage)
         self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
+        self.generation_file: Optional[Tuple[int, int, int]] = None  # _file_identity() as last kept
 
 
 _runtime = _Runtime()
@@ -2117,6 +2171,7 @@ def _stop_reason(config: Config, connection) -> Optional[_Ending]:
                                   "row is still there: not a stop")
         lease.confirmed_at = now
         lease.next_heartbeat = now + _heartbeat_period(config)
+        _keep_generation_file(config)
     return None
 
 
@@ -3220,8 +3275,10 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: Dict[s
         # still reach (the one it was given, and the run loop's own).
         _runtime.manager.config.clear()
         _runtime.config.clear()
+        generations = _runtime.generations
         _runtime = _Runtime()
         _runtime.managed, _runtime.report_fd, _runtime.settings = True, report_fd, settings
+        _runtime.generations = generations
         sys.argv = [script, worker_id, "start"]
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -3672,27 +3729,77 @@ def _ops_logs(args: List[str], config: Config) -> Any:
 
 def _print_logs(paths: List[str], count: int, follow: bool) -> None:
     """The last count lines of each log file, named when there are more than one;
-    then, following, what is written to them, also once rotated or made anew."""
+    then, following, what is written to them, also once rotated or made anew.
+    Each is opened as the page opens it: never through a symlink, and only if it
+    is a regular file (a FIFO put in its place is refused, not waited on)."""
     named = len(paths) > 1
-    watched = {}  # path -> (device, inode, position)
+    watched = {path: (0, 0, 0) for path in paths}  # path -> (device, inode, position)
     for path in paths:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()[-count:] if count else []
-            watched[path] = (*_identity(f.fileno()), f.tell())
-        _print_lines(path, lines, named)
+        fd = _open_log(path)
+        if fd is None:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            _print_lines(path, _last_lines(fd, size, count), named)
+            watched[path] = (*_identity(fd), size)
+        finally:
+            os.close(fd)
     while follow:
         time.sleep(0.2)
         for path, (device, inode, position) in list(watched.items()):
-            try:
-                with open(path, "rb") as f:
-                    now = _identity(f.fileno())
-                    if now != (device, inode) or os.fstat(f.fileno()).st_size < position:
-                        position = 0  # rotated away, or made anew: the new file from its start
-                    f.seek(position)
-                    _print_lines(path, f.read().decode("utf-8", "replace").splitlines(), named)
-                    watched[path] = (*now, f.tell())
-            except FileNotFoundError:
+            fd = _open_log(path)
+            if fd is None:
                 continue  # rotated away, not yet made anew
+            try:
+                now = _identity(fd)
+                if now != (device, inode) or os.fstat(fd).st_size < position:
+                    position = 0  # rotated away, or made anew: the new file from its start
+                watched[path] = (*now, _print_from(fd, position, path, named))
+            finally:
+                os.close(fd)
+
+
+# How much of a log `logs` reads at a time: it never holds a whole log.
+_LOG_BLOCK = 1 << 16
+
+
+def _open_log(path: str) -> Optional[int]:
+    """A log file opened to read (_open_own_file), or None if there is none."""
+    try:
+        return _open_own_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _last_lines(fd: int, size: int, count: int) -> List[str]:
+    """The last count lines of fd's first size bytes, read backwards a block at a
+    time until they are in."""
+    blocks: List[bytes] = []
+    newlines, start = 0, size
+    # count + 1 newlines: the first block read may begin in the middle of a line.
+    while count and start > 0 and newlines <= count:
+        step = min(_LOG_BLOCK, start)
+        start -= step
+        blocks.append(os.pread(fd, step, start))
+        newlines += blocks[-1].count(b"\n")
+    lines = b"".join(reversed(blocks)).decode("utf-8", "replace").splitlines()
+    return lines[-count:] if count else []
+
+
+def _print_from(fd: int, position: int, path: str, named: bool) -> int:
+    """Print fd's lines from position on, a block at a time; the position after them."""
+    rest = b""
+    while True:
+        block = os.pread(fd, _LOG_BLOCK, position)
+        position += len(block)
+        data = rest + block
+        cut = data.rfind(b"\n") + 1
+        if not block or (not cut and len(data) > _LOG_BLOCK):
+            cut = len(data)  # the end for now, or a line longer than a block: what there is
+        _print_lines(path, data[:cut].decode("utf-8", "replace").splitlines(), named)
+        rest = data[cut:]
+        if not block:
+            return position
 
 
 def _identity(fd: int) -> Tuple[int, int]:
