@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO, host_of, read_until, running, start_daemon, wait_for, with_manager
 from test_ha import projects  # noqa: F401  (a fixture)
-from test_ha import MANAGER_STALE_AFTER, assert_one_copy_at_a_time, at_work, live_sessions, own_pair, pid_of, rows, value
+from test_ha import (MANAGER_STALE_AFTER, assert_one_copy_at_a_time, at_work, live_sessions, own_pair, pid_of, rows,
+                     value)
 
 
 def contents(path: str):
@@ -151,8 +152,10 @@ def test_logs_reads_the_last_lines_of_a_large_log_in_bounded_memory(project):
         f.write(b"the one before last\nthe last line\n")
     # The peak of the process's own memory, read as it ends (its rusage would count
     # what it shared with this process when forked).
-    measured = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-                "finally:\n    print(*[l for l in open('/proc/self/status') if l.startswith('VmHWM:')], file=sys.stderr)")
+    measured = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"
+                "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                "finally:\n"
+                "    print(*[l for l in open('/proc/self/status') if l.startswith('VmHWM:')], file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", measured, os.path.join(REPO, "uniphant.py"), "logs", worker,
                              "-n", "2"], cwd=project.root, env=project.env, capture_output=True, timeout=60)
     assert result.returncode == 0 and result.stdout == b"the one before last\nthe last line\n", result
