@@ -22,7 +22,8 @@
 --   UN005  a manager already runs on this host (DETAIL: its PID)
 --   UN006  the session is not the registered process or manager it must be
 --   UN007  the host belongs to another manager role
---   22023  a bad argument (a staleness, a count, a state, a worker type)
+--   22023  a bad argument (a staleness, a count, a state, a worker type, a
+--          desired worker's settings: setting_problem)
 
 BEGIN;
 SET LOCAL search_path = pg_catalog, pg_temp;
@@ -123,30 +124,98 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
            END;
 $$;
 
+-- What is wrong with one of a desired worker's settings, or NULL.  Settings
+-- describe what a worker does, never where or as whom it connects, nor which
+-- process is which (README, "Trust model"): refused are the keys uniphant
+-- sets itself (the reserved keys), every libpq connection key and every PG*
+-- environment name (in any case), `pooler`, and anything that looks like a
+-- credential, in its key or as a URI's password, which every operator could
+-- read here (they belong in a secrets.conf).  A runtime key's value must be
+-- one its config files would take; a number is at most 30 characters and
+-- below 1e15, so that every reader decodes it.  A message names the key,
+-- never the value.  uniphant.py refuses the same keys again when a worker
+-- starts (_desired_key_problem), for a row that never passed this check.
+CREATE OR REPLACE FUNCTION uniphant.setting_problem(key text, value jsonb) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    named text := format('%L', left(key, 100));
+    text_value text := value #>> '{}';
+    rule record;
+BEGIN
+    IF key !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,99}$' THEN
+        RETURN named || ' is not a key (letters, digits, _ . and -, up to 100)';
+    ELSIF key IN ('root_dir', 'script_dir', 'worker_type', 'lock_file', 'host_id_file', 'host_id', 'process_id',
+                  'host_name', 'foreground', 'worker_id', 'parent_pid', 'state_dir') THEN
+        RETURN named || ' is reserved: uniphant sets it';
+    ELSIF key ~* '^pg' OR lower(key) IN (
+            'host', 'hostaddr', 'port', 'dbname', 'user', 'password', 'passfile', 'require_auth',
+            'channel_binding', 'connect_timeout', 'client_encoding', 'options', 'application_name',
+            'fallback_application_name', 'keepalives', 'keepalives_idle', 'keepalives_interval',
+            'keepalives_count', 'tcp_user_timeout', 'replication', 'gssencmode', 'sslmode', 'requiressl',
+            'sslnegotiation', 'sslcompression', 'sslcert', 'sslkey', 'sslpassword', 'sslcertmode', 'sslrootcert',
+            'sslcrl', 'sslcrldir', 'sslsni', 'requirepeer', 'ssl_min_protocol_version', 'ssl_max_protocol_version',
+            'min_protocol_version', 'max_protocol_version', 'krbsrvname', 'gsslib', 'gssdelegation', 'service',
+            'target_session_attrs', 'load_balance_hosts', 'pooler') THEN
+        RETURN named || ' says where or as whom the worker connects, which only its config files say';
+    ELSIF key ~* '(password|passwd|passphrase|secret|token|passfile|credential|private|auth|cert|dsn|'
+                 '(^|[_.-])(api|access|signing|encryption)?keys?($|[_.-]))' THEN
+        RETURN named || ' looks like a credential, which every operator could read here: put it in a secrets.conf';
+    ELSIF jsonb_typeof(value) NOT IN ('string', 'number', 'boolean') THEN
+        RETURN format('the value of %s must be a string, a number or a boolean', named);
+    ELSIF length(text_value) > 10000 THEN
+        RETURN format('the value of %s is longer than 10000 characters', named);
+    ELSIF jsonb_typeof(value) = 'string' AND (text_value ~* '^[a-z][a-z0-9+.-]*://[^/?#@]*:[^/?#@]*@'
+                                             OR text_value ~* '(^|[[:space:]])password[[:space:]]*=') THEN
+        RETURN format('the value of %s holds a password, which every operator could read here: '
+                      'put it in a secrets.conf', named);
+    END IF;
+    -- Each cast only once the text is known to take it: a plan may evaluate
+    -- both sides of an AND.
+    IF jsonb_typeof(value) = 'number' THEN
+        IF length(text_value) > 30 OR abs(text_value::numeric) >= 1e15 THEN
+            RETURN format('the value of %s must be a number below 1e15 of at most 30 characters', named);
+        END IF;
+    END IF;
+    IF key IN ('log_level', 'log_file', 'restart')
+       AND NOT (key = 'log_level' AND upper(text_value) IN ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+                OR key = 'log_file' AND lower(text_value) IN ('on', 'off')
+                OR key = 'restart' AND lower(text_value) IN ('always', 'on-failure')) THEN
+        RETURN format('bad value for %s: expected one of %s', key, CASE key
+            WHEN 'log_level' THEN 'DEBUG, INFO, WARNING, ERROR, CRITICAL'
+            WHEN 'log_file' THEN 'on, off' ELSE 'always, on-failure' END);
+    END IF;
+    -- The runtime's numbers, as uniphant.py's _RUNTIME_KEYS check them: plain
+    -- decimals (no sign, exponent or spaces) from minimum (exclusive if above) to maximum.
+    SELECT * INTO rule FROM (VALUES
+        ('interval', 0, false, 86400, 'seconds'), ('stop_timeout', 0, true, 86400, 'seconds'),
+        ('stale_after', 3, false, 86400, 'seconds'), ('restart_delay', 0, true, 86400, 'seconds'),
+        ('restart_delay_max', 0, true, 86400, 'seconds'), ('restart_reset_after', 0, false, 86400, 'seconds'),
+        ('start_timeout', 1, false, 86400, 'seconds'), ('starts_per_second', 0, true, 1000, 'starts a second'),
+        ('file_retention', 0, false, 366 * 86400, 'seconds')) AS r (name, minimum, above, maximum, unit)
+    WHERE r.name = key;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF text_value ~ '^([0-9]+\.?[0-9]*|\.[0-9]+)$' THEN
+        IF (text_value::numeric > rule.minimum OR NOT rule.above AND text_value::numeric = rule.minimum)
+           AND text_value::numeric <= rule.maximum THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    RETURN format('bad value for %s: expected a number of %s %s %s and <= %s', key, rule.unit,
+                  CASE WHEN rule.above THEN '>' ELSE '>=' END, rule.minimum, rule.maximum);
+END
+$$;
+
 -- What is wrong with a desired worker's settings, or NULL: a JSON object of at
--- most 100 keys (like a config file's), each to a string, number or boolean of
--- at most 10000 characters.  Credentials never go here, where every operator
--- reads them: they belong in a secrets.conf.
+-- most 100 keys (like a config file's), each as setting_problem allows.
 CREATE OR REPLACE FUNCTION uniphant.settings_problem(settings jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
         WHEN settings IS NULL OR jsonb_typeof(settings) <> 'object' THEN 'settings must be a JSON object'
         WHEN (SELECT count(*) FROM jsonb_object_keys(settings)) > 100 THEN 'at most 100 settings'
-        ELSE (SELECT CASE
-                  WHEN e.key !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,99}$' THEN
-                      format('%L is not a key (letters, digits, _ . and -, up to 100)', e.key)
-                  WHEN e.key ~* '(password|secret|token|passfile)' THEN
-                      format('%L looks like a credential, which every operator could read here: '
-                             'put it in a secrets.conf', e.key)
-                  WHEN jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean') THEN
-                      format('the value of %L must be a string, a number or a boolean', e.key)
-                  ELSE format('the value of %L is longer than 10000 characters', e.key)
-              END
-              FROM jsonb_each(settings) e
-              WHERE e.key !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,99}$' OR e.key ~* '(password|secret|token|passfile)'
-                 OR jsonb_typeof(e.value) NOT IN ('string', 'number', 'boolean')
-                 OR length(e.value #>> '{}') > 10000
-              LIMIT 1)
+        ELSE (SELECT p.problem FROM jsonb_each(settings) e, uniphant.setting_problem(e.key, e.value) p (problem)
+              WHERE p.problem IS NOT NULL ORDER BY e.key LIMIT 1)
     END;
 $$;
 
@@ -943,6 +1012,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     added uuid;
 BEGIN
+    PERFORM uniphant.check_worker_type(add_worker.worker_type);
     PERFORM uniphant.check_settings(add_worker.settings);
     INSERT INTO uniphant.workers (worker_type, host_id, settings)
     VALUES (add_worker.worker_type, add_worker.host_id, add_worker.settings)
@@ -959,6 +1029,22 @@ DECLARE
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION 'bad settings: %', problem USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Raises 22023 if worker_type is a manager's (uniphant.manager, or the type of
+-- any registered manager): a manager runs once per host of its own accord and
+-- never forks a copy of itself, which would read its configuration.
+CREATE OR REPLACE FUNCTION uniphant.check_worker_type(worker_type text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF worker_type = 'uniphant.manager' OR EXISTS (
+            SELECT 1 FROM uniphant.managers m JOIN uniphant.processes p ON p.id = m.process_id
+            WHERE p.worker_type = check_worker_type.worker_type) THEN
+        RAISE EXCEPTION 'worker type % is a manager''s, which runs once per host of its own accord: '
+                        'it is never a desired worker', format('%L', left(worker_type, 100))
+            USING ERRCODE = '22023';
     END IF;
 END
 $$;
@@ -1023,6 +1109,7 @@ BEGIN
     IF n IS NULL OR n < 0 OR n > 100000 THEN
         RAISE EXCEPTION 'n must be from 0 to 100000' USING ERRCODE = '22023';
     END IF;
+    PERFORM uniphant.check_worker_type(scale.worker_type) WHERE n > 0;  -- scaling one to 0 may remove it
     PERFORM pg_advisory_xact_lock(hashtext('uniphant.scale'));
     SELECT count(*) INTO now_there FROM uniphant.workers w
     WHERE w.worker_type = scale.worker_type AND w.host_id IS NOT DISTINCT FROM scale.host_id;

@@ -385,20 +385,76 @@ _DESIRED_SETTINGS = "the worker's settings in the desired state (workers.setting
 
 def _desired_entries(settings: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     """(where, key, value) of a desired worker's settings, as a config file's: the
-    same rules hold (a key a config file defines too is defined twice), and no
-    credential is taken from where every operator reads it."""
+    same rules hold (a key a config file defines too is defined twice), and no key
+    says where or as whom the worker connects, whatever its config files define."""
     entries = []
     for key, value in settings.items():
-        _refuse_credential(key, _DESIRED_SETTINGS)
+        _refuse_desired_key(key, _DESIRED_SETTINGS)
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         entries.append((_DESIRED_SETTINGS, key, text))
     return entries
 
 
+# The keys no desired worker's settings may hold, beside the reserved ones and
+# credentials: those that say where or as whom it connects.  schema.sql's
+# setting_problem refuses the same; this refuses a row that never passed it
+# (the owner's own insert, an earlier release's row).
+_CONNECTION_WORDS = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "password", "passfile", "require_auth", "channel_binding",
+    "connect_timeout", "client_encoding", "options", "application_name", "fallback_application_name",
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "replication", "gssencmode", "sslmode", "requiressl", "sslnegotiation", "sslcompression", "sslcert", "sslkey",
+    "sslpassword", "sslcertmode", "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "min_protocol_version", "max_protocol_version",
+    "krbsrvname", "gsslib", "gssdelegation", "service", "target_session_attrs", "load_balance_hosts", "pooler",
+})
+_CREDENTIAL_PATTERN = (r"password|passwd|passphrase|secret|token|passfile|credential|private|auth|cert|dsn|"
+                       r"(^|[_.-])(api|access|signing|encryption)?keys?($|[_.-])")
+
+
+def _refuse_desired_key(key: str, where: str) -> None:
+    """A ConfigError naming key if a desired worker may not have it (schema.sql: setting_problem)."""
+    if key in RESERVED_KEYS:
+        raise ConfigError(f"{where}: {key!r} is reserved: uniphant sets it")
+    if key.lower().startswith("pg") or key.lower() in _CONNECTION_WORDS:
+        raise ConfigError(f"{where}: {key!r} says where or as whom the worker connects, "
+                          f"which only its config files say")
+    _refuse_credential(key, where)
+
+
 def _refuse_credential(key: str, where: str) -> None:
-    if any(word in key.lower() for word in ("password", "secret", "token", "passfile")):
+    import re
+
+    if re.search(_CREDENTIAL_PATTERN, key, re.IGNORECASE):
         raise ConfigError(f"{where}: {key!r} looks like a credential, which every operator could read "
                           f"there: put it in a secrets.conf")
+
+
+def _decoded_settings(text: Optional[str]) -> Dict[str, Any]:
+    """A desired worker's settings from their JSON text (workers.settings::text),
+    which the owner may have written past setting_problem: a ConfigError if they
+    are no JSON object Python can read (a 5000-digit number, say)."""
+    import json
+
+    try:
+        settings = json.loads(text or "{}")
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{_DESIRED_SETTINGS}: cannot be read: {type(e).__name__}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{_DESIRED_SETTINGS}: not a JSON object")
+    return settings
+
+
+def _shown_settings(text: Optional[str]) -> Optional[Dict[str, Any]]:
+    """A desired worker's settings as ps and the page show them: None where they
+    cannot be read, which is that worker's failure, never the reader's (or none:
+    a process no desired worker accounts for)."""
+    if text is None:
+        return None
+    try:
+        return _decoded_settings(text)
+    except ConfigError:
+        return None
 
 
 def get_calling_file_path() -> str:
@@ -1459,8 +1515,10 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             raise _ConnectionLost(f"{wire.where if wire else 'the server'} is read-only: {message}") from None
         if code in ("UN001", "UN003", "UN005"):
             raise AlreadyRunning.refused(e.args[0]) from None
-        if code in ("UN004", "UN007", "22023"):
+        if code in ("UN004", "UN007"):
             raise UniphantError(message) from None
+        if code == "22023":  # a bad argument: bad usage, as the command line has it
+            raise ConfigError(message) from None
         if code in ("42883", "42P01", "3F000"):
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
@@ -2761,7 +2819,7 @@ class _Slot:
         self.last_exit: Optional[str] = None
         self.log_tail: Optional[str] = None  # the last lines of a run that failed, not yet reported
         self.requested = False               # its last run ended on request: the next start is no restart
-        self.settings: Dict[str, Any] = {}   # its desired settings, which reach its config
+        self.settings = "{}"                 # its desired settings (JSON, read by its process), for its config
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
         self.move(STARTING)
 
@@ -2830,7 +2888,7 @@ class _Manager:
             self._tidy(connection)
             self.next_tidy = time.monotonic() + _TIDY_EVERY
         rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, "
-                     "row_live, restarts, settings, paused, done, rolling FROM uniphant.manager_plan($1::uuid)",
+                     "row_live, restarts, settings::text, paused, done, rolling FROM uniphant.manager_plan($1::uuid)",
                      (self.config["host_id"],))
         self.next_plan = time.monotonic() + _PLAN_EVERY
         planned = {row[0] for row in rows if row[2]}
@@ -2854,7 +2912,7 @@ class _Manager:
                 slot.wanted = True
                 slot.move(RUNNING if slot.child is not None and slot.child.ready else STARTING)
             slot.startable, slot.row_pid, slot.row_live = startable, row_pid, bool(row_live)
-            slot.settings = settings or {}
+            slot.settings = settings or "{}"
             rolling = rolling or in_roll
             self._hold(slot, DONE if done else PAUSED if paused else None)
             if slot.child is None and slot.state in (STARTING, MOVING):
@@ -3051,6 +3109,8 @@ class _Manager:
         slot.move(STARTING)
         try:
             self._clear_stale_row(connection, slot)
+            if slot.worker_type == self.config["worker_type"]:
+                raise UniphantError(f"worker type {slot.worker_type} is this manager's own: {_ONE_PER_HOST}")
             scripts = _scripts_of_type(self.config["root_dir"], slot.worker_type)
             if len(scripts) != 1:
                 raise UniphantError(f"no script {slot.worker_type.replace('.', '/')}.py below "
@@ -3078,7 +3138,7 @@ class _Manager:
                                 "which does not run the worker", slot.worker_id, slot.row_pid)
         slot.row_pid = None
 
-    def _fork(self, script: str, worker_id: str, settings: Dict[str, Any]) -> _Child:
+    def _fork(self, script: str, worker_id: str, settings: str) -> _Child:
         import signal
 
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -3243,10 +3303,17 @@ def _how_it_ended(child: _Child, status: Optional[int]) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}{words}"
 
 
-def _become_worker(script: str, worker_id: str, report_fd: int, settings: Dict[str, Any]) -> None:
+# Why a manager runs no copy of a one-per-host script (a manager): the copy
+# would read that script's configuration, the manager's own password included.
+_ONE_PER_HOST = "a script that runs once per host (a manager) is never a desired worker"
+
+
+def _become_worker(script: str, worker_id: str, report_fd: int, settings: str) -> None:
     """In a child the manager has forked: run script's worker as `start` would, with
     fresh runtime state and nothing of the manager's (descriptors, handlers,
-    signals, configuration).  Never returns into the manager's code."""
+    signals, configuration).  Never returns into the manager's code.  settings:
+    the worker's desired settings as JSON, decoded here, so that a row no reader
+    can decode fails this worker only."""
     import logging
     import runpy
     import signal
@@ -3277,7 +3344,8 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: Dict[s
         _runtime.config.clear()
         generations = _runtime.generations
         _runtime = _Runtime()
-        _runtime.managed, _runtime.report_fd, _runtime.settings = True, report_fd, settings
+        _runtime.managed, _runtime.report_fd = True, report_fd
+        _runtime.settings = _decoded_settings(settings)
         _runtime.generations = generations
         sys.argv = [script, worker_id, "start"]
         runpy.run_path(script, run_name="__main__")
@@ -3457,7 +3525,7 @@ _PS_COLUMNS = ("worker_id", "worker_type", "state", "host", "host_id", "pinned",
                "restarts", "last_exit", "next_start_in", "detail", "settings", "log_tail")
 _PS_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
            "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
-           "extract(epoch FROM next_start_at - now())::float8, detail, settings, log_tail FROM uniphant.fleet "
+           "extract(epoch FROM next_start_at - now())::float8, detail, settings::text, log_tail FROM uniphant.fleet "
            "WHERE ($1::uuid IS NULL OR worker_id = $1::uuid) AND ($2::text IS NULL OR worker_type = $2) "
            "AND ($3::text IS NULL OR host_id::text = $3 OR host = $3) AND ($4::text IS NULL OR state = $4) "
            "ORDER BY worker_type, host, worker_id")
@@ -3482,6 +3550,8 @@ def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
             connection.execute_simple(f"LISTEN {_FLEET_CHANNEL}; LISTEN {_WATCH_CHANNEL}")
         while True:
             rows = [dict(zip(_PS_COLUMNS, row)) for row in _rows(connection, _PS_SQL, chosen)]
+            for row in rows:
+                row["settings"] = _shown_settings(row["settings"])
             if worker_id and not rows:
                 raise UniphantError(f"no such worker: {worker_id}")
             if worker_id:
@@ -3577,22 +3647,17 @@ def _ops_type_and_host(args: List[str], config: Config, usage: str,
 
 
 def _ops_settings(words: List[str]) -> str:
-    """The JSON object of KEY=VALUE words, checked as a config file's lines are
-    (README, "Per-worker settings")."""
+    """The JSON object of KEY=VALUE words; the database checks it, by the rule it
+    holds every desired worker's settings to (README, "Per-worker settings")."""
     import json
 
     settings: Dict[str, str] = {}
     for word in words:
         key, sep, value = word.partition("=")
-        where = f"setting {_shorten(word)}"
         if not sep or not key:
-            raise UsageError(f"{where}: expected KEY=VALUE")
-        if key in RESERVED_KEYS:
-            raise UsageError(f"{where}: {key!r} is reserved")
+            raise UsageError(f"setting {_shorten(key)}: expected KEY=VALUE")
         if key in settings:
-            raise UsageError(f"{where}: {key!r} is given twice")
-        _refuse_credential(key, where)
-        _checked(key, value, where)
+            raise UsageError(f"setting {_shorten(key)}: given twice")
         settings[key] = value
     return json.dumps(settings)
 
@@ -4094,6 +4159,8 @@ def main(worker_function: WorkerFunction) -> None:
     prog = os.path.basename(sys.argv[0])
     one_per_host = getattr(worker_function, "one_per_host", False)
     try:
+        if one_per_host and _runtime.managed:  # before any of its configuration is read
+            raise UniphantError(f"{_script_config()['worker_type']}: {_ONE_PER_HOST}")
         worker_id, command, foreground = _parse_arguments(prog, sys.argv[1:], one_per_host)
         if command in ("status", "stop") and worker_id is None:
             worker_id = _one_per_host_id(_script_config(), create=False)

@@ -150,8 +150,18 @@ _FLEET_KEYS = ("worker_id", "worker_type", "state", "host", "host_id", "pinned",
                "last_exit", "next_start_at", "detail", "settings")
 _FLEET_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
               "extract(epoch FROM since)::float8, restarts, last_exit, "
-              "extract(epoch FROM next_start_at)::float8, detail, settings "
+              "extract(epoch FROM next_start_at)::float8, detail, settings::text "
               "FROM uniphant.fleet ORDER BY worker_type, host, worker_id")
+
+
+def _fleet_row(row: list, more: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A row of uniphant.fleet by its keys, its settings read from their JSON text:
+    settings no reader can decode are their worker's failure, never the page's."""
+    worker = dict(zip(_FLEET_KEYS + more, row))
+    worker["settings"] = uniphant._shown_settings(worker["settings"])
+    return worker
+
+
 _MANAGERS_SQL = ("SELECT m.host_id::text, h.name, l.host_id IS NOT NULL, m.worker_types "
                  "FROM uniphant.managers m LEFT JOIN uniphant.hosts h ON h.id = m.host_id "
                  "LEFT JOIN uniphant.live_managers() l ON l.host_id = m.host_id ORDER BY h.name, m.host_id")
@@ -163,7 +173,7 @@ def _read_fleet(cursor) -> Tuple[Dict[str, Any], float]:
     cursor.execute("SELECT extract(epoch FROM now())::float8")
     now = cursor.fetchone()[0]
     cursor.execute(_FLEET_SQL)
-    workers = [dict(zip(_FLEET_KEYS, row)) for row in cursor.fetchall()]
+    workers = [_fleet_row(row) for row in cursor.fetchall()]
     cursor.execute(_MANAGERS_SQL)
     processes = {row["host_id"]: row for row in workers if row["state"] == "manager"}
     managers = []
@@ -177,7 +187,7 @@ def _read_fleet(cursor) -> Tuple[Dict[str, Any], float]:
 
 _WORKER_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
                "extract(epoch FROM since)::float8, restarts, last_exit, "
-               "extract(epoch FROM next_start_at)::float8, detail, settings, "
+               "extract(epoch FROM next_start_at)::float8, detail, settings::text, "
                "extract(epoch FROM heartbeat_at)::float8, paused_at IS NOT NULL, log_tail "
                "FROM uniphant.fleet WHERE worker_id = %s::uuid")
 _HISTORY_SQL = ("SELECT extract(epoch FROM at)::float8, state, pid, last_exit, host_id::text "
@@ -192,7 +202,7 @@ def _read_worker(cursor, config: Config, worker_id: str) -> Optional[Dict[str, A
     row = cursor.fetchone()
     if row is None:
         return None
-    worker = dict(zip(_FLEET_KEYS + ("heartbeat_at", "paused", "log_tail"), row))
+    worker = _fleet_row(row, ("heartbeat_at", "paused", "log_tail"))
     cursor.execute(_HISTORY_SQL, (worker_id, _HISTORY))
     worker["history"] = [dict(zip(("at", "state", "pid", "last_exit", "host_id"), event))
                          for event in cursor.fetchall()]
