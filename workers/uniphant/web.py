@@ -11,8 +11,9 @@ fleet and hands what changed to every open page as a Server-Sent Event; its
 teardown stops the server.  The HTTP threads use database connections of
 their own: a pg8000 connection serves one thread at a time.
 
-Keys: `web_listen` (HOST:PORT, default 127.0.0.1:8765), `web_token` (only
-from a secrets.conf; without it the page is read-only).  Paths: `/` the page,
+Keys: `web_listen` (HOST:PORT, default 127.0.0.1:8765), `web_hosts` (the host
+names it answers to, comma-separated; required beyond loopback), `web_token`
+(only from a secrets.conf; without it the page is read-only).  Paths: `/` the page,
 `/events` its live updates, `/api/fleet` and `/api/worker/<id>` as JSON,
 `/api/<action>` (POST, with the token: add, scale, restart, stop, pause,
 resume), `/metrics` for Prometheus.
