@@ -8,10 +8,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import resource
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -86,8 +84,7 @@ def get(page: Page, path: str, host: Optional[str] = None, method: str = "GET", 
 
 
 def connected(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return sock
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
 def reset(sock: socket.socket) -> None:
