@@ -327,10 +327,11 @@ def test_texts_from_the_database_and_from_workers_show_as_text_never_as_markup(
         status, _, data = answer(site.url + "api/fleet")
         exact = {row["worker_id"]: row for row in json.loads(data)["fleet"]["workers"]}
         assert status == 200 and exact[forged]["worker_type"] == exact[forged]["host"] == HOSTILE
+        add(project, "test.probe", "--host", host)  # a desired worker on the forged host: its name is a label
         families = metrics(site)
-        forged_type = {s.labels["worker_type"] for s in families["uniphant_workers"].samples
-                       if s.labels["state"] == "not wanted"}
-        assert forged_type == {uniphant._printable(HOSTILE)}
+        forged_host = {s.labels["host"] for s in families["uniphant_workers"].samples if s.labels["host_id"] == host}
+        assert forged_host == {uniphant._printable(HOSTILE)}
+        assert value(families, "uniphant_processes_undesired") == 1  # the forged process: counted, not labelled
     finally:
         forger.close()
 

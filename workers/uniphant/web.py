@@ -11,8 +11,9 @@ fleet and hands what changed to every open page as a Server-Sent Event; its
 teardown stops the server.  The HTTP threads use database connections of
 their own: a pg8000 connection serves one thread at a time.
 
-Keys: `web_listen` (HOST:PORT, default 127.0.0.1:8765), `web_token` (only
-from a secrets.conf; without it the page is read-only).  Paths: `/` the page,
+Keys: `web_listen` (HOST:PORT, default 127.0.0.1:8765), `web_hosts` (the host
+names it answers to, comma-separated; required beyond loopback), `web_token`
+(only from a secrets.conf; without it the page is read-only).  Paths: `/` the page,
 `/events` its live updates, `/api/fleet` and `/api/worker/<id>` as JSON,
 `/api/<action>` (POST, with the token: add, scale, restart, stop, pause,
 resume), `/metrics` for Prometheus.
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple, TypeVar
 
 # A vendored uniphant.py lies in the project root, two directories up (README, "Install").
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -61,6 +62,25 @@ _TICK_EVERY = 15.0
 # Each open page holds a thread: a bound on them, and on what a request may send.
 _MAX_STREAMS = 64
 _MAX_BODY = 65536
+# Each open connection holds a thread and a descriptor: at most this many at
+# once, fewer where the open-file limit leaves less beside _FILES_KEPT for the
+# worker's own files and database connections.  One more is answered 503 and
+# closed, so that no number of clients can take the descriptors the worker needs.
+_MAX_CONNECTIONS = 256
+_FILES_KEPT = 64
+# A request has this long from its connection's accept to the end of its answer
+# (so a client that sends a byte now and then is cut off); an event stream, once
+# it has begun, has no end.
+_DEADLINE = 10.0
+# What a refused client is told to wait before it asks again (seconds).
+_RETRY_AFTER = 5
+# Connections the kernel queues for the page while its threads are busy.
+_BACKLOG = 128
+# Database connections that the HTTP threads hold at once; a request waits for one.
+_MAX_DATABASE = 8
+# The page and /api/fleet list at most this many rows of the fleet (the desired
+# workers and the managers first) and say how many they left out.
+_MAX_ROWS = 1000
 # What the detail view shows of a worker's log file on this host.
 _LOG_LINES, _LOG_BYTES = 200, 65536
 _HISTORY = 50
@@ -99,6 +119,45 @@ def _listen_address(config: Config) -> Tuple[str, int]:
         raise ConfigError(f"{where}: bad value for web_listen: expected HOST:PORT with a port from 1 to "
                           f"65535 (127.0.0.1:8765, [::1]:8765, 0.0.0.0:8765)")
     return host, int(port)
+
+
+def _host_name(text: str) -> str:
+    """A host name as compared: lower case, without a port, brackets or a final dot."""
+    name = text.strip().lower()
+    if name.startswith("["):
+        return name[1:name.find("]")] if "]" in name else name
+    if name.count(":") == 1:
+        name = name.split(":")[0]
+    return name.rstrip(".")
+
+
+def _is_host_name(name: str) -> bool:
+    """Whether name is an IP address or a DNS name (letters, digits and hyphens, in dotted labels)."""
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(name))
+    labels = name.split(".")
+    return 0 < len(name) <= 253 and all(
+        0 < len(label) <= 63 and label.isascii() and label.replace("-", "").isalnum()
+        and not label.startswith("-") and not label.endswith("-") for label in labels)
+
+
+def _web_hosts(config: Config, loopback: bool) -> FrozenSet[str]:
+    """The host names of web_hosts, which the page answers to besides loopback's
+    names on a loopback address; required beyond loopback, where any site's name
+    may point at the page (DNS rebinding)."""
+    text = config.get("web_hosts")
+    if text is None:
+        if loopback:
+            return frozenset()
+        where, _ = _defined_at(config, "web_listen")
+        raise ConfigError(f"{where}: web_listen listens beyond loopback, so web_hosts is required: the host "
+                          f"names the page answers to, comma-separated (web_hosts=fleet.example.com,10.0.0.5)")
+    names = [_host_name(item) for item in text.split(",")]
+    if not all(_is_host_name(name) for name in names):
+        where, _ = _defined_at(config, "web_hosts")
+        raise ConfigError(f"{where}: bad value for web_hosts: expected host names or addresses separated by "
+                          f"commas, without ports (fleet.example.com,10.0.0.5,[2001:db8::5])")
+    return frozenset(names)
 
 
 def _token(config: Config) -> Optional[bytes]:
@@ -150,8 +209,8 @@ _FLEET_KEYS = ("worker_id", "worker_type", "state", "host", "host_id", "pinned",
                "last_exit", "next_start_at", "detail", "settings")
 _FLEET_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
               "extract(epoch FROM since)::float8, restarts, last_exit, "
-              "extract(epoch FROM next_start_at)::float8, detail, settings::text "
-              "FROM uniphant.fleet ORDER BY worker_type, host, worker_id")
+              "extract(epoch FROM next_start_at)::float8, detail, settings::text, count(*) OVER () "
+              "FROM uniphant.fleet ORDER BY state = 'not wanted', worker_type, host, worker_id LIMIT %s")
 
 
 def _fleet_row(row: list, more: Tuple[str, ...] = ()) -> Dict[str, Any]:
@@ -168,12 +227,14 @@ _MANAGERS_SQL = ("SELECT m.host_id::text, h.name, l.host_id IS NOT NULL, m.worke
 
 
 def _read_fleet(cursor) -> Tuple[Dict[str, Any], float]:
-    """The fleet as the page shows it (every row of uniphant.fleet, and every
+    """The fleet as the page shows it (at most _MAX_ROWS rows of uniphant.fleet,
+    those of nobody's desired workers last, and how many it left out; every
     manager that ever registered, live or not), and the database's clock."""
     cursor.execute("SELECT extract(epoch FROM now())::float8")
     now = cursor.fetchone()[0]
-    cursor.execute(_FLEET_SQL)
-    workers = [_fleet_row(row) for row in cursor.fetchall()]
+    cursor.execute(_FLEET_SQL, (_MAX_ROWS,))
+    rows = cursor.fetchall()
+    workers = [_fleet_row(row) for row in rows]
     cursor.execute(_MANAGERS_SQL)
     processes = {row["host_id"]: row for row in workers if row["state"] == "manager"}
     managers = []
@@ -182,7 +243,7 @@ def _read_fleet(cursor) -> Tuple[Dict[str, Any], float]:
         managers.append({"host_id": host_id, "host": host, "live": live, "worker_types": worker_types,
                          "worker_id": process.get("worker_id"), "pid": process.get("pid"),
                          "since": process.get("since")})
-    return {"workers": workers, "managers": managers}, now
+    return {"workers": workers, "managers": managers, "left_out": rows[0][-1] - len(rows) if rows else 0}, now
 
 
 _WORKER_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
@@ -252,8 +313,9 @@ def _read_log(state_dir: str, worker_type: str, worker_id: str) -> Optional[List
 
 _METRICS_SQL = ("SELECT worker_id::text, worker_type, state, coalesce(host, ''), coalesce(host_id::text, ''), "
                 "restarts, extract(epoch FROM now() - heartbeat_at)::float8, "
-                "paused_at IS NOT NULL OR done_at IS NOT NULL FROM uniphant.fleet")
-_UNWANTED = ("manager", "not wanted")  # processes, not desired workers
+                "paused_at IS NOT NULL OR done_at IS NOT NULL FROM uniphant.fleet WHERE state <> 'not wanted'")
+# Rows any worker role can make, of any type and host name: counted, never a series each.
+_UNDESIRED_SQL = "SELECT count(*) FROM uniphant.fleet WHERE state = 'not wanted'"
 
 
 def _label(text: str) -> str:
@@ -284,11 +346,14 @@ class _Exposition:
 
 
 def _metrics(cursor, lag: float) -> str:
-    """/metrics: the fleet by state, type and host; each worker's restarts and
-    heartbeat age; the managers; desired against running workers per type; and
-    the lag and backlog of the fleet's notifications."""
+    """/metrics: the desired workers by state, type and host, and a count of the
+    processes of none; each desired worker's restarts and heartbeat age; the
+    managers; desired against running workers per type; and the lag and backlog
+    of the fleet's notifications."""
     cursor.execute(_METRICS_SQL)
     rows = cursor.fetchall()
+    cursor.execute(_UNDESIRED_SQL)
+    undesired = cursor.fetchone()[0]
     cursor.execute(_MANAGERS_SQL)
     managers = cursor.fetchall()
     cursor.execute("SELECT pg_notification_queue_usage()")
@@ -305,20 +370,21 @@ def _metrics(cursor, lag: float) -> str:
             continue
         key = (state, worker_type, host, host_id)
         counts[key] = counts.get(key, 0) + 1
-        if state == "not wanted" or held:
+        if held:
             continue
         restarts.append((who, restarted))
         desired[worker_type] = desired.get(worker_type, 0) + 1
         running[worker_type] = running.get(worker_type, 0) + (state == "running")
     out = _Exposition()
-    out.family("uniphant_workers", "gauge", "Workers by state, worker type and host: the rows of "
-               "uniphant.fleet but the managers' own.",
+    out.family("uniphant_workers", "gauge", "Desired workers by state, worker type and host.",
                [(dict(zip(("state", "worker_type", "host", "host_id"), key)), n) for key, n in sorted(counts.items())])
+    out.family("uniphant_processes_undesired", "gauge", "Process rows of no desired worker (state 'not wanted' "
+               "in uniphant.fleet): a count, as any worker role can make them.", [({}, undesired)])
     out.family("uniphant_worker_restarts_total", "counter", "Restarts of each desired worker after a failure, as "
                "its manager counts them (none for a requested restart; back to 0 after restart_reset_after "
                "seconds of running).", restarts)
     out.family("uniphant_worker_heartbeat_age_seconds", "gauge", "Seconds since the last heartbeat of each live "
-               "process, managers included.", heartbeats)
+               "process of a desired worker, and of each manager.", heartbeats)
     out.family("uniphant_managers_live", "gauge", "Managers whose process is live.",
                [({}, sum(1 for manager in managers if manager[2]))])
     out.family("uniphant_manager_up", "gauge", "1 if the manager of a host that ever had one is live, else 0.",
@@ -401,9 +467,12 @@ class _Probes:
                 waiting[0].set()
 
 
+T = TypeVar("T")
+
+
 class _Connections:
-    """Database connections for the HTTP threads, each used by one at a time; a
-    few are kept for the next request."""
+    """Database connections for the HTTP threads, each used by one at a time, at
+    most _MAX_DATABASE at once; a few are kept for the next request."""
 
     _KEEP = 4
 
@@ -412,30 +481,65 @@ class _Connections:
         self._idle: List[Any] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._in_use = threading.BoundedSemaphore(_MAX_DATABASE)
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[Any]:
-        with self._lock:
-            connection = self._idle.pop() if self._idle else None
-        if connection is None:
-            connection = uniphant.connect_to_database(self._config)
+    def run(self, query: Callable[[Any], T], once: bool = False) -> T:
+        """query(a connection)'s result.  A kept connection found lost (its server
+        restarted, or ended its session) takes every kept one with it, as they
+        shared its server, and query is tried once more on a new connection.
+        once: query is never sent twice (an action, which may have been done
+        though its answer was lost), so a kept connection is checked before it."""
         try:
-            yield connection
-        except BaseException:
-            uniphant._close_quietly(connection)  # it may be broken; a new one costs a connect
-            raise
+            return self._run(query, once)
+        except _Lost:
+            return self._run(query, once)
+
+    def _run(self, query: Callable[[Any], T], once: bool) -> T:
+        if not self._in_use.acquire(timeout=_DEADLINE):
+            raise _Refused(503, f"the page is busy: its {_MAX_DATABASE} database connections are in use",
+                           _RETRY_AFTER)
+        try:
+            with self._lock:
+                connection, kept = (self._idle.pop(), True) if self._idle else (None, False)
+            if connection is None:
+                connection = uniphant.connect_to_database(self._config)
+            elif once and uniphant._is_lost(connection):
+                uniphant._close_quietly(connection)
+                self._drop()
+                raise _Lost()
+            try:
+                result = query(connection)
+            except BaseException as e:
+                lost = uniphant._is_lost(connection)
+                uniphant._close_quietly(connection)
+                if lost:
+                    self._drop()
+                    if kept and not once:
+                        raise _Lost() from e
+                raise
+        finally:
+            self._in_use.release()
         with self._lock:
             if not self._closed and len(self._idle) < self._KEEP:
                 self._idle.append(connection)
-                return
+                return result
         uniphant._close_quietly(connection)
+        return result
+
+    def _drop(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            uniphant._close_quietly(connection)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            uniphant._close_quietly(connection)
+        self._drop()
+
+
+class _Lost(Exception):
+    """A kept connection was found lost: the request may be tried again."""
 
 
 class _Page:
@@ -456,6 +560,7 @@ class _Page:
                                  "host_id": config["host_id"], "host": config["host_name"]})
         self.server: Optional[_Server] = None
         self.loopback = False
+        self.hosts: FrozenSet[str] = frozenset()  # web_hosts
 
     def close(self) -> None:
         self.fleet.close()
@@ -473,10 +578,59 @@ _page: Optional[_Page] = None
 # ---------------------------------------------------------------------------
 
 class _Server(http.server.ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, at most `most` at once, each
+    cut off at its deadline (_DEADLINE after its accept, unless lifted)."""
+
     daemon_threads = True  # an open page's stream never holds up the end of the worker
+    request_queue_size = _BACKLOG
     page: _Page
+    most: int
+
+    def __init__(self, address: Tuple[str, int], handler) -> None:
+        self.deadlines: Dict[socket.socket, float] = {}  # each open connection's
+        self.deadlines_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        with self.deadlines_lock:
+            full = len(self.deadlines) >= self.most
+            if not full:
+                self.deadlines[request] = time.monotonic() + _DEADLINE
+        if not full:
+            super().process_request(request, client_address)
+            return
+        # Told without a thread, never waiting: what fits in the socket's buffer.
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(_REFUSAL)
+        self.page.logger.debug("%s refused: %d connections are open", client_address[0], self.most)
+        super().shutdown_request(request)
+
+    def lift_deadline(self, request) -> None:
+        with self.deadlines_lock:
+            self.deadlines[request] = math.inf
+
+    def service_actions(self) -> None:
+        """Cut off the connections past their deadline (the serve loop calls this
+        every poll_interval); a connection's thread then finds it closed."""
+        now = time.monotonic()
+        with self.deadlines_lock:  # a connection leaves before it is closed: no other is shut down
+            for request, deadline in self.deadlines.items():
+                if deadline < now:
+                    with contextlib.suppress(OSError):
+                        request.shutdown(socket.SHUT_RDWR)
+                    self.deadlines[request] = math.inf
+
+    def shutdown_request(self, request) -> None:
+        with self.deadlines_lock:
+            self.deadlines.pop(request, None)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # the client went away, or was cut off
+            self.page.logger.debug("%s went away: %s", client_address[0], uniphant._explain(error))
+            return
         self.page.logger.exception("a request from %s failed", client_address[0])
 
 
@@ -491,14 +645,29 @@ def _serve_http(page: _Page, host: str, port: int) -> None:
     except socket.gaierror as e:
         where, _ = _defined_at(page.config, "web_listen")
         raise ConfigError(f"{where}: web_listen names an unknown host ({e.strerror})") from None
+    page.loopback = ipaddress.ip_address(address[0]).is_loopback
+    page.hosts = _web_hosts(page.config, page.loopback)
+    most = _most_connections()
     try:
         server = (_Server6 if family == socket.AF_INET6 else _Server)(address[:2], _Handler)
     except OSError as e:
         raise UniphantError(f"the page cannot listen on {uniphant._printable(host)}:{port}: {e.strerror}") from None
-    server.page, page.server = page, server
-    page.loopback = ipaddress.ip_address(address[0]).is_loopback
+    server.page, server.most, page.server = page, most, server
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="uniphant-web",
                      daemon=True).start()
+
+
+def _most_connections() -> int:
+    """_MAX_CONNECTIONS, or fewer where the open-file limit leaves less beside _FILES_KEPT."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return _MAX_CONNECTIONS
+    if limit < _FILES_KEPT + 16:
+        raise UniphantError(f"the open-file limit (RLIMIT_NOFILE) is {limit}: the page needs {_FILES_KEPT + 16} "
+                            f"or more, {_FILES_KEPT} for itself and the rest for its connections")
+    return min(_MAX_CONNECTIONS, limit - _FILES_KEPT)
 
 
 def _is_loopback_name(host: str) -> bool:
@@ -526,11 +695,13 @@ _ACTIONS = {  # verb: (SQL for a worker id, SQL for a worker type, what no match
 
 
 class _Refused(Exception):
-    """A request the page answers with an error: its status and why."""
+    """A request the page answers with an error: its status, why, and when to ask
+    again (seconds, for a Retry-After) if it is worth asking again."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def _text(body: Dict[str, Any], key: str) -> Optional[str]:
@@ -597,15 +768,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- answers --
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
+    def _send(self, status: int, content_type: str, body: bytes, retry_after: Optional[int] = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, value: Any) -> None:
-        self._send(status, "application/json", json.dumps(value, separators=(",", ":")).encode())
+    def _json(self, status: int, value: Any, retry_after: Optional[int] = None) -> None:
+        self._send(status, "application/json", json.dumps(value, separators=(",", ":")).encode(), retry_after)
 
     def end_headers(self) -> None:
         """Every answer, the server's own errors included, with the security headers."""
@@ -626,16 +799,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, method) -> None:
         """method(), or its refusal as a JSON error; a connection lost or not made
-        is a 503 (the next request connects anew), anything else a 500, logged."""
+        is a 503 (the next request connects anew), anything else a 500, logged.
+        A client that goes away (or is cut off at its deadline) is a line in the
+        debug log, whenever it goes."""
+        try:
+            self._answer_or_refuse(method)
+        except (ConnectionError, TimeoutError) as e:
+            self.close_connection = True
+            self.server.page.logger.debug("%s went away: %s", self.address_string(), uniphant._explain(e))
+
+    def _answer_or_refuse(self, method) -> None:
         import pg8000.dbapi
 
         try:
             self._host_allowed()
             method()
         except _Refused as e:
-            self._json(e.status, {"error": str(e)})
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the browser went away
+            self._json(e.status, {"error": str(e)}, e.retry_after)
+        except (ConnectionError, TimeoutError):
+            raise  # the client's, not the database's
         except (UniphantError, pg8000.dbapi.InterfaceError, OSError) as e:
             self.server.page.logger.warning("%s %s: %s", self.command, uniphant._printable(self.path),
                                             uniphant._explain(e))
@@ -666,16 +848,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Refused(404, "no such action")
         self._authorised()
         body = self._body()
-        with self.server.page.connections.connection() as connection:
-            done = self._database(lambda: _act(connection.cursor(), verb, body))
+        done = self.server.page.connections.run(
+            lambda connection: self._database(lambda: _act(connection.cursor(), verb, body)), once=True)
         self.server.page.logger.info("%s (asked from %s)", uniphant._printable(done), self.address_string())
         self._json(200, {"message": done})
 
     def _host_allowed(self) -> None:
-        """On a loopback address the page answers to loopback names only, so that a
-        site whose name was rebound to 127.0.0.1 cannot read it through a browser."""
-        if self.server.page.loopback and not _is_loopback_name(self.headers.get("Host", "")):
+        """The page answers to the names of web_hosts, and on a loopback address to
+        loopback names, so that a site whose name was rebound to the page's
+        address (DNS rebinding) cannot read it through a browser."""
+        page, host = self.server.page, self.headers.get("Host", "")
+        if _host_name(host) in page.hosts or (page.loopback and _is_loopback_name(host)):
+            return
+        if page.loopback and not page.hosts:
             raise _Refused(403, "this page answers to localhost only (web_listen is a loopback address)")
+        raise _Refused(403, "this page answers only to the host names of its web_hosts")
 
     def _authorised(self) -> None:
         """Actions need the token (in a header a cross-site form cannot send), from
@@ -720,8 +907,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _fleet_now(self) -> Dict[str, Any]:
         page = self.server.page
-        with page.connections.connection() as connection:
-            fleet, now = self._database(lambda: _read_fleet(connection.cursor()))
+        fleet, now = page.connections.run(lambda connection: self._database(lambda: _read_fleet(connection.cursor())))
         return {"now": now, "about": json.loads(page.about), "fleet": fleet}
 
     def _worker(self, text: str) -> None:
@@ -729,28 +915,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if worker_id is None:
             raise _Refused(404, "not a worker id")
         page = self.server.page
-        with page.connections.connection() as connection:
-            worker = self._database(lambda: _read_worker(connection.cursor(), page.config, worker_id))
+        worker = page.connections.run(
+            lambda connection: self._database(lambda: _read_worker(connection.cursor(), page.config, worker_id)))
         if worker is None:
             raise _Refused(404, "no such worker in the fleet")
         self._json(200, worker)
 
     def _metrics(self) -> str:
+        return self.server.page.connections.run(self._scrape)
+
+    def _scrape(self, connection) -> str:
         page = self.server.page
-        with page.connections.connection() as connection:
-            cursor = connection.cursor()
-            with page.probes.probe() as (token, heard, at):
-                sent = time.monotonic()
-                self._database(lambda: cursor.execute("SELECT pg_notify(%s, %s)", (page.probe_channel, token)))
-                lag = at[0] - sent if heard.wait(_PROBE_WAIT) else math.inf
-            return self._database(lambda: _metrics(cursor, lag))
+        cursor = connection.cursor()
+        with page.probes.probe() as (token, heard, at):
+            sent = time.monotonic()
+            self._database(lambda: cursor.execute("SELECT pg_notify(%s, %s)", (page.probe_channel, token)))
+            lag = at[0] - sent if heard.wait(_PROBE_WAIT) else math.inf
+        return self._database(lambda: _metrics(cursor, lag))
 
     def _events(self) -> None:
         """The live updates: the fleet now, then each new state of it, and a tick
         (how old the page's last read is) when nothing changed for a while."""
         page = self.server.page
         if not page.streams.acquire(blocking=False):
-            raise _Refused(503, f"too many open pages ({_MAX_STREAMS})")
+            raise _Refused(503, f"too many open pages ({_MAX_STREAMS})", _RETRY_AFTER)
+        self.server.lift_deadline(self.request)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -1083,6 +1272,9 @@ function renderWorkers() {
   }
   $("#shown").textContent = rows.length === all.length ? `${all.length} workers`
     : `${rows.length} of ${all.length} workers`;
+  $("#left-out").hidden = !fleet.left_out;
+  $("#left-out").textContent = `${fleet.left_out} more rows of the fleet are not listed: the page lists at most `
+    + `${fleet.workers.length}, the desired workers first (python uniphant.py ps lists them all).`;
 }
 
 function render() {
@@ -1215,11 +1407,15 @@ function setUpActions() {
   $("#readonly").hidden = !!about.actions;
 }
 
+function live(text, kind) { $("#live").replaceChildren(el("span", {"class": "state " + kind}, text)); }
+
+let refusals = 0;  // in a row: each doubles the wait before the next try
+
 function connect() {
   const events = new EventSource("/events");
-  const live = (text, kind) => $("#live").replaceChildren(el("span", {"class": "state " + kind}, text));
-  events.onopen = () => live("live", "good");
-  events.onerror = () => live("reconnecting", "bad");
+  events.onopen = () => { refusals = 0; live("live", "good"); };
+  // A lost stream the browser tries again itself; one refused (an answer, but no stream) it gives up.
+  events.onerror = () => { if (events.readyState === EventSource.CLOSED) refused(); else live("reconnecting", "bad"); };
   events.addEventListener("about", (e) => { about = JSON.parse(e.data); $("#database").textContent = printable(about.database); setUpActions(); });
   events.addEventListener("tick", (e) => stale(JSON.parse(e.data).age));
   events.onmessage = (e) => {
@@ -1229,6 +1425,29 @@ function connect() {
     stale(message.age);
     render();
   };
+}
+
+// Ask again to learn why (the refusal's words and its Retry-After), say so, and
+// try again later, waiting twice as long after each refusal in a row (at most a minute).
+async function refused() {
+  let why = "the page's server did not answer", wait = 2;
+  const asking = new AbortController();
+  try {
+    const answer = await fetch("/events", {cache: "no-store", signal: asking.signal});
+    if (answer.ok) {
+      asking.abort();
+      connect();
+      return;
+    }
+    why = (await answer.json().catch(() => ({"error": answer.statusText}))).error;
+    wait = Number(answer.headers.get("Retry-After")) || wait;
+  } catch (error) {
+    // unreachable: the first reason stands
+  }
+  const delay = Math.min(wait * 2 ** refusals, 60) * (0.75 + Math.random() / 2);  // pages refused together spread
+  refusals += 1;
+  live("refused: " + printable(why) + "; trying again in " + Math.round(delay) + " s", "bad");
+  setTimeout(connect, delay * 1000);
 }
 
 function stale(seconds) {
@@ -1327,6 +1546,7 @@ _BODY = """<!doctype html>
     <select id="host" name="host" aria-label="host"></select>
     <select id="state" name="state" aria-label="state"></select>
   </div>
+  <p id="left-out" class="muted" hidden></p>
   <table id="workers"><thead><tr></tr></thead><tbody></tbody></table>
 </main>
 <aside id="detail" hidden aria-label="worker detail">
@@ -1356,6 +1576,12 @@ _SECURITY_HEADERS = (
     ("Cross-Origin-Resource-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 )
+
+# The answer to a connection beyond the open connections' bound, sent as its socket takes it.
+_BUSY = b'{"error":"too many open connections"}'
+_REFUSAL = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(_BUSY)}"
+            f"\r\nRetry-After: {_RETRY_AFTER}\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in _SECURITY_HEADERS) + "\r\n").encode() + _BUSY
 
 if __name__ == "__main__":
     main(serve)
