@@ -893,7 +893,9 @@ $$;
 -- NULL: it forgets a worker it no longer runs), and its history gets a row
 -- when the state, PID or reason changes.  A report about a worker that is
 -- not planned on the manager's host (placement moved since its last plan)
--- changes nothing; values no manager sends are refused (22023).
+-- changes nothing; values no manager sends are refused (22023).  A report
+-- of `done` repeats what the desired state said (done_at): it never marks a
+-- worker done, which could undo a resume or restart made since.
 DROP FUNCTION IF EXISTS uniphant.report_worker(uuid, text, integer, integer, text, double precision);
 CREATE OR REPLACE FUNCTION uniphant.report_worker(
     worker_id uuid, state text, pid integer DEFAULT NULL, restarts integer DEFAULT 0,
@@ -955,10 +957,6 @@ BEGIN
         WHERE e.worker_id = report_worker.worker_id AND e.id <= (
             SELECT e2.id FROM uniphant.worker_events e2 WHERE e2.worker_id = report_worker.worker_id
             ORDER BY e2.id DESC OFFSET 50 LIMIT 1);
-    END IF;
-    IF report_worker.state = 'done' THEN
-        UPDATE uniphant.workers w SET done_at = coalesce(w.done_at, now())
-        WHERE w.worker_id = report_worker.worker_id;
     END IF;
     -- A worker of a rolling restart's batch that runs again, or failed, moves the roll on.
     IF report_worker.state IN ('running', 'backoff') AND EXISTS (

@@ -84,7 +84,9 @@ def test_resume_and_restart_bring_a_done_worker_back(project, db):
     worker = str(db.value("SELECT add_worker('app.once', %s::uuid)", host_of(project)))
 
     def finished(runs: int) -> bool:
-        return (fleet(db, worker).get("state") == "done" and done(db, worker)
+        """Done after runs runs, as its manager has seen (a change made before it had would race its end)."""
+        return (done(db, worker) and db.rows("SELECT state, pid FROM worker_states WHERE worker_id = %s::uuid",
+                                             worker) == [("done", None)]
                 and project.log(worker, "app.once").count("started: process") == runs)
 
     wait_for(lambda: finished(1), what="the worker done after its first run")

@@ -3358,8 +3358,9 @@ commands:
                               desired state: its manager stops it
   restart ID|TYPE [--rolling [--batch N]]
                               end the process of a worker, or of every worker of
-                              TYPE: its manager starts it again at once; --rolling:
-                              N at a time (1), each batch once the one before is back
+                              TYPE: its manager starts it again at once (a done one
+                              too); --rolling: N at a time (1), each batch once the
+                              one before is back
   pause ID|TYPE               stop a worker's process, keeping it in the desired state
   resume ID|TYPE              start a paused or done worker again
   logs ID|TYPE [-n N] [-f]    the last N lines (20) of a worker's log, or of each worker
