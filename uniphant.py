@@ -1510,10 +1510,10 @@ def register_process(config: Config, connection) -> None:
 def _take_lease(config: Config, connection, granted: float) -> None:
     """Keep to the shorter lease the database granted: heartbeats, the watchdog and the
     socket's dead-peer probes all follow config's stale_after."""
-    _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
-                            "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
     import socket
 
+    _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
+                            "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
     config["stale_after"] = granted
     wire = _wire_of(connection)
     if wire is not None and wire.sock.family != socket.AF_UNIX:
