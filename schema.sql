@@ -22,6 +22,8 @@
 --   UN005  a manager already runs on this host (DETAIL: its PID)
 --   UN006  the session is not the registered process or manager it must be
 --   UN007  the host belongs to another manager role
+--   UN008  finish(): the session's process is not one its host's manager
+--          reported starting for the worker, on the process row's own session
 --   22023  a bad argument (a staleness, a count, a state, a worker type, a
 --          desired worker's settings: setting_problem)
 
@@ -237,11 +239,24 @@ CREATE TABLE IF NOT EXISTS uniphant.hosts (
 );
 ALTER TABLE uniphant.hosts ADD COLUMN IF NOT EXISTS manager_role name;
 
+-- Settings of the whole fleet: one row, which the owner changes with an
+-- UPDATE.  max_lease: the longest stale_after register_process grants (a
+-- process that asks for more gets this, and heartbeats by it), so that no row
+-- a process declares keeps a worker out, or holds its placement, for longer.
+CREATE TABLE IF NOT EXISTS uniphant.settings (
+    one       boolean PRIMARY KEY DEFAULT true CHECK (one),
+    max_lease interval NOT NULL DEFAULT '10 minutes'
+              CHECK (max_lease BETWEEN interval '3 seconds' AND interval '1 day')
+);
+INSERT INTO uniphant.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- No index on heartbeat_at and a low fillfactor: the heartbeat UPDATE then
 -- stays a HOT update, which writes no index entry.  A row is taken over by
--- the staleness its own process declared, never by the one a caller claims;
+-- the staleness its own process was granted, never by the one a caller claims;
 -- a process that reaches the server through a transaction pooler (pooled)
 -- has no session of its own, so only its heartbeat says whether it lives.
+-- backend_pid: the server process of the session that registered the row
+-- (NULL when pooled): a session is one process, and holds one row.
 CREATE TABLE IF NOT EXISTS uniphant.processes (
     id           uuid PRIMARY KEY,
     worker_id    uuid NOT NULL UNIQUE,
@@ -252,12 +267,15 @@ CREATE TABLE IF NOT EXISTS uniphant.processes (
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     stale_after  interval NOT NULL DEFAULT '60 seconds',
-    pooled       boolean NOT NULL DEFAULT false
+    pooled       boolean NOT NULL DEFAULT false,
+    backend_pid  integer
 ) WITH (fillfactor = 50);
 ALTER TABLE uniphant.processes
     ADD COLUMN IF NOT EXISTS stale_after interval NOT NULL DEFAULT '60 seconds',
-    ADD COLUMN IF NOT EXISTS pooled boolean NOT NULL DEFAULT false;
+    ADD COLUMN IF NOT EXISTS pooled boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS backend_pid integer;
 ALTER TABLE uniphant.processes SET (fillfactor = 50);
+CREATE INDEX IF NOT EXISTS processes_backend_pid ON uniphant.processes (backend_pid);
 
 -- Desired state: a row present means "keep it running".  host_id NULL: any
 -- host whose manager has the worker's script.  settings: keys that reach the
@@ -374,7 +392,8 @@ END
 $$;
 
 REVOKE ALL ON uniphant.hosts, uniphant.processes, uniphant.workers, uniphant.managers,
-    uniphant.worker_states, uniphant.role_grants, uniphant.rolls, uniphant.worker_events FROM PUBLIC;
+    uniphant.worker_states, uniphant.role_grants, uniphant.rolls, uniphant.worker_events,
+    uniphant.settings FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Processes: the manual's four functions, keyed by the session's
@@ -425,13 +444,35 @@ LANGUAGE sql STABLE AS $$
         OR (NOT p.pooled AND uniphant.session_exists(p.id, p.role));
 $$;
 
--- Registers the calling session's process for worker_id.  At most one live
--- process per worker.  A row of another process is taken over only when no
--- session of that process is connected (a pooled process has none), and either
+-- The longest lease a process is granted (uniphant.settings).
+CREATE OR REPLACE FUNCTION uniphant.max_lease() RETURNS interval
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT s.max_lease FROM uniphant.settings s), interval '10 minutes');
+$$;
+
+-- Release 3's register_process returned nothing; it now returns the lease it grants.
+DO $$
+BEGIN
+    IF (SELECT p.prorettype FROM pg_proc p WHERE p.oid = to_regprocedure(
+            'uniphant.register_process(uuid, uuid, text, integer, interval, boolean, integer)'))
+       = 'void'::regtype THEN
+        DROP FUNCTION uniphant.register_process(uuid, uuid, text, integer, interval, boolean, integer);
+    END IF;
+END
+$$;
+
+-- Registers the calling session's process for worker_id, and returns the
+-- lease granted: stale_after, at most uniphant.max_lease(), which the process
+-- must heartbeat by.  At most one live process per worker, and one process
+-- per session: a session (not pooled) whose earlier row, under another
+-- process id, still lives by its heartbeat is refused (UN004), whatever its
+-- application_name says now.  A row of another process is taken over only
+-- when no session of that process is connected (a pooled process has none),
+-- and either
 --   * it is of this host and of the caller's role, and the caller has found
 --     its PID gone on this host (gone_pid): it holds the worker's PID-file
 --     lock, and a removed pid/ directory cannot fool that check; or
---   * its heartbeat is older than the stale_after that process declared.
+--   * its heartbeat is older than the stale_after that process was granted.
 -- Otherwise the call fails: UN003 when it is this host's own previous process
 -- (DETAIL: its PID, for the caller to look at; worth retrying for a moment
 -- while its process or session ends), else UN001, naming the running
@@ -444,10 +485,12 @@ CREATE OR REPLACE FUNCTION uniphant.register_process(
     stale_after interval DEFAULT '60 seconds',
     pooled      boolean DEFAULT false,
     gone_pid    integer DEFAULT NULL)
-RETURNS void
+RETURNS interval
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE
     me         uuid := uniphant.process_id();
+    is_pooled  boolean := coalesce(register_process.pooled, false);
+    lease      interval;
     other      uniphant.processes%ROWTYPE;
     other_host text;
     own        boolean;
@@ -457,10 +500,24 @@ BEGIN
        OR register_process.stale_after > interval '1 day' THEN
         RAISE EXCEPTION 'stale_after must be from 3 seconds to a day' USING ERRCODE = '22023';
     END IF;
+    lease := least(register_process.stale_after, uniphant.max_lease());
     SELECT * INTO other FROM uniphant.processes p WHERE p.id = me;
     IF FOUND AND other.worker_id <> register_process.worker_id THEN
         RAISE EXCEPTION 'this session''s process already runs worker %', other.worker_id
             USING ERRCODE = 'UN004';
+    END IF;
+    -- A row of this backend under another id whose session is not connected by
+    -- that id is this session's earlier process (or, once, a dead session's
+    -- whose server PID this one reuses: refused until its lease runs out).
+    IF NOT is_pooled THEN
+        SELECT * INTO other FROM uniphant.processes p
+        WHERE p.backend_pid = pg_backend_pid() AND NOT p.pooled AND p.id <> me AND p.role = session_user
+          AND p.heartbeat_at >= now() - p.stale_after AND NOT uniphant.session_exists(p.id, p.role)
+        LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'this session already runs worker % as process %: a session is one process',
+                other.worker_id, other.id USING ERRCODE = 'UN004';
+        END IF;
     END IF;
     -- Each pass either returns, raises, or removes a row that is gone for
     -- good; three passes are more than any interleaving of starts needs.
@@ -468,18 +525,19 @@ BEGIN
         SELECT * INTO other FROM uniphant.processes p
         WHERE p.worker_id = register_process.worker_id FOR UPDATE;
         IF NOT FOUND THEN
-            INSERT INTO uniphant.processes (id, worker_id, host_id, worker_type, pid, stale_after, pooled)
+            INSERT INTO uniphant.processes (id, worker_id, host_id, worker_type, pid, stale_after, pooled,
+                                            backend_pid)
             VALUES (me, register_process.worker_id, register_process.host_id,
-                    register_process.worker_type, register_process.pid,
-                    register_process.stale_after, coalesce(register_process.pooled, false))
+                    register_process.worker_type, register_process.pid, lease, is_pooled,
+                    CASE WHEN NOT is_pooled THEN pg_backend_pid() END)
             ON CONFLICT DO NOTHING;
             IF FOUND THEN
-                RETURN;
+                RETURN lease;
             END IF;
             CONTINUE;  -- another session inserted first: look at its row
         END IF;
         IF other.id = me THEN
-            RETURN;
+            RETURN other.stale_after;
         END IF;
         own := other.host_id = register_process.host_id AND other.role = session_user;
         connected := NOT other.pooled AND uniphant.session_exists(other.id, other.role);
@@ -545,15 +603,33 @@ $$;
 
 -- Removes the caller's row, and marks its desired worker done: a worker whose
 -- type says restart=on-failure and that exited 0 has finished, and is not
--- started again.
+-- started again.  Only the process its host's manager started says so: the
+-- manager reported starting (or running) the worker on the row's host as the
+-- row's PID, and the caller is the row's session (the one that registered
+-- it, or, once that has gone, the process's next: it reconnected).  Anything
+-- else is refused (UN008), and changes nothing: a worker role cannot end a
+-- worker it does not run.  A session without a row has nothing to finish.
 CREATE OR REPLACE FUNCTION uniphant.finish() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
 DECLARE
-    me uuid := uniphant.process_id();
+    me   uuid := uniphant.process_id();
+    mine uniphant.processes%ROWTYPE;
 BEGIN
-    UPDATE uniphant.workers w SET done_at = now()
-    FROM uniphant.processes p WHERE p.id = me AND p.role = session_user AND w.worker_id = p.worker_id;
-    DELETE FROM uniphant.processes WHERE id = me AND role = session_user;
+    SELECT * INTO mine FROM uniphant.processes p WHERE p.id = me AND p.role = session_user;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF (NOT mine.pooled AND mine.backend_pid IS DISTINCT FROM pg_backend_pid()
+        AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                    WHERE a.pid = mine.backend_pid AND a.application_name = me::text))
+       OR NOT EXISTS (SELECT 1 FROM uniphant.worker_states s
+                      WHERE s.worker_id = mine.worker_id AND s.host_id = mine.host_id AND s.pid = mine.pid
+                        AND s.state IN ('starting', 'running')) THEN
+        RAISE EXCEPTION 'worker % is not marked done: its host''s manager did not start this process for it',
+            mine.worker_id USING ERRCODE = 'UN008';
+    END IF;
+    UPDATE uniphant.workers w SET done_at = now() WHERE w.worker_id = mine.worker_id;
+    DELETE FROM uniphant.processes p WHERE p.id = me AND p.role = session_user;
 END
 $$;
 
@@ -886,7 +962,9 @@ $$;
 -- NULL: it forgets a worker it no longer runs), and its history gets a row
 -- when the state, PID or reason changes.  A report about a worker that is
 -- not planned on the manager's host (placement moved since its last plan)
--- changes nothing; values no manager sends are refused (22023).
+-- changes nothing; values no manager sends are refused (22023).  A report
+-- of `done` repeats what the desired state said (done_at): it never marks a
+-- worker done, which could undo a resume or restart made since.
 DROP FUNCTION IF EXISTS uniphant.report_worker(uuid, text, integer, integer, text, double precision);
 CREATE OR REPLACE FUNCTION uniphant.report_worker(
     worker_id uuid, state text, pid integer DEFAULT NULL, restarts integer DEFAULT 0,
@@ -948,10 +1026,6 @@ BEGIN
         WHERE e.worker_id = report_worker.worker_id AND e.id <= (
             SELECT e2.id FROM uniphant.worker_events e2 WHERE e2.worker_id = report_worker.worker_id
             ORDER BY e2.id DESC OFFSET 50 LIMIT 1);
-    END IF;
-    IF report_worker.state = 'done' THEN
-        UPDATE uniphant.workers w SET done_at = coalesce(w.done_at, now())
-        WHERE w.worker_id = report_worker.worker_id;
     END IF;
     -- A worker of a rolling restart's batch that runs again, or failed, moves the roll on.
     IF report_worker.state IN ('running', 'backoff') AND EXISTS (
@@ -1075,10 +1149,12 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT count(*) > 0 FROM changed;
 $$;
 
+-- Resuming brings back a done worker too.
 CREATE OR REPLACE FUNCTION uniphant.resume_worker(worker_id uuid) RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL
-                     WHERE w.worker_id = resume_worker.worker_id AND w.paused_at IS NOT NULL RETURNING 1)
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL, done_at = NULL
+                     WHERE w.worker_id = resume_worker.worker_id
+                       AND (w.paused_at IS NOT NULL OR w.done_at IS NOT NULL) RETURNING 1)
     SELECT count(*) > 0 FROM changed;
 $$;
 
@@ -1091,8 +1167,9 @@ $$;
 
 CREATE OR REPLACE FUNCTION uniphant.resume_workers(worker_type text) RETURNS integer
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL
-                     WHERE w.worker_type = resume_workers.worker_type AND w.paused_at IS NOT NULL RETURNING 1)
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL, done_at = NULL
+                     WHERE w.worker_type = resume_workers.worker_type
+                       AND (w.paused_at IS NOT NULL OR w.done_at IS NOT NULL) RETURNING 1)
     SELECT count(*)::integer FROM changed;
 $$;
 
@@ -1144,37 +1221,47 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- A restart ends the worker's process (its row deleted): its manager starts
--- it again at once, without backoff.
+-- it again at once, without backoff.  A done worker is started again.
 CREATE OR REPLACE FUNCTION uniphant.restart_worker(worker_id uuid) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    revived boolean;
 BEGIN
+    UPDATE uniphant.workers w SET done_at = NULL
+    WHERE w.worker_id = restart_worker.worker_id AND w.done_at IS NOT NULL;
+    revived := FOUND;
     DELETE FROM uniphant.processes p WHERE p.worker_id = restart_worker.worker_id
         AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = restart_worker.worker_id);
-    RETURN FOUND;
+    RETURN FOUND OR revived;
 END
 $$;
 
 -- Restarts every worker of a type: all at once (batch NULL; a roll under way
 -- ends), or as a rolling restart, batch at a time (advance_rolls), starting
--- now.  Returns how many workers it restarts (at once), or will (rolling).
+-- now; done workers start again at once.  Returns how many workers it
+-- restarts (at once, or done), or will (rolling).
 DROP FUNCTION IF EXISTS uniphant.restart_workers(text);  -- release 3 gave it batch
 CREATE OR REPLACE FUNCTION uniphant.restart_workers(worker_type text, batch integer DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    count integer;
+    count   integer;
+    revived integer;
 BEGIN
     IF batch IS NOT NULL AND (batch < 1 OR batch > 100000) THEN
         RAISE EXCEPTION 'batch must be from 1 to 100000' USING ERRCODE = '22023';
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('uniphant.manager_plan'));
     DELETE FROM uniphant.rolls r WHERE r.worker_type = restart_workers.worker_type;
+    WITH back AS (UPDATE uniphant.workers w SET done_at = NULL
+                  WHERE w.worker_type = restart_workers.worker_type AND w.done_at IS NOT NULL RETURNING 1)
+    SELECT count(*)::integer INTO revived FROM back;
     IF batch IS NULL THEN
         WITH gone AS (DELETE FROM uniphant.processes p USING uniphant.workers w
                       WHERE w.worker_id = p.worker_id AND w.worker_type = restart_workers.worker_type
                       RETURNING 1)
         SELECT count(*)::integer INTO count FROM gone;
-        RETURN count;
+        RETURN count + revived;
     END IF;
     SELECT count(*)::integer INTO count FROM uniphant.workers w
     WHERE w.worker_type = restart_workers.worker_type
@@ -1183,7 +1270,7 @@ BEGIN
         INSERT INTO uniphant.rolls (worker_type, batch) VALUES (restart_workers.worker_type, restart_workers.batch);
         PERFORM uniphant.advance_rolls();
     END IF;
-    RETURN count;
+    RETURN count + revived;
 END
 $$;
 
@@ -1329,7 +1416,8 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (26, 'operator', 'SELECT ON uniphant.fleet'),
         (27, 'operator', 'SELECT ON uniphant.worker_events'),
         (28, 'operator', 'SELECT ON uniphant.managers'),
-        (29, 'operator', 'SELECT ON uniphant.hosts')) AS p (n, part, privilege)
+        (29, 'operator', 'SELECT ON uniphant.hosts'),
+        (30, 'operator', 'SELECT ON uniphant.settings')) AS p (n, part, privilege)
     WHERE p.part IN (kind, 'every') OR (kind = 'manager' AND p.part = 'worker');
 $$;
 

@@ -953,6 +953,11 @@ class _SchemaMissing(UniphantError):
     """The database lacks a function or table of schema.sql."""
 
 
+class _NotFinished(UniphantError):
+    """finish() refused (UN008): no manager started this process for its worker, as
+    far as the database knows yet."""
+
+
 class _SessionChanged(UniphantError):
     """The worker function changed who its session is: the runtime cannot act on it."""
 
@@ -1519,6 +1524,8 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             raise UniphantError(message) from None
         if code == "22023":  # a bad argument: bad usage, as the command line has it
             raise ConfigError(message) from None
+        if code == "UN008":
+            raise _NotFinished(message) from None
         if code in ("42883", "42P01", "3F000"):
             raise _SchemaMissing(f"the database has no uniphant schema ({message}): "
                                 f"load schema.sql") from None
@@ -1586,15 +1593,17 @@ def register_process(config: Config, connection) -> None:
     that PID does not run the worker here, that is has not its PID file open
     (the database cannot look: it asks, UN003).  Raises UniphantError
     naming the running process (AlreadyRunning) when another one runs the worker.
+    The database may grant a shorter lease than stale_after asks: config then
+    holds the lease granted, which the heartbeats and the watchdog keep to.
     """
     _listen(config, connection)
     deadline, gone_pid = time.monotonic() + _SESSION_END_WAIT, None
     while True:
         try:
-            _call(connection, "SELECT uniphant.register_process($1::uuid, $2::uuid, $3, $4, "
-                  "make_interval(secs => $5), $6, $7)",
-                  (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
-                   float(config["stale_after"]), config["pooler"] != "none", gone_pid))
+            granted = _call(connection, "SELECT extract(epoch FROM uniphant.register_process($1::uuid, "
+                            "$2::uuid, $3, $4, make_interval(secs => $5), $6, $7))::float8",
+                            (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
+                             float(config["stale_after"]), config["pooler"] != "none", gone_pid))[0]
             break
         except AlreadyRunning as e:
             if e.sqlstate != "UN003" or time.monotonic() >= deadline:
@@ -1604,6 +1613,21 @@ def register_process(config: Config, connection) -> None:
                 gone_pid = holder
                 continue  # ask again at once, now that we have looked
         time.sleep(0.02)
+    if granted < config["stale_after"]:
+        _take_lease(config, connection, granted)
+
+
+def _take_lease(config: Config, connection, granted: float) -> None:
+    """Keep to the shorter lease the database granted: heartbeats, the watchdog and the
+    socket's dead-peer probes all follow config's stale_after."""
+    import socket
+
+    _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
+                            "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
+    config["stale_after"] = granted
+    wire = _wire_of(connection)
+    if wire is not None and wire.sock.family != socket.AF_UNIX:
+        _detect_dead_peers(wire.sock, granted)
 
 
 def keepalive(connection) -> bool:
@@ -1624,6 +1648,24 @@ def _close_quietly(connection) -> None:
 # How a process leaves: its row removed, and, for a worker that finished
 # (restart=on-failure, exit 0), its desired worker marked done too.
 _LEAVE, _FINISH = "SELECT uniphant.disconnect()", "SELECT uniphant.finish()"
+
+
+def _call_leave(config: Config, connection, leave: str) -> None:
+    """Leave on connection.  A finish the database refuses (UN008) is asked again for
+    a moment in a worker a manager forked (one that ends at once may finish before
+    its manager has reported starting it), then the row is only removed: the
+    worker is not done, and its manager starts it again."""
+    deadline = time.monotonic() + _SESSION_END_WAIT
+    while True:
+        try:
+            _call(connection, leave)
+            return
+        except _NotFinished as e:
+            if not _runtime.managed or time.monotonic() >= deadline:
+                _logger(config).warning("%s", e)
+                break
+        time.sleep(0.05)
+    _call(connection, _LEAVE)
 
 
 def disconnect(connection) -> None:
@@ -1678,7 +1720,7 @@ def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
-        _call(connection, leave)
+        _call_leave(config, connection, leave)
         return True
     finally:
         _close_quietly(connection)
@@ -2655,7 +2697,7 @@ def _leave(config: Config, connection, logger: logging.Logger, leave: str = _LEA
         if _in_transaction(connection):
             connection.execute_simple("ROLLBACK")
         _check_session(config, connection)
-        _call(connection, leave)
+        _call_leave(config, connection, leave)
         _close_quietly(connection)
         return
     except Exception as e:
@@ -2721,7 +2763,7 @@ _MOVES: Dict[Optional[str], Tuple[Optional[str], ...]] = {
     BACKOFF: (STARTING, PAUSED, DONE, None),                 # its delay is over
     MOVING: (STARTING, PAUSED, DONE, None),                  # the copy elsewhere has gone
     PAUSED: (STARTING, DONE, None),                          # resumed
-    DONE: (None,),                                           # finished: it is only ever removed
+    DONE: (STARTING, None),                                  # finished; resumed, or restarted
 }
 _HELD = (PAUSED, DONE)
 
@@ -3441,10 +3483,11 @@ commands:
                               desired state: its manager stops it
   restart ID|TYPE [--rolling [--batch N]]
                               end the process of a worker, or of every worker of
-                              TYPE: its manager starts it again at once; --rolling:
-                              N at a time (1), each batch once the one before is back
+                              TYPE: its manager starts it again at once (a done one
+                              too); --rolling: N at a time (1), each batch once the
+                              one before is back
   pause ID|TYPE               stop a worker's process, keeping it in the desired state
-  resume ID|TYPE              start a paused worker again
+  resume ID|TYPE              start a paused or done worker again
   logs ID|TYPE [-n N] [-f]    the last N lines (20) of a worker's log, or of each worker
                               of TYPE, on this host; -f: and follow them (across
                               rotation and restarts); on another host: which has it"""
@@ -3879,7 +3922,7 @@ def _print_lines(path: str, lines: List[str], named: bool) -> None:
 
 
 _ops_restart_now = _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
-                                      "SELECT uniphant.restart_workers($1)", "no running worker {}")
+                                      "SELECT uniphant.restart_workers($1)", "no running or done worker {}")
 
 _OPS_COMMANDS = {
     "ps": _ops_ps,
@@ -3892,7 +3935,7 @@ _OPS_COMMANDS = {
     "pause": _ops_by_id_or_type("pause", "SELECT uniphant.pause_worker($1::uuid)::int",
                                 "SELECT uniphant.pause_workers($1)", "no running worker to pause: {}"),
     "resume": _ops_by_id_or_type("resume", "SELECT uniphant.resume_worker($1::uuid)::int",
-                                 "SELECT uniphant.resume_workers($1)", "no paused worker {}"),
+                                 "SELECT uniphant.resume_workers($1)", "no paused or done worker {}"),
     "logs": _ops_logs,
 }
 
