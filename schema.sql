@@ -668,7 +668,7 @@ DECLARE
     failed   record;
     next     uuid[];
     orphan   uuid;
-    waiting  text;
+    why      text;
 BEGIN
     FOR r IN SELECT * FROM uniphant.rolls WHERE halted IS NULL FOR UPDATE LOOP
         SELECT w.worker_id INTO orphan FROM uniphant.workers w
@@ -680,7 +680,7 @@ BEGIN
                           WHERE p.worker_id = w.worker_id AND p.started_at > r.batch_started_at
                             AND uniphant.process_live(p))
         ORDER BY w.worker_id LIMIT 1;
-        waiting := CASE WHEN orphan IS NOT NULL THEN
+        why := CASE WHEN orphan IS NOT NULL THEN
             format('worker %s waits for its host''s manager, which is not live', orphan) END;
         IF orphan IS NOT NULL AND r.batch_started_at < now() - make_interval(secs => start_timeout) THEN
             UPDATE uniphant.rolls SET halted = format('worker %s did not come back within %s s: its host has '
@@ -689,8 +689,8 @@ BEGIN
             PERFORM pg_notify('uniphant_fleet', '');
             CONTINUE;
         END IF;
-        IF waiting IS DISTINCT FROM r.waiting THEN
-            UPDATE uniphant.rolls SET waiting = advance_rolls.waiting WHERE worker_type = r.worker_type;
+        IF why IS DISTINCT FROM r.waiting THEN
+            UPDATE uniphant.rolls SET waiting = why WHERE worker_type = r.worker_type;
         END IF;
         SELECT s.worker_id, s.last_exit INTO failed FROM uniphant.worker_states s
         WHERE s.worker_id = ANY (r.current) AND s.state = 'backoff' LIMIT 1;
