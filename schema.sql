@@ -751,8 +751,7 @@ $$;
 -- worker's config; a paused or done worker is planned, and not started.
 -- Rolling restarts move on here too (advance_rolls, with the caller's
 -- start_timeout in seconds).
-DROP FUNCTION IF EXISTS uniphant.manager_plan(uuid);  -- release 3 took no start_timeout
-CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid, start_timeout double precision DEFAULT 30)
+CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid, start_timeout double precision)
 RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
                row_pid integer, row_live boolean, restarts integer,
                settings jsonb, paused boolean, done boolean, rolling boolean)
@@ -849,6 +848,15 @@ BEGIN
            OR EXISTS (SELECT 1 FROM uniphant.worker_states s WHERE s.worker_id = p.worker_id))
       AND NOT EXISTS (SELECT 1 FROM planned pl WHERE pl.worker_id = p.worker_id);
 END
+$$;
+
+-- The plan as the previous release's managers ask for it (start_timeout: its default).
+CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid)
+RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
+               row_pid integer, row_live boolean, restarts integer,
+               settings jsonb, paused boolean, done boolean, rolling boolean)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM uniphant.manager_plan($1, 30);
 $$;
 
 -- A manager records what happened to a worker it is planned to run (state
@@ -1292,12 +1300,13 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (5, 'worker', 'EXECUTE ON FUNCTION uniphant.finish()'),
         (6, 'manager', 'EXECUTE ON FUNCTION uniphant.register_manager(uuid)'),
         (7, 'manager', 'EXECUTE ON FUNCTION uniphant.set_worker_types(text[])'),
-        (8, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid, double precision)'),
+        (8, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid)'),
         (9, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
                        'double precision, text)'),
         (10, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
         (11, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
         (30, 'manager', 'EXECUTE ON FUNCTION uniphant.prove_process(uuid, integer)'),
+        (32, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid, double precision)'),
         (31, 'manager', 'EXECUTE ON FUNCTION uniphant.host_processes()'),
         (12, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid, jsonb)'),
         (13, 'operator', 'EXECUTE ON FUNCTION uniphant.set_worker_settings(uuid, jsonb)'),

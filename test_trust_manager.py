@@ -141,6 +141,8 @@ def test_a_hand_run_worker_keeps_its_row_through_an_outage_longer_than_its_stale
             canary.close()
             added = str(db.value("SELECT add_worker('test.probe', %s::uuid)", host_of(project)))
             wait_for(lambda: fleet(db, added).get("state") == "running", what="a plan")
+            assert db.value("SELECT count(*) FROM processes WHERE worker_id = ANY (%s::uuid[])",
+                            [kept_here, kept_there]) == 2
             wait_for(lambda: db.value("SELECT count(*) FROM processes WHERE pid = 1 AND host_id = %s::uuid",
                                       host_of(project)) == 0, what="the manager's look at its host's rows")
             assert db.value("SELECT count(*) FROM processes WHERE worker_id = ANY (%s::uuid[])",

@@ -3264,10 +3264,10 @@ def _process_title(worker_type: str) -> str:
 def _name_process(name: str) -> None:
     """Set this process's name (prctl PR_SET_NAME), where the C library offers it:
     forked from the manager, a worker would otherwise go by the manager's."""
-    import ctypes
-
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode(), 0, 0, 0)  # 15: PR_SET_NAME
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # 15: PR_SET_NAME
     except (ImportError, OSError, AttributeError):
         return  # no prctl here: the worker keeps the manager's name
 
