@@ -257,6 +257,9 @@ INSERT INTO uniphant.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- has no session of its own, so only its heartbeat says whether it lives.
 -- backend_pid: the server process of the session that registered the row
 -- (NULL when pooled): a session is one process, and holds one row.
+-- proven: the manager of its host found its PID holding the worker's PID-file
+-- lock there (uniphant.prove_process); only then does a row of a host with a
+-- live manager count as a running copy.
 CREATE TABLE IF NOT EXISTS uniphant.processes (
     id           uuid PRIMARY KEY,
     worker_id    uuid NOT NULL UNIQUE,
@@ -268,12 +271,14 @@ CREATE TABLE IF NOT EXISTS uniphant.processes (
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     stale_after  interval NOT NULL DEFAULT '60 seconds',
     pooled       boolean NOT NULL DEFAULT false,
-    backend_pid  integer
+    backend_pid  integer,
+    proven       boolean NOT NULL DEFAULT false
 ) WITH (fillfactor = 50);
 ALTER TABLE uniphant.processes
     ADD COLUMN IF NOT EXISTS stale_after interval NOT NULL DEFAULT '60 seconds',
     ADD COLUMN IF NOT EXISTS pooled boolean NOT NULL DEFAULT false,
-    ADD COLUMN IF NOT EXISTS backend_pid integer;
+    ADD COLUMN IF NOT EXISTS backend_pid integer,
+    ADD COLUMN IF NOT EXISTS proven boolean NOT NULL DEFAULT false;
 ALTER TABLE uniphant.processes SET (fillfactor = 50);
 CREATE INDEX IF NOT EXISTS processes_backend_pid ON uniphant.processes (backend_pid);
 
@@ -299,7 +304,8 @@ CREATE INDEX IF NOT EXISTS workers_worker_type ON uniphant.workers (worker_type)
 
 -- A rolling restart of a worker type: batch workers at a time, each batch
 -- only once the one before has registered again.  current: the batch under
--- way since batch_started_at; done: the workers restarted so far; halted: why
+-- way since batch_started_at; done: the workers restarted so far; waiting: why
+-- the batch cannot come back yet (a host without a live manager); halted: why
 -- the roll stopped, leaving the rest on the code they run.
 CREATE TABLE IF NOT EXISTS uniphant.rolls (
     worker_type      text PRIMARY KEY,
@@ -308,8 +314,10 @@ CREATE TABLE IF NOT EXISTS uniphant.rolls (
     batch_started_at timestamptz NOT NULL DEFAULT now(),
     current          uuid[] NOT NULL DEFAULT '{}',
     done             uuid[] NOT NULL DEFAULT '{}',
-    halted           text
+    halted           text,
+    waiting          text
 );
+ALTER TABLE uniphant.rolls ADD COLUMN IF NOT EXISTS waiting text;
 
 -- The manager of each host: a uniphant process of its own, and the worker
 -- types its project root has scripts for.
@@ -793,15 +801,42 @@ $$;
 -- next batch of running workers of the type goes (their process rows
 -- deleted: their managers start them again at once), until none is left.  A
 -- worker of the batch in backoff (it failed to start, or to register within
--- its manager's start_timeout) halts the roll, and says why.
-CREATE OR REPLACE FUNCTION uniphant.advance_rolls() RETURNS void
+-- its manager's start_timeout) halts the roll, and says why; so does one that
+-- no live manager can start (its host's manager is down) once start_timeout
+-- seconds (the planning manager's) have passed since the batch began, and
+-- until then the roll says what it waits for (waiting).
+DROP FUNCTION IF EXISTS uniphant.advance_rolls();  -- release 3 took no start_timeout
+CREATE OR REPLACE FUNCTION uniphant.advance_rolls(start_timeout double precision DEFAULT 30) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    r      uniphant.rolls%ROWTYPE;
-    failed record;
-    next   uuid[];
+    r        uniphant.rolls%ROWTYPE;
+    failed   record;
+    next     uuid[];
+    orphan   uuid;
+    why      text;
 BEGIN
     FOR r IN SELECT * FROM uniphant.rolls WHERE halted IS NULL FOR UPDATE LOOP
+        SELECT w.worker_id INTO orphan FROM uniphant.workers w
+        LEFT JOIN uniphant.worker_states s ON s.worker_id = w.worker_id
+        WHERE w.worker_id = ANY (r.current) AND w.paused_at IS NULL AND w.done_at IS NULL
+          AND coalesce(s.host_id, w.host_id) IS NOT NULL
+          AND coalesce(s.host_id, w.host_id) NOT IN (SELECT l.host_id FROM uniphant.live_managers() l)
+          AND NOT EXISTS (SELECT 1 FROM uniphant.processes p
+                          WHERE p.worker_id = w.worker_id AND p.started_at > r.batch_started_at
+                            AND uniphant.process_live(p))
+        ORDER BY w.worker_id LIMIT 1;
+        why := CASE WHEN orphan IS NOT NULL THEN
+            format('worker %s waits for its host''s manager, which is not live', orphan) END;
+        IF orphan IS NOT NULL AND r.batch_started_at < now() - make_interval(secs => start_timeout) THEN
+            UPDATE uniphant.rolls SET halted = format('worker %s did not come back within %s s: its host has '
+                                                      'no live manager', orphan, start_timeout), waiting = NULL
+            WHERE worker_type = r.worker_type;
+            PERFORM pg_notify('uniphant_fleet', '');
+            CONTINUE;
+        END IF;
+        IF why IS DISTINCT FROM r.waiting THEN
+            UPDATE uniphant.rolls SET waiting = why WHERE worker_type = r.worker_type;
+        END IF;
         SELECT s.worker_id, s.last_exit INTO failed FROM uniphant.worker_states s
         WHERE s.worker_id = ANY (r.current) AND s.state = 'backoff' LIMIT 1;
         IF FOUND THEN
@@ -830,7 +865,7 @@ BEGIN
             CONTINUE;
         END IF;
         UPDATE uniphant.rolls
-        SET done = done || current, current = next, batch_started_at = now()
+        SET done = done || current, current = next, batch_started_at = now(), waiting = NULL
         WHERE worker_type = r.worker_type;
         DELETE FROM uniphant.processes p WHERE p.worker_id = ANY (next);
     END LOOP;
@@ -849,15 +884,19 @@ $$;
 --     ceil(workers of the type / live managers that provide it): above it,
 --     it gives workers back; below it, it claims unplaced ones;
 --   * the states of workers gone from `workers` are dropped once no live
---     process of them is left, and the rows of processes that died of
---     workers nobody wants are dropped once they are stale.
+--     process of them is left.
+-- It deletes no process row: a stale row of a worker nobody wants may be a
+-- worker run by hand that will come back (each manager clears the rows of
+-- its own host that the kernel disproves: uniphant.clear_process).
 -- startable is false while a live copy of the worker runs on another host
--- (it is moving).  row_pid and row_live describe the worker's process row on
+-- (it is moving): a row that host's live manager has proven, or any live
+-- row of a host without one.  row_pid and row_live describe the worker's process row on
 -- this host, if any: data for the manager, which acts only on processes it
 -- forked or finds holding the worker's PID-file lock.  settings go to the
 -- worker's config; a paused or done worker is planned, and not started.
--- Rolling restarts move on here too (advance_rolls).
-CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid)
+-- Rolling restarts move on here too (advance_rolls, with the caller's
+-- start_timeout in seconds).
+CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid, start_timeout double precision)
 RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
                row_pid integer, row_live boolean, restarts integer,
                settings jsonb, paused boolean, done boolean, rolling boolean)
@@ -926,13 +965,10 @@ BEGIN
     DELETE FROM uniphant.worker_events e
     WHERE NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = e.worker_id)
       AND NOT EXISTS (SELECT 1 FROM uniphant.worker_states s WHERE s.worker_id = e.worker_id);
-    -- The row of a process that died (without removing it) is gone with it, by the
-    -- rule every takeover follows, unless the worker is wanted: the next start of
-    -- the worker takes its row over.
-    DELETE FROM uniphant.processes p
-    WHERE p.heartbeat_at < now() - p.stale_after AND NOT uniphant.process_live(p)
-      AND NOT EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = p.worker_id);
-    PERFORM uniphant.advance_rolls();
+    IF start_timeout IS NULL OR start_timeout < 1 OR start_timeout > 86400 THEN
+        RAISE EXCEPTION 'start_timeout must be from 1 to 86400 seconds' USING ERRCODE = '22023';
+    END IF;
+    PERFORM uniphant.advance_rolls(start_timeout);
     RETURN QUERY
     WITH planned AS (
         SELECT w.worker_id, w.worker_type, coalesce(s.restarts, 0) AS restarts, w.settings,
@@ -943,7 +979,8 @@ BEGIN
         WHERE w.host_id = here OR (w.host_id IS NULL AND s.host_id = here))
     SELECT pl.worker_id, pl.worker_type, true,
            NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = pl.worker_id
-                       AND p.host_id IS DISTINCT FROM here AND uniphant.process_live(p)),
+                       AND p.host_id IS DISTINCT FROM here AND uniphant.process_live(p)
+                       AND (p.proven OR NOT coalesce(p.host_id = ANY (live), false))),
            p.pid, uniphant.process_live(p), pl.restarts, pl.settings, pl.paused, pl.done, pl.rolling
     FROM planned pl
     LEFT JOIN uniphant.processes p ON p.worker_id = pl.worker_id AND p.host_id = here
@@ -956,6 +993,15 @@ BEGIN
            OR EXISTS (SELECT 1 FROM uniphant.worker_states s WHERE s.worker_id = p.worker_id))
       AND NOT EXISTS (SELECT 1 FROM planned pl WHERE pl.worker_id = p.worker_id);
 END
+$$;
+
+-- The plan as the previous release's managers ask for it (start_timeout: its default).
+CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid)
+RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
+               row_pid integer, row_live boolean, restarts integer,
+               settings jsonb, paused boolean, done boolean, rolling boolean)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM uniphant.manager_plan($1, 30);
 $$;
 
 -- A manager records what happened to a worker it is planned to run (state
@@ -1052,17 +1098,45 @@ CREATE TRIGGER worker_states_notify_watchers AFTER INSERT OR UPDATE OR DELETE ON
 -- The manager of a host found that no process of worker_id runs there as
 -- PID pid (no process holds the worker's PID-file lock, and that PID has not
 -- the worker's PID file open): the process row of the worker on its host
--- naming that PID is stale, or forged, and goes.  Rows of other hosts are
--- not the manager's to judge.
+-- naming that PID (or no PID) is stale, or forged, and goes.  Rows of other
+-- hosts are not the manager's to judge.
 CREATE OR REPLACE FUNCTION uniphant.clear_process(worker_id uuid, pid integer) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     here uuid := uniphant.managed_host();
 BEGIN
     DELETE FROM uniphant.processes p
-    WHERE p.worker_id = clear_process.worker_id AND p.host_id = here AND p.pid = clear_process.pid
-      AND p.id <> uniphant.process_id();
+    WHERE p.worker_id = clear_process.worker_id AND p.host_id = here
+      AND p.pid IS NOT DISTINCT FROM clear_process.pid AND p.id <> uniphant.process_id();
     RETURN FOUND;
+END
+$$;
+
+-- The manager of a host found PID pid holding worker_id's PID-file lock there:
+-- the worker's process row on its host that names that PID is a running copy.
+CREATE OR REPLACE FUNCTION uniphant.prove_process(worker_id uuid, pid integer) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here uuid := uniphant.managed_host();
+BEGIN
+    UPDATE uniphant.processes p SET proven = true
+    WHERE p.worker_id = prove_process.worker_id AND p.host_id = here AND p.pid = prove_process.pid
+      AND NOT p.proven;
+    RETURN FOUND;
+END
+$$;
+
+-- The process rows of the calling manager's host (but the managers' own), for
+-- it to prove or clear: what the kernel says of each is its word, not theirs.
+CREATE OR REPLACE FUNCTION uniphant.host_processes()
+RETURNS TABLE (worker_id uuid, worker_type text, pid integer, proven boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    here uuid := uniphant.managed_host();
+BEGIN
+    RETURN QUERY SELECT p.worker_id, p.worker_type, p.pid, p.proven FROM uniphant.processes p
+    WHERE p.host_id = here AND p.id NOT IN (SELECT m.process_id FROM uniphant.managers m);
 END
 $$;
 
@@ -1281,19 +1355,25 @@ $$;
 -- paused and rolling (in the batch of a rolling restart, not yet back) are
 -- the desired state's.
 CREATE OR REPLACE VIEW uniphant.fleet AS
-WITH live AS (
-    SELECT p.*, uniphant.process_live(p) AS live FROM uniphant.processes p
-), lm AS (
+WITH lm AS (
     SELECT * FROM uniphant.live_managers()
+), live AS (
+    -- A row of a host with a live manager is a running copy once that manager has
+    -- proven it (vouched): until then, or if it is forged, it names no process.
+    SELECT p.*, uniphant.process_live(p) AS live,
+           p.proven OR p.id IN (SELECT m.process_id FROM uniphant.managers m)
+               OR NOT coalesce(p.host_id IN (SELECT lm.host_id FROM lm), false) AS vouched
+    FROM uniphant.processes p
 ), placed AS (
     SELECT w.*, s.host_id AS state_host, s.state AS reported, s.pid AS state_pid, s.since,
            s.restarts, s.last_exit, s.next_start_at, s.log_tail, r.halted AS roll_halted,
+           r.waiting AS roll_waiting,
            CASE
                WHEN w.done_at IS NOT NULL THEN 'done'
                WHEN w.paused_at IS NOT NULL THEN 'paused'
                WHEN r.halted IS NULL AND w.worker_id = ANY (r.current) AND s.state IS DISTINCT FROM 'backoff'
                     AND NOT EXISTS (SELECT 1 FROM live p WHERE p.worker_id = w.worker_id AND p.live
-                                    AND p.started_at > r.batch_started_at) THEN 'rolling'
+                                    AND p.vouched AND p.started_at > r.batch_started_at) THEN 'rolling'
                WHEN s.host_id IN (SELECT lm.host_id FROM lm) THEN s.state
                WHEN EXISTS (SELECT 1 FROM live p WHERE p.worker_id = w.worker_id AND p.live)
                    THEN 'running unsupervised'
@@ -1319,19 +1399,19 @@ SELECT pl.worker_id, pl.worker_type, pl.state,
                     ELSE 'no live manager provides worker type ' || pl.worker_type END
            WHEN 'running unsupervised' THEN 'its manager is not live'
            WHEN 'paused' THEN CASE WHEN p.pid IS NOT NULL THEN 'its process is stopping' END
-           WHEN 'rolling' THEN 'restarting in a rolling restart'
+           WHEN 'rolling' THEN coalesce(pl.roll_waiting, 'restarting in a rolling restart')
        END, 'rolling restart halted: ' || pl.roll_halted) AS detail,
        pl.settings, pl.paused_at, pl.done_at, pl.log_tail
 FROM placed pl
-LEFT JOIN live p ON p.worker_id = pl.worker_id AND p.live
+LEFT JOIN live p ON p.worker_id = pl.worker_id AND p.live AND p.vouched
 LEFT JOIN uniphant.hosts hp ON hp.id = p.host_id
 LEFT JOIN uniphant.hosts hs ON hs.id = pl.state_host
 LEFT JOIN uniphant.hosts hw ON hw.id = pl.host_id
 UNION ALL
 SELECT p.worker_id, p.worker_type,
        CASE WHEN m.host_id IS NOT NULL THEN 'manager' ELSE 'not wanted' END,
-       h.name, p.host_id, false, p.pid, p.started_at, 0, NULL, NULL, p.heartbeat_at, NULL, NULL, NULL, NULL,
-       NULL
+       h.name, p.host_id, false, CASE WHEN p.vouched THEN p.pid END, p.started_at, 0, NULL, NULL,
+       p.heartbeat_at, NULL, NULL, NULL, NULL, NULL
 FROM live p
 LEFT JOIN uniphant.hosts h ON h.id = p.host_id
 LEFT JOIN uniphant.managers m ON m.process_id = p.id
@@ -1399,25 +1479,28 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                        'double precision, text)'),
         (10, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
         (11, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
-        (12, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid, jsonb)'),
-        (13, 'operator', 'EXECUTE ON FUNCTION uniphant.set_worker_settings(uuid, jsonb)'),
-        (14, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
-        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
-        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
-        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
-        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text, integer)'),
-        (19, 'operator', 'EXECUTE ON FUNCTION uniphant.pause_worker(uuid)'),
-        (20, 'operator', 'EXECUTE ON FUNCTION uniphant.resume_worker(uuid)'),
-        (21, 'operator', 'EXECUTE ON FUNCTION uniphant.pause_workers(text)'),
-        (22, 'operator', 'EXECUTE ON FUNCTION uniphant.resume_workers(text)'),
-        (23, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
-        (24, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
-        (25, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
-        (26, 'operator', 'SELECT ON uniphant.fleet'),
-        (27, 'operator', 'SELECT ON uniphant.worker_events'),
-        (28, 'operator', 'SELECT ON uniphant.managers'),
-        (29, 'operator', 'SELECT ON uniphant.hosts'),
-        (30, 'operator', 'SELECT ON uniphant.settings')) AS p (n, part, privilege)
+        (12, 'manager', 'EXECUTE ON FUNCTION uniphant.prove_process(uuid, integer)'),
+        (13, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid, double precision)'),
+        (14, 'manager', 'EXECUTE ON FUNCTION uniphant.host_processes()'),
+        (15, 'operator', 'EXECUTE ON FUNCTION uniphant.add_worker(text, uuid, jsonb)'),
+        (16, 'operator', 'EXECUTE ON FUNCTION uniphant.set_worker_settings(uuid, jsonb)'),
+        (17, 'operator', 'EXECUTE ON FUNCTION uniphant.scale(text, integer, uuid)'),
+        (18, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_worker(uuid)'),
+        (19, 'operator', 'EXECUTE ON FUNCTION uniphant.remove_workers(text)'),
+        (20, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_worker(uuid)'),
+        (21, 'operator', 'EXECUTE ON FUNCTION uniphant.restart_workers(text, integer)'),
+        (22, 'operator', 'EXECUTE ON FUNCTION uniphant.pause_worker(uuid)'),
+        (23, 'operator', 'EXECUTE ON FUNCTION uniphant.resume_worker(uuid)'),
+        (24, 'operator', 'EXECUTE ON FUNCTION uniphant.pause_workers(text)'),
+        (25, 'operator', 'EXECUTE ON FUNCTION uniphant.resume_workers(text)'),
+        (26, 'operator', 'EXECUTE ON FUNCTION uniphant.process_live(uniphant.processes)'),
+        (27, 'operator', 'EXECUTE ON FUNCTION uniphant.session_exists(uuid, name)'),
+        (28, 'operator', 'EXECUTE ON FUNCTION uniphant.live_managers()'),
+        (29, 'operator', 'SELECT ON uniphant.fleet'),
+        (30, 'operator', 'SELECT ON uniphant.worker_events'),
+        (31, 'operator', 'SELECT ON uniphant.managers'),
+        (32, 'operator', 'SELECT ON uniphant.hosts'),
+        (33, 'operator', 'SELECT ON uniphant.settings')) AS p (n, part, privilege)
     WHERE p.part IN (kind, 'every') OR (kind = 'manager' AND p.part = 'worker');
 $$;
 

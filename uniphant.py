@@ -2742,7 +2742,11 @@ _PLAN_EVERY = 5.0
 _PLAN_AFTER_RECONNECT = _BACKOFF_CAP + 0.5
 # The channel the managers hear of changes to the fleet on (schema.sql: notify_fleet).
 _FLEET_CHANNEL = "uniphant_fleet"
-# How often a manager looks for files of workers gone from the desired state.
+# The least time between two plans that notifications ask for: a burst of them
+# costs a plan at once and at most one more after it, and a flood (any role
+# may NOTIFY any channel) at most one plan per gap.
+_PLAN_GAP = 0.05
+# How often to look for files of workers gone from the desired state.
 _TIDY_EVERY = 3600.0
 # How often a manager plans while a worker of its host is in a rolling
 # restart's batch (schema.sql: advance_rolls waits for a second of running).
@@ -2793,6 +2797,7 @@ class _Child:
         self.kill_at: Optional[float] = None  # when its process group gets SIGKILL
         self.ended_by = ""                   # why the manager ended it, if it did
         self.rowless_since: Optional[float] = None
+        self.vouched = False                 # its process row has been proven (uniphant.prove_process)
 
     def signal(self, sig: int) -> None:
         import signal
@@ -2881,7 +2886,10 @@ class _Manager:
         self.slots: Dict[str, _Slot] = {}
         self.connection = None           # the one it listens on
         self.next_plan = 0.0
+        self.planned_at = -_PLAN_GAP      # when the last plan began (time.monotonic)
+        self.plan_asked = False           # a notification asks for a plan, within _PLAN_GAP
         self.next_tidy = 0.0
+        self.next_check = 0.0            # when to look at every process row of this host again
         self.next_start = 0.0            # starts are paced: starts_per_second, jittered
         self.status_told = ""
         self.next_watchdog = 0.0
@@ -2896,7 +2904,7 @@ class _Manager:
             self.next_plan = time.monotonic() + _PLAN_AFTER_RECONNECT if self.connection else 0.0
             self.connection = connection
         self._reap()
-        if _take_notifications(connection, _FLEET_CHANNEL) or time.monotonic() >= self.next_plan:
+        if self._plan_due(connection):
             self._plan(connection)
         self._enforce_deadlines()
         self._start_due(connection)
@@ -2906,11 +2914,13 @@ class _Manager:
     def wakeup(self, connection) -> Tuple[float, Tuple[int, ...]]:
         """When the next pass is due (time.monotonic), and the descriptors that bring
         it forward: a child's exit (its pidfd) or its report."""
-        if connection is not self.connection or any(note[1] == _FLEET_CHANNEL
-                                                    for note in connection.notifications):
-            return 0.0, ()  # read with a reply: no byte waits on the socket for it
+        if connection is not self.connection:
+            return 0.0, ()
+        self.plan_asked = _take_notifications(connection, _FLEET_CHANNEL) or self.plan_asked
         children = [slot.child for slot in self.slots.values() if slot.child is not None]
         moments = [self.next_plan] + [c.kill_at for c in children if c.kill_at is not None]
+        if self.plan_asked:
+            moments.append(self.planned_at + _PLAN_GAP)
         moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
         moments += [max(slot.due, self.next_start) for slot in self._startable()]
         if _watchdog_period():
@@ -2918,20 +2928,31 @@ class _Manager:
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
         return min(moments), tuple(fds)
 
+    def _plan_due(self, connection) -> bool:
+        """Whether to plan now: the timer's plan is due, or a notification asked for
+        one and the last began _PLAN_GAP ago."""
+        self.plan_asked = _take_notifications(connection, _FLEET_CHANNEL) or self.plan_asked
+        now = time.monotonic()
+        return now >= self.next_plan or (self.plan_asked and now >= self.planned_at + _PLAN_GAP)
+
     def _startable(self) -> List[_Slot]:
         """The slots whose worker should run here, and has no process."""
         return [slot for slot in self.slots.values() if slot.wanted and slot.startable
                 and slot.child is None and slot.state not in _HELD]
 
     def _plan(self, connection) -> None:
+        self.planned_at, self.plan_asked = time.monotonic(), False
         if self.worker_types is None or time.monotonic() >= self.next_plan:
             self._tell_worker_types(connection)
         if time.monotonic() >= self.next_tidy:
             self._tidy(connection)
             self.next_tidy = time.monotonic() + _TIDY_EVERY
-        rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, "
-                     "row_live, restarts, settings::text, paused, done, rolling FROM uniphant.manager_plan($1::uuid)",
-                     (self.config["host_id"],))
+        if time.monotonic() >= self.next_check:
+            self._check_host(connection)
+            self.next_check = time.monotonic() + _PLAN_EVERY
+        rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, row_live, "
+                     "restarts, settings::text, paused, done, rolling FROM uniphant.manager_plan($1::uuid, $2)",
+                     (self.config["host_id"], float(self.config["start_timeout"])))
         self.next_plan = time.monotonic() + _PLAN_EVERY
         planned = {row[0] for row in rows if row[2]}
         for slot in list(self.slots.values()):
@@ -2986,6 +3007,20 @@ class _Manager:
         if types != self.worker_types:
             _call(connection, "SELECT uniphant.set_worker_types($1::text[])", (types,))
             self.worker_types = types
+
+    def _check_host(self, connection) -> None:
+        """Prove or clear every process row of this host but the managers': one whose
+        PID holds its worker's PID-file lock in this root is proven (the planners
+        and the fleet view count it as a running copy); any other is stale or
+        forged, and goes (uniphant.clear_process), wanted here or not."""
+        for worker_id, worker_type, pid, proven in _rows(
+                connection, "SELECT worker_id::text, worker_type, pid, proven FROM uniphant.host_processes()"):
+            if _runs_worker(self.config["state_dir"], worker_type, worker_id, pid):
+                if not proven:
+                    _call(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (worker_id, pid))
+            elif _call(connection, "SELECT uniphant.clear_process($1::uuid, $2)", (worker_id, pid))[0]:
+                self.logger.warning("removed the process row of worker %s on this host: it names PID %s, "
+                                    "which does not run the worker", worker_id, pid)
 
     def _tidy(self, connection) -> None:
         """Remove the PID and log files in this root of workers gone from the desired
@@ -3158,7 +3193,9 @@ class _Manager:
                 raise UniphantError(f"no script {slot.worker_type.replace('.', '/')}.py below "
                                     f"{self.config['root_dir']}/workers" if not scripts
                                     else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
-            slot.child = self._fork(scripts[0], slot.worker_id, slot.settings)
+            slot.child = self._fork(scripts[0], slot)
+            self.logger.info("started worker %s (%s): PID %d, named %s", slot.worker_id,
+                             _printable(slot.worker_type), slot.child.pid, _process_title(slot.worker_type))
         except (UniphantError, OSError) as e:  # OSError: out of processes or descriptors, say
             self._ended(slot, f"could not start: {_explain(e)}", False, time.monotonic())
 
@@ -3180,7 +3217,7 @@ class _Manager:
                                 "which does not run the worker", slot.worker_id, slot.row_pid)
         slot.row_pid = None
 
-    def _fork(self, script: str, worker_id: str, settings: str) -> _Child:
+    def _fork(self, script: str, slot: _Slot) -> _Child:
         import signal
 
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -3193,7 +3230,7 @@ class _Manager:
             raise
         if pid == 0:
             os.close(report_r)
-            _become_worker(script, worker_id, report_w, settings)
+            _become_worker(script, slot.worker_id, report_w, slot.settings, _process_title(slot.worker_type))
         os.close(report_w)
         os.set_blocking(report_r, False)
         try:
@@ -3245,11 +3282,19 @@ class _Manager:
                 changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
                                               slot.last_exit, max(slot.due - now, 0.0) if facts and
                                               state == BACKOFF else None, slot.log_tail)))
-        if not changed:
+        # A process it forked or found holding the lock is a running copy: its row says so
+        # at once, so that no planner takes the worker for gone while this one stops it.
+        vouch = [slot for slot in self.slots.values()
+                 if slot.child is not None and slot.child.ready and not slot.child.vouched]
+        if not changed and not vouch:
             return
         _in_one_transaction(connection, lambda: [
             _call(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)", params)
-            for _, _, params in changed])
+            for _, _, params in changed] + [
+            _call(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (slot.worker_id, slot.child.pid))
+            for slot in vouch])
+        for slot in vouch:
+            slot.child.vouched = True
         for slot, facts, _ in changed:
             slot.reported, slot.log_tail = facts, None
             if facts is None:
@@ -3288,6 +3333,21 @@ class _Manager:
         if children:
             self.logger.error("workers still running after SIGKILL: PIDs %s",
                               ", ".join(str(c.pid) for c in children))
+
+
+def _runs_worker(state_dir: str, worker_type: Optional[str], worker_id: str, pid: Optional[int]) -> bool:
+    """Whether process pid holds (or has open) the PID file of worker_id in state_dir:
+    the kernel's word on what a process row of this host says.  A row's type
+    that is no single directory name of ours names no PID file at all."""
+    if pid is None or not worker_type or worker_type in (".", "..") or "/" in worker_type or "\0" in worker_type:
+        return False
+    path = _pid_file_of(state_dir, worker_type, worker_id)
+    try:
+        if get_pid_for_running_process(path) == pid:
+            return True
+    except (OSError, UniphantError):  # a name too long, or not a file of ours
+        return False
+    return _holds_open(pid, path)
 
 
 def _files_below(directory: str, suffix: str) -> List[str]:
@@ -3348,14 +3408,36 @@ def _how_it_ended(child: _Child, status: Optional[int]) -> str:
 # Why a manager runs no copy of a one-per-host script (a manager): the copy
 # would read that script's configuration, the manager's own password included.
 _ONE_PER_HOST = "a script that runs once per host (a manager) is never a desired worker"
+# The most bytes of a process's name (/proc/PID/comm) that Linux keeps.
+_COMM_BYTES = 15
 
 
-def _become_worker(script: str, worker_id: str, report_fd: int, settings: str) -> None:
-    """In a child the manager has forked: run script's worker as `start` would, with
-    fresh runtime state and nothing of the manager's (descriptors, handlers,
-    signals, configuration).  Never returns into the manager's code.  settings:
-    the worker's desired settings as JSON, decoded here, so that a row no reader
-    can decode fails this worker only."""
+def _process_title(worker_type: str) -> str:
+    """The name a forked worker goes by in ps, top and pkill: `uniphant:` and its
+    type, or the type's last part where the whole does not fit, cut to fit."""
+    prefix = "uniphant:"
+    whole = prefix + worker_type
+    name = whole if len(whole.encode()) <= _COMM_BYTES else prefix + worker_type.rsplit(".", 1)[-1]
+    return name.encode()[:_COMM_BYTES].decode(errors="ignore")
+
+
+def _name_process(name: str) -> None:
+    """Set this process's name (prctl PR_SET_NAME), where the C library offers it:
+    forked from the manager, a worker would otherwise go by the manager's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # 15: PR_SET_NAME
+    except (ImportError, OSError, AttributeError):
+        return  # no prctl here: the worker keeps the manager's name
+
+
+def _become_worker(script: str, worker_id: str, report_fd: int, settings: str, name: str) -> None:
+    """In a child the manager has forked: run script's worker as `start` would, named
+    name, with fresh runtime state and nothing of the manager's (descriptors,
+    handlers, signals, configuration).  Never returns into the manager's code.
+    settings: the worker's desired settings as JSON, decoded here, so that a row
+    no reader can decode fails this worker only."""
     import logging
     import runpy
     import signal
@@ -3364,6 +3446,7 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: str) -
     code = EXIT_FAILURE
     try:
         os.setsid()  # a process group of its own: stopped whole, and no terminal's signals
+        _name_process(name)
         signal.set_wakeup_fd(-1)
         for sig in signal.valid_signals():
             if callable(signal.getsignal(sig)):
@@ -3374,8 +3457,8 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: str) -
         os.close(null)
         os.chdir(os.path.dirname(script))
         os.umask(0o002)
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            os.environ.pop(name, None)  # systemd listens to the manager, not to its workers
+        for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(variable, None)  # systemd listens to the manager, not to its workers
         for logger in logging.Logger.manager.loggerDict.values():
             if isinstance(logger, logging.Logger):
                 logger.handlers.clear()  # the manager's: their files are closed here
