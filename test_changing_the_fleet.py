@@ -208,6 +208,7 @@ def test_restart_policy(project, db, policy, exit_with, finished):
 def vendor(project) -> None:
     """uniphant.py in the project root, which the manager takes before any other."""
     shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
 
 
 def test_restarting_the_manager_keeps_its_workers_and_takes_up_its_new_code(project, db):

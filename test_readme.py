@@ -162,6 +162,7 @@ def manager_and_ops(block: str, tmp_path, db) -> None:
     os.makedirs(project.path("workers/uniphant"))
     shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
     shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
     if "manager.py start" not in block:
         with_manager(project)
         db.value("SELECT scale('examples.hello', 2, %s::uuid)", host_of(project))

@@ -498,6 +498,7 @@ def test_the_readmes_page_runs_as_typed_with_the_manager_as_another_role(project
         url = page_files(project, db, "app_page", password)
         with_manager(project)
         shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)  # vendored, as README's commands have it
+        shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
         done = subprocess.run(["bash", "-e", "-c", readme_block("Seeing the fleet", "sh")], cwd=project.root,
                               env=dict(project.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
                                        os.environ["PATH"]), capture_output=True, text=True, timeout=60)

@@ -9,6 +9,7 @@ import re
 import pytest
 
 import uniphant
+import uniphant_fleet
 from conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -94,10 +95,10 @@ def test_the_worker_states_are_the_ones_schema_sql_checks():
     with open(os.path.join(REPO, "schema.sql"), encoding="utf-8") as f:
         schema = f.read()
     check = re.search(r"'worker_states_state_check',\s*'state IN \(([^)]*)\)'", schema).group(1)
-    assert sorted(re.findall(r"''(\w+)''", check)) == sorted(uniphant.SLOT_STATES + ("unplaced",))
+    assert sorted(re.findall(r"''(\w+)''", check)) == sorted(uniphant_fleet.SLOT_STATES + ("unplaced",))
     reported = re.search(r"report_worker\.state NOT IN \(([^)]*)\)", schema).group(1)
-    assert sorted(re.findall(r"'(\w+)'", reported)) == sorted(uniphant.SLOT_STATES)
-    assert set(uniphant._MOVES) == set(uniphant.SLOT_STATES) | {None}
+    assert sorted(re.findall(r"'(\w+)'", reported)) == sorted(uniphant_fleet.SLOT_STATES)
+    assert set(uniphant_fleet._MOVES) == set(uniphant_fleet.SLOT_STATES) | {None}
 
 
 @pytest.mark.parametrize("moves", [
@@ -105,7 +106,7 @@ def test_the_worker_states_are_the_ones_schema_sql_checks():
     ["backoff", "starting"], ["moving", None],
 ])
 def test_a_worker_moves_between_states_as_written_down(moves):
-    slot = uniphant._Slot("w", "a.b")
+    slot = uniphant_fleet._Slot("w", "a.b")
     assert slot.state == "starting"
     for state in moves:
         slot.move(state)
@@ -115,7 +116,7 @@ def test_a_worker_moves_between_states_as_written_down(moves):
 @pytest.mark.parametrize("path", [["backoff", "running"], ["moving", "running"], ["moving", "backoff"],
                                   ["running", "moving"], [None, "running"]])
 def test_a_move_not_written_down_is_refused_where_it_happens(path):
-    slot = uniphant._Slot("w", "a.b")
+    slot = uniphant_fleet._Slot("w", "a.b")
     for state in path[:-1]:
         slot.move(state)
     with pytest.raises(AssertionError, match="no move from"):
@@ -123,7 +124,7 @@ def test_a_move_not_written_down_is_refused_where_it_happens(path):
 
 
 def test_backoff_restarts_at_once_then_doubles_up_to_the_cap_from_the_upper_half():
-    manager = uniphant._Manager(dict(uniphant.RUNTIME_DEFAULTS, restart_delay=1.0, restart_delay_max=8.0), None)
+    manager = uniphant_fleet._Manager(dict(uniphant.RUNTIME_DEFAULTS, restart_delay=1.0, restart_delay_max=8.0), None)
     assert manager._backoff(1) == 0.0
     for failures, cap in [(2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (9, 8.0)]:
         delays = [manager._backoff(failures) for _ in range(200)]

@@ -13,7 +13,8 @@ import sys
 # A vendored uniphant.py lies in the project root, two directories up (README, "Install").
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from uniphant import main, manage  # noqa: E402
+from uniphant import main  # noqa: E402
+from uniphant_fleet import manage  # noqa: E402
 
 if __name__ == "__main__":
     main(manage)

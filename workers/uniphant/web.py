@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import uniphant  # noqa: E402
+import uniphant_fleet  # noqa: E402
 from uniphant import ConfigError, UniphantError, main  # noqa: E402
 
 Config = Dict[str, Any]
@@ -550,7 +551,7 @@ def _act(cursor, verb: str, body: Dict[str, Any]) -> str:
         words = body.get("settings") or []
         if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
             raise _Refused(400, "settings: expected a list of KEY=VALUE")
-        settings = uniphant._ops_settings(words)
+        settings = uniphant_fleet._ops_settings(words)
         worker_type = _worker_type(body)
         cursor.execute("SELECT uniphant.add_worker(%s, %s::uuid, %s::jsonb)::text",
                        (worker_type, _host_id(body), settings))
