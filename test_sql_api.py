@@ -97,7 +97,7 @@ def _catalog(database) -> dict:
 def test_schema_upgrade_from_an_earlier_release_keeps_rows_and_grants_and_applies_every_change(
         cluster, release, grants):
     upgraded = cluster.database(f"uniphant_upgrade_{release[8:10]}", schema=False)
-    pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "fixtures", release))
+    pgserver.load_sql(upgraded.connect(), os.path.join(REPO, "tests", "fixtures", release))
     host, worker, process = (str(uuid.uuid4()) for _ in range(3))
     upgraded.rows("INSERT INTO public.hosts (id, name) VALUES (%s::uuid, 'old-host')", host)
     upgraded.rows("INSERT INTO public.processes (id, worker_id, host_id, worker_type, pid) "
@@ -130,7 +130,7 @@ def test_start_against_a_database_without_the_schema_says_load_schema_sql(cluste
 
 def test_start_against_the_first_schema_says_which_version_to_load(cluster, tmp_path, worker_id):
     database = cluster.database("uniphant_old_schema", schema=False)
-    pgserver.load_sql(database.connect(), os.path.join(REPO, "fixtures", "schema-v1.sql"))
+    pgserver.load_sql(database.connect(), os.path.join(REPO, "tests", "fixtures", "schema-v1.sql"))
     project = project_on(database, tmp_path)
     assert_clean_error(project.run(worker_id, "start", "-f"), 1, f"database {database.env['PGDATABASE']} has "
                        "uniphant schema version 1", f"needs version {uniphant.SCHEMA_VERSION}: load schema.sql")

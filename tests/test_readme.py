@@ -63,7 +63,7 @@ def covered_elsewhere(block: str, tmp_path, db) -> None:
     for command in block.splitlines():
         command = command.split("#")[0].strip()
         if command.endswith("./dev/demo"):
-            with open(os.path.join(REPO, "test_try_it.py"), encoding="utf-8") as f:
+            with open(os.path.join(REPO, "tests", "test_try_it.py"), encoding="utf-8") as f:
                 assert "def test_the_demo_runs_the_example_worker" in f.read()
         elif command:
             words = command.split()
@@ -89,7 +89,7 @@ def try_it_in_a_clone(block: str, tmp_path, db) -> None:
 
 def layout(block: str, tmp_path, db) -> None:
     """The vendored project's layout: test_install.py builds exactly these files."""
-    with open(os.path.join(REPO, "test_install.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
         install = f.read()
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
         assert os.path.basename(name) in install, f"test_install.py does not build {name}"
@@ -196,13 +196,13 @@ def rolling_deploy(block: str, tmp_path, db) -> None:
 
 def privileges(block: str, tmp_path, db) -> None:
     """test_install.py runs the privileges SQL as typed, and a fleet of its three roles."""
-    with open(os.path.join(REPO, "test_install.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
         assert 'readme_block("Database privileges", "sql")' in f.read()
 
 
 def page_as_typed(block: str, tmp_path, db) -> None:
     """test_seeing_the_fleet.py runs the page's SQL and commands as typed, in its layout."""
-    with open(os.path.join(REPO, "test_seeing_the_fleet.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "tests", "test_seeing_the_fleet.py"), encoding="utf-8") as f:
         tests = f.read()
     assert 'readme_block("Seeing the fleet", "sql")' in tests and 'readme_block("Seeing the fleet", "sh")' in tests
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):

@@ -155,7 +155,7 @@ def _tests_and_their_marks() -> dict:
     import glob
 
     found = {}
-    for path in glob.glob(os.path.join(REPO, "test_*.py")):
+    for path in glob.glob(os.path.join(REPO, "test_*.py")) + glob.glob(os.path.join(REPO, "tests", "test_*.py")):
         tree = ast.parse(open(path, encoding="utf-8").read())
         module_marks = {ast.unparse(node.value) for node in tree.body if isinstance(node, ast.Assign)
                         and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)}
