@@ -11,8 +11,8 @@ import time
 import pg8000.dbapi
 import pytest
 
-from conftest import (REPO, another_host, assert_clean_error, fleet, host_of, ops, running, wait_for,
-                      with_manager)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import REPO, assert_clean_error, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 

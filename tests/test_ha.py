@@ -19,7 +19,8 @@ from typing import Dict, List
 import pytest
 
 import uniphant
-from conftest import REPO, Project, assert_clean_error, host_of, ops, start_daemon, wait_for, with_manager, worker_env
+from conftest import host_of, ops, with_manager
+from test_uniphant import REPO, Project, assert_clean_error, start_daemon, wait_for, worker_env
 
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402

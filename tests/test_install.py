@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from conftest import REPO, Project, assert_clean_error, fleet, host_of, running, wait_for
+from conftest import fleet, host_of, running
+from test_uniphant import REPO, Project, assert_clean_error, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -134,7 +135,7 @@ def test_a_manager_needs_no_worker_id_and_one_command_serves_every_host(tmp_path
 
 
 def db_env(db, tmp_path) -> dict:
-    from conftest import worker_env
+    from test_uniphant import worker_env
     (tmp_path / "home").mkdir(exist_ok=True)
     return worker_env(db.env, str(tmp_path / "home"))
 

@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
-from conftest import REPO, Project, host_of, wait_for, with_manager, worker_env
+from conftest import host_of, with_manager
+from test_uniphant import REPO, Project, wait_for, worker_env
 
 pytestmark = pytest.mark.own_database  # managers of the README's fleet act on every worker they see
 

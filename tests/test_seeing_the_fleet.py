@@ -24,8 +24,8 @@ import pytest
 
 import pgserver  # dev/pgserver.py, on the path by conftest.py
 import uniphant
-from conftest import (REPO, another_host, assert_clean_error, fleet, host_of, ops, running, session_of, wait_for,
-                      with_manager, write_worker)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import REPO, assert_clean_error, session_of, wait_for, write_worker
 from test_install import readme_block
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds

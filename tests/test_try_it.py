@@ -18,7 +18,7 @@ from typing import List, Tuple
 
 import pytest
 
-from conftest import REPO, proc_stat, wait_for
+from test_uniphant import REPO, proc_stat, wait_for
 
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402

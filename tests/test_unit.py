@@ -1,5 +1,6 @@
 """Pure logic, in-process and without a server: `./dev/test -m unit` answers in
-seconds.  Each test is one rule that the slower tests rely on."""
+seconds.  Each test is one rule that the slower tests rely on: here the fleet's,
+and the README's against the code (the runtime's are in test_uniphant.py)."""
 
 from __future__ import annotations
 
@@ -10,81 +11,9 @@ import pytest
 
 import uniphant
 import uniphant_fleet
-from conftest import REPO
+from test_uniphant import REPO
 
 pytestmark = pytest.mark.unit
-
-
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
-
-def test_every_runtime_key_has_its_default_and_a_check_that_takes_the_default():
-    for key, (default, check) in uniphant._RUNTIME_KEYS.items():
-        text = default if isinstance(default, str) else f"{default:g}"
-        assert check(text) == default, key
-    assert uniphant.RUNTIME_DEFAULTS == {key: default for key, (default, _) in uniphant._RUNTIME_KEYS.items()}
-
-
-@pytest.mark.parametrize("key, text, value", [
-    ("interval", "0.5", 0.5), ("interval", ".5", 0.5), ("stale_after", "3", 3.0),
-    ("log_level", "debug", "DEBUG"), ("pooler", "Transaction", "transaction"), ("PGPORT", "5432,5433", "5432,5433"),
-])
-def test_a_good_value_is_stored_as_uniphant_uses_it(key, text, value):
-    assert uniphant._checked(key, text, "f:1") == value
-
-
-@pytest.mark.parametrize("key, text", [
-    ("interval", "nan"), ("interval", "1e3"), ("interval", "-1"), ("interval", "86401"), ("interval", "\u0661"),
-    ("stale_after", "2.9"), ("stop_timeout", "0.0"), ("log_level", "LOUD"), ("PGPORT", "0"), ("PGSSLMODE", "maybe"),
-])
-def test_a_bad_value_is_a_config_error_naming_where_and_the_key_never_the_value(key, text):
-    with pytest.raises(uniphant.ConfigError) as error:
-        uniphant._checked(key, text, "f:7")
-    assert str(error.value).startswith(f"f:7: bad value for {key}:") and text not in str(error.value)
-
-
-def test_a_key_uniphant_does_not_read_is_kept_as_text():
-    assert uniphant._checked("queue", " x ", "f:1") == " x "
-
-
-# ---------------------------------------------------------------------------
-# Worker types and what operators read
-# ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, printed", [
-    ("plain text", "plain text"), ("\x1b[2J", "\\x1b[2J"), ("a\nb", "a\\x0ab"), ("\u202e", "\\u202e"),
-    ("\U000e0001", "\\U000e0001"), ("é ✓", "é ✓"),
-])
-def test_printable_shows_every_character_that_is_not_printable_as_an_escape(text, printed):
-    assert uniphant._printable(text) == printed
-
-
-def test_the_worker_types_of_a_root_are_its_scripts_of_valid_types(tmp_path):
-    for path in ("a/b.py", "a/c.py", "x.y.py", "a/.hidden.py", "a/__pycache__/z.py", "bad name.py", "notes.txt",
-                 "/".join(["d"] * 11) + ".py"):
-        (tmp_path / "workers" / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "workers" / path).write_text("")
-    assert uniphant._worker_types(str(tmp_path)) == ["a.b", "a.c", "x.y"]
-
-
-# ---------------------------------------------------------------------------
-# The report pipe
-# ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("word, fields", [
-    ("ready", [4242, 10.0]), ("error", ["no script a/b.py"]),
-    ("exit", ["row-deleted", "its process row was deleted"]), ("exit", ["failed", "RuntimeError: a\nb  c"]),
-])
-def test_a_report_reads_back_as_it_was_written(word, fields):
-    line = uniphant._report_line(word, *fields)
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert uniphant._parse_report(line[:-1]) == (word, [str(f) if i < len(fields) - 1 else " ".join(str(f).split())
-                                                        for i, f in enumerate(fields)])
-
-
-def test_a_short_report_gives_empty_fields():
-    assert uniphant._parse_report(b"exit") == ("exit", ["", ""])
 
 
 # ---------------------------------------------------------------------------
@@ -129,20 +58,6 @@ def test_backoff_restarts_at_once_then_doubles_up_to_the_cap_from_the_upper_half
     for failures, cap in [(2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (9, 8.0)]:
         delays = [manager._backoff(failures) for _ in range(200)]
         assert all(cap / 2 <= d <= cap for d in delays), failures
-
-
-# ---------------------------------------------------------------------------
-# The public API
-# ---------------------------------------------------------------------------
-
-def test_the_public_api_is_stated_and_its_exceptions_carry_what_a_caller_needs():
-    assert re.fullmatch(r"\d+\.\d+\.\d+", uniphant.__version__)
-    assert all(hasattr(uniphant, name) for name in uniphant.__all__)
-    refusal = uniphant.AlreadyRunning.refused({"C": "UN001", "D": "42", "M": "worker w is already running: "
-                                                                        "PID 42 on host web-\x1b1"})
-    assert (refusal.sqlstate, refusal.pid, refusal.host) == ("UN001", 42, "web-\x1b1")
-    assert "\x1b" not in str(refusal) and isinstance(refusal, uniphant.UniphantError)
-    assert issubclass(uniphant.ConfigError, ValueError) and uniphant.ConfigError.exit_code == 2
 
 
 # ---------------------------------------------------------------------------
