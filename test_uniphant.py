@@ -130,8 +130,8 @@ class Database:
 def _external_env() -> Optional[Dict[str, str]]:
     if not os.environ.get("UNIPHANT_TEST_PGHOST"):
         return None
-    return {key: os.environ.get(f"UNIPHANT_TEST_{key}", "")
-            for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD")}
+    env = {key: os.environ.get(f"UNIPHANT_TEST_{key}", "") for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD")}
+    return dict(env, PGPORT=env["PGPORT"] or "5432")  # libpq's default, which the tests' TCP connections name
 
 
 def load_sql(conn, path: str) -> None:
