@@ -88,6 +88,23 @@ def try_it_in_a_clone(block: str, tmp_path, db) -> None:
     assert "started with PID" in done.stdout and "is running with PID" in done.stdout and "stopped." in done.stdout
 
 
+def runtime_tests_on_their_own(block: str, tmp_path, db) -> None:
+    """test_uniphant.py beside uniphant.py and schema.sql, and nothing else, as typed against
+    the test server (a few of its tests: database, project and pure ones)."""
+    vendored = tmp_path / "vendored"
+    vendored.mkdir()
+    for name in ("uniphant.py", "schema.sql", "test_uniphant.py"):
+        shutil.copy(os.path.join(REPO, name), vendored / name)
+    server = {key: db.env.get(key, "") for key in ("PGHOST", "PGPORT", "PGUSER")}
+    typed = re.sub(r"\bUNIPHANT_TEST_(PG\w+)=\S*", lambda m: f"UNIPHANT_TEST_{m.group(1)}={server[m.group(1)]}",
+                   block)
+    env = {k: v for k, v in os.environ.items() if k not in {f"UNIPHANT_TEST_{key}" for key in server}}
+    done = sh(typed.strip() + " -p no:cacheprovider -k 'schema_loads_twice or manuals_one_argument or "
+              "stop_ends_the_daemon_and_removes_its_row or a_good_value_is_stored'", str(vendored), env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"\b9 passed", done.stdout) and "skipped" not in done.stdout, done.stdout
+
+
 def layout(block: str, tmp_path, db) -> None:
     """The vendored project's layout: test_install.py builds exactly these files."""
     with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
@@ -251,6 +268,7 @@ RULES: List[Tuple[str, str, str, Callable]] = [
     ("Try it", "sh", "./dev/demo", covered_elsewhere),
     ("Try it", "sh", "VENV=.venv-newest", covered_elsewhere),
     ("Try it", "sh", "psql -v ON_ERROR_STOP=1 -f schema.sql", try_it_in_a_clone),
+    ("Try it", "sh", "pytest test_uniphant.py", runtime_tests_on_their_own),
     ("Install", "text", "myproject/", layout),
     ("Writing a worker", "python", "from uniphant import alive, main", first_worker),
     ("Writing a worker", "python", "while alive(config, connection):", loop_worker),
