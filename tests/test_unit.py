@@ -1,6 +1,5 @@
 """Pure logic, in-process and without a server: `./dev/test -m unit` answers in
-seconds.  Each test is one rule that the slower tests rely on: here the fleet's,
-and the README's against the code (the runtime's are in test_uniphant.py)."""
+seconds.  Each test is one rule that the slower tests rely on."""
 
 from __future__ import annotations
 
