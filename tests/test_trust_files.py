@@ -13,7 +13,9 @@ import uuid
 
 import pytest
 
-from conftest import REPO, host_of, read_until, running, start_daemon, wait_for, with_manager
+from conftest import REPO, host_of, running, with_manager
+from test_uniphant import start_daemon
+from test_uniphant import read_until, wait_for
 from test_ha import projects  # noqa: F401  (a fixture)
 from test_ha import (MANAGER_STALE_AFTER, assert_one_copy_at_a_time, at_work, live_sessions, own_pair, pid_of, rows,
                      value)

@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 
-from conftest import REPO, Project, host_of, wait_for, with_manager, worker_env
+from conftest import host_of, with_manager
+from test_uniphant import REPO, Project, wait_for, worker_env
 
 pytestmark = pytest.mark.own_database  # managers of the README's fleet act on every worker they see
 
@@ -63,7 +64,7 @@ def covered_elsewhere(block: str, tmp_path, db) -> None:
     for command in block.splitlines():
         command = command.split("#")[0].strip()
         if command.endswith("./dev/demo"):
-            with open(os.path.join(REPO, "test_try_it.py"), encoding="utf-8") as f:
+            with open(os.path.join(REPO, "tests", "test_try_it.py"), encoding="utf-8") as f:
                 assert "def test_the_demo_runs_the_example_worker" in f.read()
         elif command:
             words = command.split()
@@ -87,9 +88,26 @@ def try_it_in_a_clone(block: str, tmp_path, db) -> None:
     assert "started with PID" in done.stdout and "is running with PID" in done.stdout and "stopped." in done.stdout
 
 
+def runtime_tests_on_their_own(block: str, tmp_path, db) -> None:
+    """test_uniphant.py beside uniphant.py and schema.sql, and nothing else, as typed against
+    the test server (a few of its tests: database, project and pure ones)."""
+    vendored = tmp_path / "vendored"
+    vendored.mkdir()
+    for name in ("uniphant.py", "schema.sql", "test_uniphant.py"):
+        shutil.copy(os.path.join(REPO, name), vendored / name)
+    server = {key: db.env.get(key, "") for key in ("PGHOST", "PGPORT", "PGUSER")}
+    typed = re.sub(r"\bUNIPHANT_TEST_(PG\w+)=\S*", lambda m: f"UNIPHANT_TEST_{m.group(1)}={server[m.group(1)]}",
+                   block)
+    env = {k: v for k, v in os.environ.items() if k not in {f"UNIPHANT_TEST_{key}" for key in server}}
+    done = sh(typed.strip() + " -p no:cacheprovider -k 'schema_loads_twice or manuals_one_argument or "
+              "stop_ends_the_daemon_and_removes_its_row or a_good_value_is_stored'", str(vendored), env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"\b9 passed", done.stdout) and "skipped" not in done.stdout, done.stdout
+
+
 def layout(block: str, tmp_path, db) -> None:
     """The vendored project's layout: test_install.py builds exactly these files."""
-    with open(os.path.join(REPO, "test_install.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
         install = f.read()
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
         assert os.path.basename(name) in install, f"test_install.py does not build {name}"
@@ -162,6 +180,7 @@ def manager_and_ops(block: str, tmp_path, db) -> None:
     os.makedirs(project.path("workers/uniphant"))
     shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
     shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
     if "manager.py start" not in block:
         with_manager(project)
         db.value("SELECT scale('examples.hello', 2, %s::uuid)", host_of(project))
@@ -195,13 +214,13 @@ def rolling_deploy(block: str, tmp_path, db) -> None:
 
 def privileges(block: str, tmp_path, db) -> None:
     """test_install.py runs the privileges SQL as typed, and a fleet of its three roles."""
-    with open(os.path.join(REPO, "test_install.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
         assert 'readme_block("Database privileges", "sql")' in f.read()
 
 
 def page_as_typed(block: str, tmp_path, db) -> None:
     """test_seeing_the_fleet.py runs the page's SQL and commands as typed, in its layout."""
-    with open(os.path.join(REPO, "test_seeing_the_fleet.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "tests", "test_seeing_the_fleet.py"), encoding="utf-8") as f:
         tests = f.read()
     assert 'readme_block("Seeing the fleet", "sql")' in tests and 'readme_block("Seeing the fleet", "sh")' in tests
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
@@ -249,6 +268,7 @@ RULES: List[Tuple[str, str, str, Callable]] = [
     ("Try it", "sh", "./dev/demo", covered_elsewhere),
     ("Try it", "sh", "VENV=.venv-newest", covered_elsewhere),
     ("Try it", "sh", "psql -v ON_ERROR_STOP=1 -f schema.sql", try_it_in_a_clone),
+    ("Try it", "sh", "pytest test_uniphant.py", runtime_tests_on_their_own),
     ("Install", "text", "myproject/", layout),
     ("Writing a worker", "python", "from uniphant import alive, main", first_worker),
     ("Writing a worker", "python", "while alive(config, connection):", loop_worker),

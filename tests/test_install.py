@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from conftest import REPO, Project, assert_clean_error, fleet, host_of, running, wait_for
+from conftest import fleet, host_of, running
+from test_uniphant import REPO, Project, assert_clean_error, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -44,6 +45,7 @@ def vendored(tmp_path, db) -> Project:
     project = Project(str(tmp_path / "myproject"), str(home), dict(env, HOME=str(home)))
     os.remove(project.path("workers/test/probe.py"))
     shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
     os.makedirs(project.path("workers/uniphant"))
     shutil.copy(os.path.join(REPO, "workers", "uniphant", "manager.py"), project.path("workers/uniphant"))
     project.write("uniphant.conf", f"PGHOST=127.0.0.1\nPGPORT={db.env['PGPORT']}\n"
@@ -103,7 +105,7 @@ def test_a_vendored_project_runs_its_manager_and_workers_as_three_roles_with_no_
 
 
 def test_a_manager_needs_no_worker_id_and_one_command_serves_every_host(tmp_path, db):
-    import uniphant
+    import uniphant_fleet
     hosts = [Project(str(tmp_path / name), str(tmp_path / "home"), db_env(db, tmp_path)) for name in ("a", "b")]
     try:
         for project in hosts:
@@ -126,14 +128,14 @@ def test_a_manager_needs_no_worker_id_and_one_command_serves_every_host(tmp_path
         assert running(db, ids[0]) is None and running(db, ids[1]) is not None
         assert_clean_error(hosts[0].run(None, "frobnicate", script="workers/uniphant/manager.py"), 2,
                            "[worker_id]")
-        assert uniphant.manage.one_per_host
+        assert uniphant_fleet.manage.one_per_host
     finally:
         for project in hosts:
             project.cleanup()
 
 
 def db_env(db, tmp_path) -> dict:
-    from conftest import worker_env
+    from test_uniphant import worker_env
     (tmp_path / "home").mkdir(exist_ok=True)
     return worker_env(db.env, str(tmp_path / "home"))
 

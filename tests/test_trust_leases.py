@@ -14,8 +14,8 @@ import uuid
 import pg8000.dbapi
 import pytest
 
-from conftest import (fleet, host_of, no_session, ops, session_of, sql_rows, start_daemon, wait_for,
-                      with_manager)
+from conftest import fleet, host_of, ops, with_manager
+from test_uniphant import no_session, session_of, sql_rows, start_daemon, wait_for
 
 pytestmark = pytest.mark.own_database  # max_lease is the whole database's, and a manager acts on every worker
 

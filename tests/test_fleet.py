@@ -16,8 +16,9 @@ import uuid
 import pg8000.dbapi
 import pytest
 
-from conftest import (REPO, another_host, assert_clean_error, fleet, gone, host_of, ops, running, server_project,
-                      session_of, show_config, sql_rows, start_daemon, wait_for, with_manager)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import (REPO, assert_clean_error, gone, server_project, session_of, show_config, sql_rows,
+                           start_daemon, wait_for)
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 

@@ -20,8 +20,8 @@ import pytest
 
 import pgserver  # dev/pgserver.py, on the path by conftest.py
 import uniphant
-from conftest import (REPO, another_host, assert_clean_error, fleet, gone, host_of, ops, running, session_of,
-                      start_daemon, wait_for, with_manager)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import REPO, assert_clean_error, gone, session_of, start_daemon, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 

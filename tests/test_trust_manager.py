@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from conftest import (another_host, cpu_seconds, fleet, gone, host_of, ops, running, session_of, start_daemon,
-                      wait_for, with_manager)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import cpu_seconds, gone, session_of, start_daemon, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 

@@ -11,8 +11,8 @@ import time
 import pg8000.dbapi
 import pytest
 
-from conftest import (REPO, another_host, assert_clean_error, fleet, host_of, ops, running, wait_for,
-                      with_manager)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import REPO, assert_clean_error, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -208,6 +208,7 @@ def test_restart_policy(project, db, policy, exit_with, finished):
 def vendor(project) -> None:
     """uniphant.py in the project root, which the manager takes before any other."""
     shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)
+    shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
 
 
 def test_restarting_the_manager_keeps_its_workers_and_takes_up_its_new_code(project, db):

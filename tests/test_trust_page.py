@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional
 import pytest
 
 import pgserver  # dev/pgserver.py, on the path by conftest.py
-from conftest import assert_clean_error, wait_for
+from test_uniphant import assert_clean_error, wait_for
 from test_seeing_the_fleet import TOKEN, browser, page_files, page_role, text_of  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.own_database

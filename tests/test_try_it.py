@@ -18,7 +18,8 @@ from typing import List, Tuple
 
 import pytest
 
-from conftest import REPO, proc_stat, wait_for
+import uniphant
+from test_uniphant import REPO, proc_stat, wait_for
 
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
@@ -340,8 +341,9 @@ def test_pip_install_builds_the_one_module_without_writing_into_the_tree(tmp_pat
     assert set(os.listdir(REPO)) - before == set()
     for debris in ("build", "dist", "uniphant.egg-info"):
         assert not os.path.exists(os.path.join(REPO, debris))
-    assert set(os.listdir(target)) - {"__pycache__"} == {"uniphant.py", "uniphant-0.1.0.dist-info"}
-    with open(target / "uniphant-0.1.0.dist-info" / "METADATA", encoding="utf-8") as f:
+    dist_info = f"uniphant-{uniphant.__version__}.dist-info"
+    assert set(os.listdir(target)) - {"__pycache__"} == {"uniphant.py", dist_info}
+    with open(target / dist_info / "METADATA", encoding="utf-8") as f:
         metadata = f.read()
     assert f"Requires-Dist: {_declared_pg8000()[0]}\n" in metadata
     where = subprocess.run([sys.executable, "-c", "import uniphant; print(uniphant.__file__)"],

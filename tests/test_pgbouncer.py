@@ -8,7 +8,8 @@ import os
 import pytest
 
 import pgserver  # dev/pgserver.py, on the path by conftest.py
-from conftest import gone, server_project, sql_rows, wait_for, with_manager
+from conftest import with_manager
+from test_uniphant import gone, server_project, sql_rows, wait_for
 
 
 @pytest.mark.faults

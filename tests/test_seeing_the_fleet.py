@@ -24,8 +24,8 @@ import pytest
 
 import pgserver  # dev/pgserver.py, on the path by conftest.py
 import uniphant
-from conftest import (REPO, another_host, assert_clean_error, fleet, host_of, ops, running, session_of, wait_for,
-                      with_manager, write_worker)
+from conftest import another_host, fleet, host_of, ops, running, with_manager
+from test_uniphant import REPO, assert_clean_error, session_of, wait_for, write_worker
 from test_install import readme_block
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
@@ -499,6 +499,7 @@ def test_the_readmes_page_runs_as_typed_with_the_manager_as_another_role(project
         url = page_files(project, db, "app_page", password)
         with_manager(project)
         shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)  # vendored, as README's commands have it
+        shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
         done = subprocess.run(["bash", "-e", "-c", readme_block("Seeing the fleet", "sh")], cwd=project.root,
                               env=dict(project.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
                                        os.environ["PATH"]), capture_output=True, text=True, timeout=60)

@@ -17,7 +17,8 @@ import pg8000.dbapi
 import pytest
 
 import uniphant
-from conftest import assert_clean_error, fleet, host_of, ops, wait_for, with_manager
+from conftest import fleet, host_of, ops, with_manager
+from test_uniphant import assert_clean_error, wait_for
 from test_changing_the_fleet import echo
 from test_seeing_the_fleet import act, answer, page_role, serve_page  # noqa: F401 (page_role: a fixture)
 

@@ -19,9 +19,10 @@ from typing import Dict, List
 import pytest
 
 import uniphant
-from conftest import Project, assert_clean_error, host_of, ops, start_daemon, wait_for, with_manager, worker_env
+from conftest import host_of, ops, with_manager
+from test_uniphant import REPO, Project, assert_clean_error, start_daemon, wait_for, worker_env
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dev"))
+sys.path.insert(0, os.path.join(REPO, "dev"))
 import pgserver  # noqa: E402
 
 # A worker that records each of its calls on the server it is connected to.
