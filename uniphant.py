@@ -96,6 +96,17 @@ class ConfigError(UniphantError, ValueError):
     exit_code = EXIT_USAGE
 
 
+def _printable(text: str) -> str:
+    """text with each character that is not printable shown as an escape (\\x1b,
+    \\u202e): text from the database or from a worker can then neither move a
+    terminal's cursor, retitle it, forge a line, nor reverse what follows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
+
+
 def _reason(error: BaseException) -> str:
     """An exception as a user should read it: its message, else its type's name."""
     fields = error.args[0] if error.args and isinstance(error.args[0], dict) else None
@@ -260,42 +271,26 @@ def _config_entries(path: str, private: bool = False) -> List[Tuple[str, str, st
     return entries
 
 
-def _settings(entries: List[Tuple[str, str, str]]) -> Dict[str, Any]:
-    """The settings of config entries, enforcing the rules: no reserved key, no key
-    twice, a valid value for every key uniphant reads.  A key one slip away from
-    one uniphant reads is noted for a warning (_Log.pending)."""
-    found: Dict[str, Tuple[Any, str]] = {}  # key -> (value, where)
-    for where, key, value in entries:
-        if key in RESERVED_KEYS:
-            raise ConfigError(f"{where}: {key!r} is reserved and cannot be set in a config file")
-        if key in found:
-            raise ConfigError(f"{where}: {key!r} is already defined at {found[key][1]}")
-        found[key] = (_checked(key, value, where), where)
-        meant = _resembles(key)
-        if meant is not None:
-            _runtime.log.pending.append(f"{where}: {_printable(key)!r} is not a key uniphant reads; "
-                                        f"did you mean {meant!r}?")
-    return {key: value for key, (value, _) in found.items()}
+def _checked(key: str, value: str, where: str) -> Any:
+    """value as uniphant uses it, if key is one it reads; a ConfigError saying where, if bad."""
+    check = _RUNTIME_KEYS[key][1] if key in _RUNTIME_KEYS else _CONNECTION_CHECKS.get(key)
+    if check is None:
+        return value
+    try:
+        return check(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: bad value for {key}: {e}") from None
 
 
 # The connection keys uniphant reads, as libpq's environment names them, and
 # libpq's connection-string names for some, which a config file does not take.
 _CONNECTION_KEYS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSSLMODE",
                     "PGCONNECT_TIMEOUT", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS")
+
+
 _CONNINFO_NAMES = {"dbname": "PGDATABASE", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE",
                    "connect_timeout": "PGCONNECT_TIMEOUT", "target_session_attrs": "PGTARGETSESSIONATTRS",
                    "load_balance_hosts": "PGLOADBALANCEHOSTS"}
-
-
-def _resembles(key: str) -> Optional[str]:
-    """The key uniphant reads that key is one slip away from (a letter more, less,
-    other or swapped; another case; libpq's connection-string name), else None."""
-    known = (*_RUNTIME_KEYS, *_CONNECTION_KEYS)
-    if key in known:
-        return None
-    if key.lower() in _CONNINFO_NAMES:
-        return _CONNINFO_NAMES[key.lower()]
-    return next((k for k in known if k.lower() == key.lower() or _one_slip_apart(k, key)), None)
 
 
 def _one_slip_apart(a: str, b: str) -> bool:
@@ -310,15 +305,34 @@ def _one_slip_apart(a: str, b: str) -> bool:
     return longer[first + 1:] == shorter[first:]
 
 
-def _checked(key: str, value: str, where: str) -> Any:
-    """value as uniphant uses it, if key is one it reads; a ConfigError saying where, if bad."""
-    check = _RUNTIME_KEYS[key][1] if key in _RUNTIME_KEYS else _CONNECTION_CHECKS.get(key)
-    if check is None:
-        return value
-    try:
-        return check(value)
-    except ValueError as e:
-        raise ConfigError(f"{where}: bad value for {key}: {e}") from None
+def _resembles(key: str) -> Optional[str]:
+    """The key uniphant reads that key is one slip away from (a letter more, less,
+    other or swapped; another case; libpq's connection-string name), else None."""
+    known = (*_RUNTIME_KEYS, *_CONNECTION_KEYS)
+    if key in known:
+        return None
+    if key.lower() in _CONNINFO_NAMES:
+        return _CONNINFO_NAMES[key.lower()]
+    return next((k for k in known if k.lower() == key.lower() or _one_slip_apart(k, key)), None)
+
+
+def _settings(entries: List[Tuple[str, str, str]],
+              warnings: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The settings of config entries, enforcing the rules: no reserved key, no key
+    twice, a valid value for every key uniphant reads.  A key one slip away from
+    one uniphant reads is noted in warnings, if given."""
+    found: Dict[str, Tuple[Any, str]] = {}  # key -> (value, where)
+    for where, key, value in entries:
+        if key in RESERVED_KEYS:
+            raise ConfigError(f"{where}: {key!r} is reserved and cannot be set in a config file")
+        if key in found:
+            raise ConfigError(f"{where}: {key!r} is already defined at {found[key][1]}")
+        found[key] = (_checked(key, value, where), where)
+        meant = _resembles(key)
+        if meant is not None and warnings is not None:
+            warnings.append(f"{where}: {_printable(key)!r} is not a key uniphant reads; "
+                            f"did you mean {meant!r}?")
+    return {key: value for key, (value, _) in found.items()}
 
 
 def parse_key_value_format(conf_file: str) -> Dict[str, Any]:
@@ -373,31 +387,8 @@ def read_secret_config_files(config: Config) -> Dict[str, Any]:
     return _settings(_secret_entries(config))
 
 
-def read_config_files(config: Config) -> Dict[str, Any]:
-    """Every setting of the uniphant.conf hierarchy (with the script's own
-    <name>.uniphant.conf beside it) and of the secrets files, and those the
-    desired state gives a worker its manager started."""
-    stem = _script_stem(config)
-    entries = [] if stem is None else _config_entries(os.path.join(config["script_dir"], f"{stem}.uniphant.conf"))
-    entries += [entry for directory in _config_dirs(config)
-                for entry in _config_entries(os.path.join(directory, "uniphant.conf"))]
-    return _settings(entries + _secret_entries(config) + _desired_entries(_runtime.settings))
-
-
 # Where a desired worker's settings come from, for the messages about them.
 _DESIRED_SETTINGS = "the worker's settings in the desired state (workers.settings)"
-
-
-def _desired_entries(settings: Dict[str, Any]) -> List[Tuple[str, str, str]]:
-    """(where, key, value) of a desired worker's settings, as a config file's: the
-    same rules hold (a key a config file defines too is defined twice), and no key
-    says where or as whom the worker connects, whatever its config files define."""
-    entries = []
-    for key, value in settings.items():
-        _refuse_desired_key(key, _DESIRED_SETTINGS)
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        entries.append((_DESIRED_SETTINGS, key, text))
-    return entries
 
 
 # The keys no desired worker's settings may hold, beside the reserved ones and
@@ -413,8 +404,18 @@ _CONNECTION_WORDS = frozenset({
     "ssl_min_protocol_version", "ssl_max_protocol_version", "min_protocol_version", "max_protocol_version",
     "krbsrvname", "gsslib", "gssdelegation", "service", "target_session_attrs", "load_balance_hosts", "pooler",
 })
+
+
 _CREDENTIAL_PATTERN = (r"password|passwd|passphrase|secret|token|passfile|credential|private|auth|cert|dsn|"
                        r"(^|[_.-])(api|access|signing|encryption)?keys?($|[_.-])")
+
+
+def _refuse_credential(key: str, where: str) -> None:
+    import re
+
+    if re.search(_CREDENTIAL_PATTERN, key, re.IGNORECASE):
+        raise ConfigError(f"{where}: {key!r} looks like a credential, which every operator could read "
+                          f"there: put it in a secrets.conf")
 
 
 def _refuse_desired_key(key: str, where: str) -> None:
@@ -427,12 +428,36 @@ def _refuse_desired_key(key: str, where: str) -> None:
     _refuse_credential(key, where)
 
 
-def _refuse_credential(key: str, where: str) -> None:
-    import re
+def _desired_entries(settings: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(where, key, value) of a desired worker's settings, as a config file's: the
+    same rules hold (a key a config file defines too is defined twice), and no key
+    says where or as whom the worker connects, whatever its config files define."""
+    entries = []
+    for key, value in settings.items():
+        _refuse_desired_key(key, _DESIRED_SETTINGS)
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        entries.append((_DESIRED_SETTINGS, key, text))
+    return entries
 
-    if re.search(_CREDENTIAL_PATTERN, key, re.IGNORECASE):
-        raise ConfigError(f"{where}: {key!r} looks like a credential, which every operator could read "
-                          f"there: put it in a secrets.conf")
+
+def config_sources(config: Config, desired: Optional[Dict[str, Any]] = None) -> List[Tuple[str, str, str]]:
+    """Every (where, key, value) that makes the configuration of config's script,
+    in the order they are read: the script's own <name>.uniphant.conf, the
+    uniphant.conf of each directory up to root_dir, the secrets files, then the
+    desired settings its manager gave it (desired_settings())."""
+    stem = _script_stem(config)
+    entries = [] if stem is None else _config_entries(os.path.join(config["script_dir"], f"{stem}.uniphant.conf"))
+    entries += [entry for directory in _config_dirs(config)
+                for entry in _config_entries(os.path.join(directory, "uniphant.conf"))]
+    return entries + _secret_entries(config) + _desired_entries(desired or {})
+
+
+def read_config_files(config: Config, warnings: Optional[List[str]] = None,
+                      desired: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Every setting of the uniphant.conf hierarchy (with the script's own
+    <name>.uniphant.conf beside it) and of the secrets files, and the desired
+    settings given; a key that looks misspelt is noted in warnings."""
+    return _settings(config_sources(config, desired), warnings)
 
 
 def _decoded_settings(text: Optional[str]) -> Dict[str, Any]:
@@ -553,20 +578,20 @@ def _refuse_shared_type(config: Config) -> None:
                           f"{config['worker_type']!r}: rename one of them")
 
 
-def get_pid_file_path(config: Config) -> str:
-    return _pid_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
-
-
 def _pid_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
     return os.path.join(state_dir, "pid", worker_type, f"{worker_id}.pid")
 
 
-def _log_file_path(config: Config) -> str:
-    return _log_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
+def get_pid_file_path(config: Config) -> str:
+    return _pid_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
 
 
 def _log_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
     return os.path.join(state_dir, "log", worker_type, f"{worker_id}.log")
+
+
+def _log_file_path(config: Config) -> str:
+    return _log_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
 
 
 def _state_dir(root_dir: str) -> str:
@@ -587,24 +612,6 @@ def _script_config() -> Config:
     }
 
 
-def setup_config() -> Config:
-    """The configuration of the calling worker: the reserved keys, then the files' keys."""
-    config = _script_config()
-    config.update(RUNTIME_DEFAULTS)
-    config.update(read_config_files(config))
-    if not _runtime.managed:  # a managed worker's stderr is the manager's: its log says it
-        for warning in _runtime.log.pending:
-            print(f"{os.path.basename(sys.argv[0])}: warning: {warning}", file=sys.stderr)
-    for key in _CONNECTION_CHECKS:
-        _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
-    try:
-        os.makedirs(config["state_dir"], 0o775, exist_ok=True)
-    except OSError as e:
-        raise UniphantError(f"cannot create the state directory {config['state_dir']}: {e.strerror}") from None
-    config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
-    config["process_id"] = _new_uuid()
-    config["host_name"] = os.uname().nodename
-    return config
 # ---------------------------------------------------------------------------
 # Host identity
 # ---------------------------------------------------------------------------
@@ -692,6 +699,25 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
 GENERATION_FILE = ".server_generation"
 
 
+def _open_own_file(path: str, flags: int) -> int:
+    """os.open() for a file of uniphant's own: never through a symlink, one-line errors.
+
+    FileNotFoundError passes unchanged, for the callers to whom it means "none".
+    """
+    try:
+        # Not blocking: a FIFO planted there must not hang us.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        reason = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+        raise UniphantError(f"cannot open {path}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UniphantError(f"cannot open {path}: it is not a regular file")
+    return fd
+
+
 def _read_generations(path: str) -> Tuple[Dict[int, int], Optional[str]]:
     """{system identifier: newest timeline} from path ({} if there is no file), and
     what is wrong with the file, if anything: the lines that are sound count."""
@@ -736,22 +762,6 @@ def _record_generation(config: Config, generations: Dict[int, int]) -> None:
         os.close(fd)
 
 
-def _keep_generation_file(config: Config) -> None:
-    """At a heartbeat: write the generations this process has seen back into the
-    host's file if it has gone, been damaged, or lost them, so that a process
-    started later knows them.  One lstat() while the file is as last seen."""
-    state_dir = config.get("state_dir")
-    if not (state_dir and config.get("host_id") and _runtime.generations):
-        return
-    path = os.path.join(state_dir, GENERATION_FILE)
-    if _file_identity(path) == _runtime.generation_file:
-        return
-    on_file, problem = _read_generations(path)
-    _remember_generations(on_file, problem)
-    _write_back_generations(config, on_file, problem)
-    _runtime.generation_file = _file_identity(path)
-
-
 def _file_identity(path: str) -> Optional[Tuple[int, int, int]]:
     """(inode, modification time, size) of path itself, None if there is none:
     a file replaced or written since differs."""
@@ -760,6 +770,130 @@ def _file_identity(path: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+# ---------------------------------------------------------------------------
+# This process: what it knows while it runs, and its configuration
+# ---------------------------------------------------------------------------
+
+
+class _Signals:
+    """The signals caught, and what wakes the run loop for them and for the
+    foreground parent's death."""
+
+    def __init__(self) -> None:
+        self.caught: List[int] = []            # by signal_handler, not yet acted on
+        self.stop: Optional[str] = None        # the name of the signal that asked the process to stop
+        self.connecting = False                # a stop signal interrupts the connect under way
+        self.wakeup_fd: Optional[int] = None   # readable when a signal arrived
+        self.parent_fd: Optional[int] = None   # a pidfd of the parent (foreground): readable when it exits
+        self.poll_parent = False               # foreground without pidfds: look every _PARENT_POLL
+        self.handover: Optional[str] = None    # the worker function's handover signal (README, "Hooks")
+
+
+class _Lease:
+    """The process row, held as a lease (README, "One copy at a time"): when to
+    renew it, and when it was last confirmed."""
+
+    def __init__(self) -> None:
+        self.next_heartbeat = 0.0              # when keepalive() is due (time.monotonic)
+        self.confirmed_at = 0.0                # when the last call that found the row was sent
+        self.row_gone = False                  # keepalive() found the row deleted
+        self.hinted = False                    # SIGUSR1: confirm the row at once
+        self.watchdog: Optional[_Watchdog] = None
+
+
+class _Log:
+    """The worker's logger, its log file's handler (reopened on SIGHUP), the
+    one-time warnings already given, and those waiting for the logger."""
+
+    def __init__(self) -> None:
+        self.logger: Optional[logging.Logger] = None
+        self.handler = None
+        self.warned: set = set()
+        self.pending: List[str] = []  # warnings from before the logger was set up
+
+
+class _Runtime:
+    """What one uniphant process knows while it runs.
+
+    One instance per process: a worker that the manager forks starts with a
+    fresh one, so nothing of its parent's run carries over but the server
+    generations it has seen (a host's file of them may be gone or damaged).
+    """
+
+    def __init__(self) -> None:
+        self.signals = _Signals()
+        self.lease = _Lease()
+        self.log = _Log()
+        self.pid_file_fd: Optional[int] = None   # the locked PID file
+        self.managed = False                     # forked by a manager, which reads report_fd
+        self.report_fd: Optional[int] = None
+        self.settings: Dict[str, Any] = {}       # given it by the desired state (workers.settings)
+        self.config: Optional[Config] = None     # the runtime's own copy of the configuration
+        self.pid = os.getpid()                   # the process that runs the worker
+        self.next_call = 0.0                     # when the worker function is due (time.monotonic)
+        self.ending: Optional[_Ending] = None    # why the run ended, for the manager
+        self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
+        self.generation_file: Optional[Tuple[int, int, int]] = None  # _file_identity() as last kept
+
+
+_runtime = _Runtime()
+
+
+def _warn(message: str) -> None:
+    """A warning for the log, or for it once it is set up."""
+    if _runtime.log.logger is not None:
+        _runtime.log.logger.warning("%s", message)
+    else:
+        _runtime.log.pending.append(message)
+
+
+def desired_settings() -> Dict[str, Any]:
+    """The settings the desired state gave this worker (workers.settings), in a
+    worker its manager started; {} in any other process."""
+    return dict(_runtime.settings)
+
+
+def _begin_managed_child(report_fd: int, settings: str) -> None:
+    """In a child a manager forked: start afresh, as a process that reports to
+    the manager on report_fd and takes its desired settings (JSON, decoded
+    here, so that a row no reader can decode fails this worker only).  The
+    parent's configuration (its password, say), which frames still reach, is
+    emptied first; the server generations it has seen are kept."""
+    global _runtime
+    generations = _runtime.generations
+    if _runtime.config is not None:
+        _runtime.config.clear()
+    _runtime = _Runtime()
+    _runtime.managed, _runtime.report_fd = True, report_fd
+    _runtime.settings = _decoded_settings(settings)
+    _runtime.generations = generations
+
+
+class _Ending:
+    """Why a run ended: a code, which the manager that forked the process acts
+    on, and the words, for people (the log, worker_states.last_exit)."""
+
+    ROW_DELETED = "row-deleted"    # its process row was deleted: a restart from SQL, or a stop
+    SIGNAL = "signal"              # a stop signal came
+    PARENT_GONE = "parent-gone"    # the foreground process's parent exited
+    EXIT = "exit"                  # the worker function raised SystemExit
+    FAILED = "failed"              # the worker function raised anything else
+    UNIPHANT = "uniphant"          # the runtime could not go on (its schema gone, say)
+    HANDOVER = "handover"          # its handover signal came: a successor takes over
+
+    def __init__(self, code: str, text: str) -> None:
+        self.code = code
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _handing_over() -> bool:
+    """Whether this process's run ended to hand over to its successor (restart)."""
+    return _runtime.ending is not None and _runtime.ending.code == _Ending.HANDOVER
 
 
 def _remember_generations(on_file: Dict[int, int], problem: Optional[str]) -> None:
@@ -788,6 +922,54 @@ def _write_back_generations(config: Config, on_file: Dict[int, int], problem: Op
               f"started on this host later will not know to refuse an old primary")
 
 
+def _keep_generation_file(config: Config) -> None:
+    """At a heartbeat: write the generations this process has seen back into the
+    host's file if it has gone, been damaged, or lost them, so that a process
+    started later knows them.  One lstat() while the file is as last seen."""
+    state_dir = config.get("state_dir")
+    if not (state_dir and config.get("host_id") and _runtime.generations):
+        return
+    path = os.path.join(state_dir, GENERATION_FILE)
+    if _file_identity(path) == _runtime.generation_file:
+        return
+    on_file, problem = _read_generations(path)
+    _remember_generations(on_file, problem)
+    _write_back_generations(config, on_file, problem)
+    _runtime.generation_file = _file_identity(path)
+
+
+def _pg_setting(config: Config, key: str) -> str:
+    """A connection key from the config files (checked when read), else the
+    environment ('' if unset)."""
+    value = str(config.get(key) or "").strip(_SPACE)
+    if value:
+        return value
+    value = os.environ.get(key, "").strip(_SPACE)
+    return _checked(key, value, "the environment") if value else ""
+
+
+def setup_config() -> Config:
+    """The configuration of the calling worker: the reserved keys, then the files' keys."""
+    config = _script_config()
+    config.update(RUNTIME_DEFAULTS)
+    warnings: List[str] = []
+    config.update(read_config_files(config, warnings, _runtime.settings))
+    for warning in warnings:
+        _warn(warning)
+        if not _runtime.managed:  # a managed worker's stderr is the manager's: its log says it
+            print(f"{os.path.basename(sys.argv[0])}: warning: {warning}", file=sys.stderr)
+    for key in _CONNECTION_CHECKS:
+        _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
+    try:
+        os.makedirs(config["state_dir"], 0o775, exist_ok=True)
+    except OSError as e:
+        raise UniphantError(f"cannot create the state directory {config['state_dir']}: {e.strerror}") from None
+    config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
+    config["process_id"] = _new_uuid()
+    config["host_name"] = os.uname().nodename
+    return config
+
+
 # ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
@@ -807,25 +989,6 @@ def _real_dir(root_dir: str, *names: str) -> str:
     return path
 
 
-def _open_own_file(path: str, flags: int) -> int:
-    """os.open() for a file of uniphant's own: never through a symlink, one-line errors.
-
-    FileNotFoundError passes unchanged, for the callers to whom it means "none".
-    """
-    try:
-        # Not blocking: a FIFO planted there must not hang us.
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        reason = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
-        raise UniphantError(f"cannot open {path}: {reason}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UniphantError(f"cannot open {path}: it is not a regular file")
-    return fd
-
-
 def _open_log_stream(config: Config):
     """The log file, opened for appending (its directory made again if it was removed)."""
     _real_dir(config["state_dir"], "log", config["worker_type"])
@@ -841,6 +1004,12 @@ def _prepare_paths(config: Config) -> None:
     _real_dir(config["state_dir"], "pid", config["worker_type"])
     if config["log_file"] == "on":
         _open_log_stream(config).close()
+
+
+def _logger(config: Config) -> logging.Logger:
+    import logging
+
+    return logging.getLogger(f"uniphant.{config['worker_type']}")
 
 
 def setup_logging(config: Config) -> logging.Logger:
@@ -869,31 +1038,6 @@ def setup_logging(config: Config) -> logging.Logger:
         logger.warning("%s", warning)
     _runtime.log.pending.clear()
     return logger
-
-
-def _warn(message: str) -> None:
-    """A warning for the log, or for it once it is set up."""
-    if _runtime.log.logger is not None:
-        _runtime.log.logger.warning("%s", message)
-    else:
-        _runtime.log.pending.append(message)
-
-
-def _printable(text: str) -> str:
-    """text with each character that is not printable shown as an escape (\\x1b,
-    \\u202e): text from the database or from a worker can then neither move a
-    terminal's cursor, retitle it, forge a line, nor reverse what follows."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else
-                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
-                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
-
-
-def _logger(config: Config) -> logging.Logger:
-    import logging
-
-    return logging.getLogger(f"uniphant.{config['worker_type']}")
 
 
 def _reopen_log(config: Config) -> None:
@@ -1030,16 +1174,6 @@ class _Wire:
 
     def readable(self) -> bool:
         return self.pending() or _readable(self.sock.fileno())
-
-
-def _pg_setting(config: Config, key: str) -> str:
-    """A connection key from the config files (checked when read), else the
-    environment ('' if unset)."""
-    value = str(config.get(key) or "").strip(_SPACE)
-    if value:
-        return value
-    value = os.environ.get(key, "").strip(_SPACE)
-    return _checked(key, value, "the environment") if value else ""
 
 
 def _default_socket_dir() -> str:
@@ -1182,138 +1316,18 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
     return _Wire(sock, (host, port))
 
 
-def _connect(config: Config, tried: Optional[Dict[Tuple[str, int], str]] = None):
-    """connect_to_database(), given up at once when a stop signal comes (_Interrupted);
-    tried: see _connect_to."""
-    _runtime.signals.connecting = True
-    try:
-        return _connect_to(config, _session_attrs(config), tried=tried)
-    finally:
-        _runtime.signals.connecting = False
-
-
-def _session_attrs(config: Config) -> str:
-    """target_session_attrs as set; else read-write, since uniphant's processes write."""
-    return _pg_setting(config, "PGTARGETSESSIONATTRS") or "read-write"
-
-
-def connect_to_database(config: Config):
-    """A pg8000 connection in autocommit mode whose application_name is the process id.
-
-    Tries each host of PGHOST in turn (shuffled with PGLOADBALANCEHOSTS=random) and
-    takes the first whose server suits PGTARGETSESSIONATTRS (read-write unless set)
-    and is not an old primary (_check_generation); raises ConnectError with one
-    line naming each host tried and why it was not taken.
-    """
-    return _connect_to(config, _session_attrs(config))
-
-
-def _connect_to(config: Config, attrs: str, fallback: bool = False,
-                tried: Optional[Dict[Tuple[str, int], str]] = None):
-    """A connection to the first host whose server suits attrs (target_session_attrs);
-    else, for prefer-standby or with fallback, to the first that answered (libpq's
-    second pass, without logging in twice).  Never to one behind the newest
-    generation of its cluster seen here.  tried: the hosts tried already, and why
-    they would not do: they are not tried again, and those tried now are added."""
-    tried = {} if tried is None else tried
-    fallback = fallback or attrs == "prefer-standby"
-    user = _pg_setting(config, "PGUSER") or _os_user()
-    login = (user, _pg_setting(config, "PGDATABASE") or user, _pg_setting(config, "PGSSLMODE") or "prefer")
-    targets, passed_over = _targets(config), []
-    connection = second = None  # second: the fallback, the first server that answered but did not suit
-    try:
-        for target in targets:
-            if target in tried:
-                continue
-            connection, why = _try_host(config, target, login, attrs, fallback and second is None,
-                                        passed_over)
-            if connection is None:
-                tried[target] = why
-            elif why:
-                second = connection
-            else:
-                break
-        else:
-            connection, second = second, None
-    finally:
-        if second is not None:
-            _close_quietly(second)
-    if connection is None:
-        raise ConnectError("could not connect to PostgreSQL at " + "; ".join(
-            f"{_where(*target)}: {tried[target]}" for target in targets if target in tried))
-    _wire_of(connection).passed_over = passed_over
-    return connection
-
-
-def _try_host(config: Config, target: Tuple[str, int], login: Tuple[str, str, str], attrs: str,
-              may_fall_back: bool, passed_over: List[str]) -> Tuple[Any, str]:
-    """Log in to one host: (the connection, "") if its server suits attrs, (the connection,
-    why not) if it does not but may_fall_back, else (None, why not).  An old primary
-    is refused, and noted in passed_over."""
-    where = _where(*target)
-    try:
-        connection = _login(config, *target, *login)
-    except ConnectError as e:
-        if e.permanent:
-            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", permanent=True) from None
-        return None, str(e)
-    wanted = "standby" if attrs == "prefer-standby" else attrs
-    try:
-        suits = _appraise(connection, wanted)
-        behind = _check_generation(config, connection) if suits or may_fall_back else None
-    except UniphantError:
-        _close_quietly(connection)
-        raise
-    except Exception as e:  # the connection was lost on the way
-        _close_quietly(connection)
-        return None, _explain(e)
-    wire = _wire_of(connection)
-    if behind is None and suits:
-        wire.keep_to = wanted
-        return connection, ""
-    why = behind or f"{wire.kind} (target_session_attrs={attrs})"
-    if behind is None and may_fall_back:
-        return connection, why
-    if behind is not None:
-        passed_over.append(f"{where}: {behind}")
-    _close_quietly(connection)
-    return None, why
-
-
-def _login(config: Config, host: str, port: int, user: str, database: str, sslmode: str):
-    """A logged-in connection to one host, in autocommit mode; ConnectError if not."""
+def _close_quietly(connection) -> None:
+    """Close a connection that may be dead: one that cannot say goodbye is closed all the same."""
     import pg8000.dbapi
 
-    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
-    timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
-    password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
-    wire = None
     try:
-        wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
-        connection = pg8000.dbapi.connect(
-            user=user, database=database, password=password, sock=wire,
-            ssl_context=False, application_name=config["process_id"])
-    except _Interrupted:
-        if wire is not None:
-            wire.close()
-        raise
-    except ConnectError:
-        raise
-    except Exception as e:
-        if password is None and _asks_for_password(e):
-            raise ConnectError(
-                f"the server asks for a password and none is configured: set PGPASSWORD "
-                f"(in a secrets.conf, say) or add a line for this server to "
-                f"{_pgpass_path(config) or 'a PGPASSFILE'}", permanent=True) from None
-        raise ConnectError(*_connect_failure(e, timeout)) from None
-    wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
-    statuses = connection.parameter_statuses
-    wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
-    wire.pooled = config.get("pooler") == "transaction"
-    connection.autocommit = True
-    # pg8000 keeps the password, and what SCRAM derived from it, for logging in only.
-    connection.password = connection.auth = None
-    return connection
+        connection.close()
+    except (pg8000.dbapi.InterfaceError, OSError):
+        return  # pg8000 closes the socket even when the goodbye cannot be sent
+
+
+def _kind(standby: bool, read_only: bool) -> str:
+    return "a standby" if standby else "a read-only server" if read_only else "a primary"
 
 
 def _server_state(connection) -> Tuple[bool, bool]:
@@ -1335,8 +1349,10 @@ def _suits(wanted: str, standby: bool, read_only: bool) -> bool:
             "primary": not standby, "standby": standby}[wanted]
 
 
-def _kind(standby: bool, read_only: bool) -> str:
-    return "a standby" if standby else "a read-only server" if read_only else "a primary"
+def _wire_of(connection) -> Optional[_Wire]:
+    # pg8000 keeps the socket it was given as _usock; only ours are _Wires.
+    wire = getattr(connection, "_usock", None)
+    return wire if isinstance(wire, _Wire) else None
 
 
 def _appraise(connection, wanted: str) -> bool:
@@ -1346,24 +1362,10 @@ def _appraise(connection, wanted: str) -> bool:
     return _suits(wanted, standby, read_only)
 
 
-def _server(connection) -> str:
-    """The server a connection reached, and what it was: "host:port, a primary"."""
-    wire = _wire_of(connection)
-    return f"{wire.where}, {wire.kind}" if wire is not None else "the database server"
-
-
-def _check_server(connection) -> None:
-    """A server that no longer suits the target_session_attrs it was chosen for (it
-    turned read-only, or into a standby) is a lost server."""
-    wire = _wire_of(connection)
-    if wire is None or wire.keep_to is None:
-        return
-    statuses = connection.parameter_statuses
-    standby = statuses.get("in_hot_standby") == "on"
-    read_only = statuses.get("default_transaction_read_only") == "on"
-    if not _suits(wire.keep_to, standby, read_only):
-        raise _ConnectionLost(f"{wire.where} is {_kind(standby, read_only)} now "
-                              f"(target_session_attrs={wire.keep_to})")
+def _sql_error(error: BaseException) -> Tuple[str, str]:
+    """(SQLSTATE, message) of a pg8000 DatabaseError."""
+    fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
+    return fields.get("C", ""), _printable(fields.get("M", str(error)))
 
 
 def _check_generation(config: Config, connection) -> Optional[str]:
@@ -1404,16 +1406,14 @@ def _check_generation(config: Config, connection) -> Optional[str]:
     return None
 
 
+class _Interrupted(UniphantError):
+    """A stop signal came while connecting, which may wait for ever (PGCONNECT_TIMEOUT=0)."""
+
+
 def _asks_for_password(error: BaseException) -> bool:
     # pg8000 says so for clear-text and MD5; for SCRAM it fails on the missing
     # password itself, with an AttributeError.
     return isinstance(error, AttributeError) or "no password was provided" in str(error)
-
-
-def _sql_error(error: BaseException) -> Tuple[str, str]:
-    """(SQLSTATE, message) of a pg8000 DatabaseError."""
-    fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
-    return fields.get("C", ""), _printable(fields.get("M", str(error)))
 
 
 def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[str, bool]:
@@ -1443,10 +1443,158 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
     return getattr(cause, "strerror", None) or _reason(cause), False
 
 
-def _wire_of(connection) -> Optional[_Wire]:
-    # pg8000 keeps the socket it was given as _usock; only ours are _Wires.
-    wire = getattr(connection, "_usock", None)
-    return wire if isinstance(wire, _Wire) else None
+def _login(config: Config, host: str, port: int, user: str, database: str, sslmode: str):
+    """A logged-in connection to one host, in autocommit mode; ConnectError if not."""
+    import pg8000.dbapi
+
+    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
+    timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
+    password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
+    wire = None
+    try:
+        wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
+        connection = pg8000.dbapi.connect(
+            user=user, database=database, password=password, sock=wire,
+            ssl_context=False, application_name=config["process_id"])
+    except _Interrupted:
+        if wire is not None:
+            wire.close()
+        raise
+    except ConnectError:
+        raise
+    except Exception as e:
+        if password is None and _asks_for_password(e):
+            raise ConnectError(
+                f"the server asks for a password and none is configured: set PGPASSWORD "
+                f"(in a secrets.conf, say) or add a line for this server to "
+                f"{_pgpass_path(config) or 'a PGPASSFILE'}", permanent=True) from None
+        raise ConnectError(*_connect_failure(e, timeout)) from None
+    wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
+    statuses = connection.parameter_statuses
+    wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
+    wire.pooled = config.get("pooler") == "transaction"
+    connection.autocommit = True
+    # pg8000 keeps the password, and what SCRAM derived from it, for logging in only.
+    connection.password = connection.auth = None
+    return connection
+
+
+def _try_host(config: Config, target: Tuple[str, int], login: Tuple[str, str, str], attrs: str,
+              may_fall_back: bool, passed_over: List[str]) -> Tuple[Any, str]:
+    """Log in to one host: (the connection, "") if its server suits attrs, (the connection,
+    why not) if it does not but may_fall_back, else (None, why not).  An old primary
+    is refused, and noted in passed_over."""
+    where = _where(*target)
+    try:
+        connection = _login(config, *target, *login)
+    except ConnectError as e:
+        if e.permanent:
+            raise ConnectError(f"could not connect to PostgreSQL at {where}: {e}", permanent=True) from None
+        return None, str(e)
+    wanted = "standby" if attrs == "prefer-standby" else attrs
+    try:
+        suits = _appraise(connection, wanted)
+        behind = _check_generation(config, connection) if suits or may_fall_back else None
+    except UniphantError:
+        _close_quietly(connection)
+        raise
+    except Exception as e:  # the connection was lost on the way
+        _close_quietly(connection)
+        return None, _explain(e)
+    wire = _wire_of(connection)
+    if behind is None and suits:
+        wire.keep_to = wanted
+        return connection, ""
+    why = behind or f"{wire.kind} (target_session_attrs={attrs})"
+    if behind is None and may_fall_back:
+        return connection, why
+    if behind is not None:
+        passed_over.append(f"{where}: {behind}")
+    _close_quietly(connection)
+    return None, why
+
+
+def _connect_to(config: Config, attrs: str, fallback: bool = False,
+                tried: Optional[Dict[Tuple[str, int], str]] = None):
+    """A connection to the first host whose server suits attrs (target_session_attrs);
+    else, for prefer-standby or with fallback, to the first that answered (libpq's
+    second pass, without logging in twice).  Never to one behind the newest
+    generation of its cluster seen here.  tried: the hosts tried already, and why
+    they would not do: they are not tried again, and those tried now are added."""
+    tried = {} if tried is None else tried
+    fallback = fallback or attrs == "prefer-standby"
+    user = _pg_setting(config, "PGUSER") or _os_user()
+    login = (user, _pg_setting(config, "PGDATABASE") or user, _pg_setting(config, "PGSSLMODE") or "prefer")
+    targets, passed_over = _targets(config), []
+    connection = second = None  # second: the fallback, the first server that answered but did not suit
+    try:
+        for target in targets:
+            if target in tried:
+                continue
+            connection, why = _try_host(config, target, login, attrs, fallback and second is None,
+                                        passed_over)
+            if connection is None:
+                tried[target] = why
+            elif why:
+                second = connection
+            else:
+                break
+        else:
+            connection, second = second, None
+    finally:
+        if second is not None:
+            _close_quietly(second)
+    if connection is None:
+        raise ConnectError("could not connect to PostgreSQL at " + "; ".join(
+            f"{_where(*target)}: {tried[target]}" for target in targets if target in tried))
+    _wire_of(connection).passed_over = passed_over
+    return connection
+
+
+def _session_attrs(config: Config) -> str:
+    """target_session_attrs as set; else read-write, since uniphant's processes write."""
+    return _pg_setting(config, "PGTARGETSESSIONATTRS") or "read-write"
+
+
+def _connect(config: Config, tried: Optional[Dict[Tuple[str, int], str]] = None):
+    """connect_to_database(), given up at once when a stop signal comes (_Interrupted);
+    tried: see _connect_to."""
+    _runtime.signals.connecting = True
+    try:
+        return _connect_to(config, _session_attrs(config), tried=tried)
+    finally:
+        _runtime.signals.connecting = False
+
+
+def connect_to_database(config: Config):
+    """A pg8000 connection in autocommit mode whose application_name is the process id.
+
+    Tries each host of PGHOST in turn (shuffled with PGLOADBALANCEHOSTS=random) and
+    takes the first whose server suits PGTARGETSESSIONATTRS (read-write unless set)
+    and is not an old primary (_check_generation); raises ConnectError with one
+    line naming each host tried and why it was not taken.
+    """
+    return _connect_to(config, _session_attrs(config))
+
+
+def _server(connection) -> str:
+    """The server a connection reached, and what it was: "host:port, a primary"."""
+    wire = _wire_of(connection)
+    return f"{wire.where}, {wire.kind}" if wire is not None else "the database server"
+
+
+def _check_server(connection) -> None:
+    """A server that no longer suits the target_session_attrs it was chosen for (it
+    turned read-only, or into a standby) is a lost server."""
+    wire = _wire_of(connection)
+    if wire is None or wire.keep_to is None:
+        return
+    statuses = connection.parameter_statuses
+    standby = statuses.get("in_hot_standby") == "on"
+    read_only = statuses.get("default_transaction_read_only") == "on"
+    if not _suits(wire.keep_to, standby, read_only):
+        raise _ConnectionLost(f"{wire.where} is {_kind(standby, read_only)} now "
+                              f"(target_session_attrs={wire.keep_to})")
 
 
 def _in_transaction(connection) -> bool:
@@ -1466,6 +1614,11 @@ def _check_session(config: Config, connection) -> None:
     if wire is not None and statuses.get("session_authorization") != wire.identity[1]:
         raise _SessionChanged("the worker function changed its session's user "
                               "(SET SESSION AUTHORIZATION)")
+
+
+# The channel a process hears the deletion of its row on is this prefix and
+# its process id's hex digits (schema.sql: processes_notify_stop).
+_PROCESS_CHANNEL = "uniphant_"
 
 
 def _channel(config: Config) -> str:
@@ -1493,10 +1646,16 @@ def _take_notifications(connection, channel: str) -> bool:
     return hinted
 
 
-def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
-    """The first row of one of the runtime's own calls (see _rows)."""
-    rows = _rows(connection, sql, params)
-    return rows[0] if rows else None
+def _in_one_transaction(connection, action: Callable[[], Any]) -> Any:
+    """action()'s result, with all it sends in one transaction (rolled back if it fails)."""
+    connection.execute_simple("BEGIN")
+    try:
+        result = action()
+    except BaseException:
+        connection.execute_simple("ROLLBACK")
+        raise
+    connection.execute_simple("COMMIT")
+    return result
 
 
 def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
@@ -1540,16 +1699,10 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
     return context.rows or []
 
 
-def _in_one_transaction(connection, action: Callable[[], Any]) -> Any:
-    """action()'s result, with all it sends in one transaction (rolled back if it fails)."""
-    connection.execute_simple("BEGIN")
-    try:
-        result = action()
-    except BaseException:
-        connection.execute_simple("ROLLBACK")
-        raise
-    connection.execute_simple("COMMIT")
-    return result
+def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
+    """The first row of one of the runtime's own calls (see _rows)."""
+    rows = _rows(connection, sql, params)
+    return rows[0] if rows else None
 
 
 def register_host(config: Config, connection) -> None:
@@ -1590,6 +1743,41 @@ def _listen(config: Config, connection) -> None:
 _SESSION_END_WAIT = 2.0
 
 
+def _holds_open(pid: int, path: str) -> bool:
+    """Whether process pid has the file at path open, also if it was removed since.
+
+    The kernel's word on a PID that a process row names: a live copy of a
+    worker keeps its PID file open (a removed pid/ directory or not), any other
+    process does not.  A process this user may not look into is not one of its
+    workers: a project root's PID files are one user's.
+    """
+    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    for name in descriptors:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") in (target, target + " (deleted)"):
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
+
+
+def _take_lease(config: Config, connection, granted: float) -> None:
+    """Keep to the shorter lease the database granted: heartbeats, the watchdog and the
+    socket's dead-peer probes all follow config's stale_after."""
+    import socket
+
+    _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
+                            "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
+    config["stale_after"] = granted
+    wire = _wire_of(connection)
+    if wire is not None and wire.sock.family != socket.AF_UNIX:
+        _detect_dead_peers(wire.sock, granted)
+
+
 def register_process(config: Config, connection) -> None:
     """Listen for the deletion of this process's row, then register the process for
     its worker (in that order: a deletion right after the registration is heard).
@@ -1622,32 +1810,9 @@ def register_process(config: Config, connection) -> None:
         _take_lease(config, connection, granted)
 
 
-def _take_lease(config: Config, connection, granted: float) -> None:
-    """Keep to the shorter lease the database granted: heartbeats, the watchdog and the
-    socket's dead-peer probes all follow config's stale_after."""
-    import socket
-
-    _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
-                            "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
-    config["stale_after"] = granted
-    wire = _wire_of(connection)
-    if wire is not None and wire.sock.family != socket.AF_UNIX:
-        _detect_dead_peers(wire.sock, granted)
-
-
 def keepalive(connection) -> bool:
     """Record a heartbeat; false when the process row is gone and the worker must stop."""
     return bool(_call(connection, "SELECT uniphant.keepalive()")[0])
-
-
-def _close_quietly(connection) -> None:
-    """Close a connection that may be dead: one that cannot say goodbye is closed all the same."""
-    import pg8000.dbapi
-
-    try:
-        connection.close()
-    except (pg8000.dbapi.InterfaceError, OSError):
-        return  # pg8000 closes the socket even when the goodbye cannot be sent
 
 
 # How a process leaves: its row removed, and, for a worker that finished
@@ -1735,94 +1900,6 @@ def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
 # Process management
 # ---------------------------------------------------------------------------
 
-class _Signals:
-    """The signals caught, and what wakes the run loop for them and for the
-    foreground parent's death."""
-
-    def __init__(self) -> None:
-        self.caught: List[int] = []            # by signal_handler, not yet acted on
-        self.stop: Optional[str] = None        # the name of the signal that asked the process to stop
-        self.connecting = False                # a stop signal interrupts the connect under way
-        self.wakeup_fd: Optional[int] = None   # readable when a signal arrived
-        self.parent_fd: Optional[int] = None   # a pidfd of the parent (foreground): readable when it exits
-        self.poll_parent = False               # foreground without pidfds: look every _PARENT_POLL
-        self.handover: Optional[str] = None    # the worker function's handover signal (README, "Hooks")
-
-
-class _Lease:
-    """The process row, held as a lease (README, "One copy at a time"): when to
-    renew it, and when it was last confirmed."""
-
-    def __init__(self) -> None:
-        self.next_heartbeat = 0.0              # when keepalive() is due (time.monotonic)
-        self.confirmed_at = 0.0                # when the last call that found the row was sent
-        self.row_gone = False                  # keepalive() found the row deleted
-        self.hinted = False                    # SIGUSR1: confirm the row at once
-        self.watchdog: Optional[_Watchdog] = None
-
-
-class _Log:
-    """The worker's logger, its log file's handler (reopened on SIGHUP), the
-    one-time warnings already given, and those waiting for the logger."""
-
-    def __init__(self) -> None:
-        self.logger: Optional[logging.Logger] = None
-        self.handler = None
-        self.warned: set = set()
-        self.pending: List[str] = []  # warnings from before the logger was set up
-
-
-class _Runtime:
-    """What one uniphant process knows while it runs.
-
-    One instance per process: a worker that the manager forks starts with a
-    fresh one, so nothing of its parent's run carries over but the server
-    generations it has seen (a host's file of them may be gone or damaged).
-    """
-
-    def __init__(self) -> None:
-        self.signals = _Signals()
-        self.lease = _Lease()
-        self.log = _Log()
-        self.pid_file_fd: Optional[int] = None   # the locked PID file
-        self.managed = False                     # forked by a manager, which reads report_fd
-        self.report_fd: Optional[int] = None
-        self.settings: Dict[str, Any] = {}       # given it by the desired state (workers.settings)
-        self.config: Optional[Config] = None     # the runtime's own copy of the configuration
-        self.pid = os.getpid()                   # the process that runs the worker
-        self.next_call = 0.0                     # when the worker function is due (time.monotonic)
-        self.ending: Optional[_Ending] = None    # why the run ended, for the manager
-        self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
-        self.generation_file: Optional[Tuple[int, int, int]] = None  # _file_identity() as last kept
-
-
-_runtime = _Runtime()
-
-
-def _begin_managed_child(report_fd: int, settings: str) -> None:
-    """In a child a manager forked: start afresh, as a process that reports to
-    the manager on report_fd and takes its desired settings (JSON, decoded
-    here, so that a row no reader can decode fails this worker only).  The
-    parent's configuration (its password, say), which frames still reach, is
-    emptied first; the server generations it has seen are kept."""
-    global _runtime
-    generations = _runtime.generations
-    if _runtime.config is not None:
-        _runtime.config.clear()
-    _runtime = _Runtime()
-    _runtime.managed, _runtime.report_fd = True, report_fd
-    _runtime.settings = _decoded_settings(settings)
-    _runtime.generations = generations
-
-
-def _handing_over() -> bool:
-    """Whether this process's run ended to hand over to its successor (restart)."""
-    return _runtime.ending is not None and _runtime.ending.code == _Ending.HANDOVER
-
-
-def _pending_warnings() -> List[str]:
-    """Warnings given before there was a logger (reading config files, say)."""
-    return list(_runtime.log.pending)
 
 # What each catchable signal whose default action ends a process does to a
 # worker (README, "Signals").  Faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS)
@@ -1834,8 +1911,13 @@ _IGNORED_SIGNALS = ("SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
                     "SIGSTKFLT", "SIGTRAP")  # and every real-time signal
 
 
-class _Interrupted(UniphantError):
-    """A stop signal came while connecting, which may wait for ever (PGCONNECT_TIMEOUT=0)."""
+def _signal_name(sig: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
 
 
 def signal_handler(sig: int, frame: Any) -> None:
@@ -1845,15 +1927,6 @@ def signal_handler(sig: int, frame: Any) -> None:
     if _runtime.signals.connecting and _signal_name(sig) in _STOP_SIGNALS:
         _runtime.signals.connecting = False
         raise _Interrupted(f"{_signal_name(sig)} received while connecting")
-
-
-def _signal_name(sig: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
 
 
 def _signal_number(name: str) -> int:
@@ -1895,28 +1968,6 @@ def is_pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, and belongs to another user
     return True
-
-
-def _holds_open(pid: int, path: str) -> bool:
-    """Whether process pid has the file at path open, also if it was removed since.
-
-    The kernel's word on a PID that a process row names: a live copy of a
-    worker keeps its PID file open (a removed pid/ directory or not), any other
-    process does not.  A process this user may not look into is not one of its
-    workers: a project root's PID files are one user's.
-    """
-    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-    try:
-        descriptors = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    for name in descriptors:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") in (target, target + " (deleted)"):
-                return True
-        except OSError:
-            continue  # closed meanwhile
-    return False
 
 
 def is_parent_alive(parent_pid: int) -> bool:
@@ -2044,34 +2095,6 @@ def stop_running_process(pid_file: str, timeout: float = 10.0, sig: Optional[int
     return signal.SIGKILL
 
 
-def _close_inherited_fds(keep: int) -> None:
-    """Close every descriptor above stderr except keep (closerange skips those not open)."""
-    try:
-        top = max(int(name) for name in os.listdir("/proc/self/fd")) + 1
-    except (OSError, ValueError):  # no /proc: every possible descriptor
-        top = os.sysconf("SC_OPEN_MAX")
-    os.closerange(3, keep)
-    os.closerange(keep + 1, top)
-
-
-def _detach(config: Config, keep_fd: int) -> None:
-    """Become a daemon (PEP 3143): new session, no controlling terminal, clean slate.
-
-    Runs in the child of the first fork; returns in the grandchild.
-    """
-    os.setsid()
-    if os.fork():
-        os._exit(0)  # the session leader goes, so the daemon can never reacquire a terminal
-    os.chdir(config["script_dir"])
-    os.umask(0o002)
-    _close_inherited_fds(keep_fd)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-
-
 # What a starting process tells whoever waits for it (the `start` command, or
 # the manager that forked it), one line each: a word, then its fields, the
 # last of which is any text (on one line).  `ready PID STOP_TIMEOUT`: it has
@@ -2112,6 +2135,12 @@ def _report_to_manager(word: str, *fields: Any) -> None:
             os.write(_runtime.report_fd, _report_line(word, *fields))
 
 
+def _warn_once(logger: logging.Logger, message: str) -> None:
+    if message not in _runtime.log.warned:
+        _runtime.log.warned.add(message)
+        logger.warning(message)
+
+
 def _sd_notify(*lines: str) -> None:
     """Tell systemd about this process, where NOTIFY_SOCKET asks (sd_notify(3)):
     one datagram of KEY=VALUE lines; a leading @ names an abstract socket."""
@@ -2139,50 +2168,17 @@ def _watchdog_period() -> float:
     return int(usec) / 2e6
 
 
-def start_daemon(config: Config, connection, worker_function: WorkerFunction, pid_file: str) -> int:
-    """Start the worker as a daemon; return 0 once it has registered its row.
-
-    Raises UniphantError with the daemon's reason when it could not start.  The
-    caller's connection proved the database reachable; it is closed here, and
-    the daemon connects anew after forking.
-    """
-    connection.close()
-    ready_r, ready_w = os.pipe()
-    child = os.fork()
-    if child:
-        os.close(ready_w)
-        with os.fdopen(ready_r, "rb") as pipe:
-            word, fields = _parse_report(pipe.readline())
-        os.waitpid(child, 0)
-        if word != "ready":
-            raise UniphantError(fields[0] or "the daemon was killed before it was ready")
-        print(f"{_describe(config)} started with PID {fields[0]}.")
-        return EXIT_OK
-    os.close(ready_r)
-    code = EXIT_FAILURE
-    try:
-        code = _daemon_main(config, worker_function, pid_file, ready_w)
-    finally:
-        import logging
-
-        logging.shutdown()
-        os._exit(code)  # never return into the caller's code: that is the parent's
+def _describe(config: Config) -> str:
+    return f"Worker {config['worker_type']} with ID {config['worker_id']}"
 
 
-def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str, ready_w: int) -> int:
-    """Detach, lock, connect and register, tell the waiting parent how that went, then run."""
-    try:
-        _detach(config, ready_w)
-        if not _lock_pid_file(config, pid_file):
-            raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
-        setup_logging(config)
-        connection = _connect_for(config, lambda c: _register(config, c, worker_function))
-    except BaseException as e:
-        _tell(ready_w, "error", _explain(e))
-        return EXIT_FAILURE
-    _tell(ready_w, "ready", os.getpid(), config["stop_timeout"])
-    return run(config, connection, worker_function, pid_file)
+def _already_running(config: Config, pid: Optional[int]) -> str:
+    return f"{_describe(config)} is already running with PID {pid}."
 
+
+# ---------------------------------------------------------------------------
+# The run loop
+# ---------------------------------------------------------------------------
 
 def _register(config: Config, connection, worker_function: WorkerFunction) -> None:
     """Register this process for its worker, then run the worker function's
@@ -2196,175 +2192,6 @@ def _register(config: Config, connection, worker_function: WorkerFunction) -> No
     except BaseException:
         _disconnect_quietly(connection)
         raise
-
-
-# ---------------------------------------------------------------------------
-# The run loop
-# ---------------------------------------------------------------------------
-
-# Reconnection backoff: doubles from the first delay up to the cap, each wait
-# drawn at random from its upper half so a fleet does not retry in step.
-_BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
-# How often to look for the parent's death where pidfds are not available.
-_PARENT_POLL = 0.25
-# The channel a process hears the deletion of its row on is this prefix and
-# its process id's hex digits (schema.sql: processes_notify_stop).
-_PROCESS_CHANNEL = "uniphant_"
-
-
-class _Ending:
-    """Why a run ended: a code, which the manager that forked the process acts
-    on, and the words, for people (the log, worker_states.last_exit)."""
-
-    ROW_DELETED = "row-deleted"    # its process row was deleted: a restart from SQL, or a stop
-    SIGNAL = "signal"              # a stop signal came
-    PARENT_GONE = "parent-gone"    # the foreground process's parent exited
-    EXIT = "exit"                  # the worker function raised SystemExit
-    FAILED = "failed"              # the worker function raised anything else
-    UNIPHANT = "uniphant"          # the runtime could not go on (its schema gone, say)
-    HANDOVER = "handover"          # its handover signal came: a successor takes over
-
-    def __init__(self, code: str, text: str) -> None:
-        self.code = code
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
-
-
-_ROW_DELETED = _Ending(_Ending.ROW_DELETED, "its process row was deleted")
-
-
-class _WorkerExit(Exception):
-    """The worker function ended the worker (an exception, SystemExit): exit with code."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-def _heartbeat_period(config: Config) -> float:
-    """Seconds between heartbeats: 0.35 of stale_after (21 s at the default 60), so
-    the row never looks stale, a 200-worker fleet writes under 10 a second, and the
-    smallest stale_after (3 s) writes no more than one a second.  A deleted row
-    reaches the process by notification, not by heartbeat."""
-    return config["stale_after"] * 0.35
-
-
-def _warn_once(logger: logging.Logger, message: str) -> None:
-    if message not in _runtime.log.warned:
-        _runtime.log.warned.add(message)
-        logger.warning(message)
-
-
-def _local_stop_reason(config: Config) -> Optional[_Ending]:
-    """A reason to stop that needs no database: a signal, or the parent's death."""
-    _act_on_signals(config)
-    signals = _runtime.signals
-    if signals.stop:
-        code = _Ending.HANDOVER if signals.stop == signals.handover else _Ending.SIGNAL
-        return _Ending(code, f"{signals.stop} received")
-    if config["foreground"] and not is_parent_alive(config["parent_pid"]):
-        return _Ending(_Ending.PARENT_GONE, "the parent process has gone")
-    return None
-
-
-def _stop_reason(config: Config, connection) -> Optional[_Ending]:
-    """Why the worker must stop now, or None.
-
-    Between transactions it reads what the database sent, and asks keepalive()
-    when a notification hints at a deleted row or a heartbeat is due.  Inside
-    one of the worker function's transactions it looks at signals only: a
-    heartbeat there would hold the row's lock until the transaction ends.
-    """
-    reason = _local_stop_reason(config)
-    lease = _runtime.lease
-    if reason is not None or _in_transaction(connection):
-        return reason
-    if lease.row_gone:
-        return _ROW_DELETED
-    wire = _wire_of(connection)
-    if wire is not None and wire.readable():
-        connection.execute_simple("")  # lets pg8000 read what has arrived
-    _check_server(connection)
-    now = time.monotonic()
-    # A notification is a hint only: any role may NOTIFY any channel.
-    hinted = _take_notifications(connection, _channel(config)) or lease.hinted
-    lease.hinted = False
-    if hinted or now >= lease.next_heartbeat:
-        _check_session(config, connection)
-        if not keepalive(connection):
-            lease.row_gone = True
-            return _ROW_DELETED
-        if hinted:
-            _logger(config).debug("a hint to stop (a notification, or SIGUSR1), but the "
-                                  "row is still there: not a stop")
-        lease.confirmed_at = now
-        lease.next_heartbeat = now + _heartbeat_period(config)
-        _keep_generation_file(config)
-    return None
-
-
-def alive(config: Config, connection) -> bool:
-    """Whether the worker should go on: no signal, parent alive (foreground), row present.
-
-    Cheap enough to call in a tight loop: it writes a heartbeat every
-    0.35 stale_after seconds and asks the database nothing else unless a
-    message has arrived.  Inside a transaction it looks at signals only.
-    """
-    return _stop_reason(_runtime.config or config, connection) is None
-
-
-def _poke(fd: int) -> None:
-    """Wake whoever polls the pipe that fd writes to."""
-    try:
-        os.write(fd, b".")
-    except BlockingIOError:
-        return  # the pipe is full: it is awake already
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            continue
-    except BlockingIOError:
-        return  # empty: what it was for has been seen
-
-
-def _watch_for_wakeups(config: Config) -> None:
-    """Make signals and the parent's death wake _wait()."""
-    import signal
-
-    signals = _runtime.signals
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(write_fd)
-    signals.wakeup_fd = read_fd
-    if config["foreground"]:
-        try:
-            signals.parent_fd = os.pidfd_open(config["parent_pid"])
-        except (AttributeError, OSError):
-            signals.poll_parent = True  # no pidfd support, or already gone
-
-
-def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
-    """Sleep up to seconds; wake early for a signal, a database message, the parent's
-    death, or input on one of the descriptors also (then return true)."""
-    signals = _runtime.signals
-    poller = select.poll()
-    for fd in (signals.wakeup_fd, *also):
-        poller.register(fd, select.POLLIN)
-    if signals.parent_fd is not None:
-        poller.register(signals.parent_fd, select.POLLIN)
-    if signals.poll_parent:
-        seconds = min(seconds, _PARENT_POLL)
-    wire = _wire_of(connection)
-    if wire is not None:
-        if wire.pending():
-            return False
-        poller.register(wire.fileno(), select.POLLIN)
-    events = poller.poll(int(seconds * 1000) + 1) if seconds > 0 else poller.poll(0)
-    _drain(signals.wakeup_fd)
-    return any(fd in also for fd, _ in events)
 
 
 class _Watchdog:
@@ -2451,6 +2278,54 @@ class _Watchdog:
                 self._lock.wait(remaining)
 
 
+def _heartbeat_period(config: Config) -> float:
+    """Seconds between heartbeats: 0.35 of stale_after (21 s at the default 60), so
+    the row never looks stale, a 200-worker fleet writes under 10 a second, and the
+    smallest stale_after (3 s) writes no more than one a second.  A deleted row
+    reaches the process by notification, not by heartbeat."""
+    return config["stale_after"] * 0.35
+
+
+def _log_passed_over(logger: logging.Logger, connection) -> None:
+    """Log each old primary refused on the way to the connection's server."""
+    wire = _wire_of(connection)
+    for refusal in wire.passed_over if wire is not None else ():
+        logger.warning("refused %s", refusal)
+
+
+class _WorkerExit(Exception):
+    """The worker function ended the worker (an exception, SystemExit): exit with code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _is_lost(connection) -> bool:
+    try:
+        connection.execute_simple("")
+    except Exception:
+        return True
+    return False
+
+
+def _local_stop_reason(config: Config) -> Optional[_Ending]:
+    """A reason to stop that needs no database: a signal, or the parent's death."""
+    _act_on_signals(config)
+    signals = _runtime.signals
+    if signals.stop:
+        code = _Ending.HANDOVER if signals.stop == signals.handover else _Ending.SIGNAL
+        return _Ending(code, f"{signals.stop} received")
+    if config["foreground"] and not is_parent_alive(config["parent_pid"]):
+        return _Ending(_Ending.PARENT_GONE, "the parent process has gone")
+    return None
+
+
+# Reconnection backoff: doubles from the first delay up to the cap, each wait
+# drawn at random from its upper half so a fleet does not retry in step.
+_BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
+
+
 def _tolerate_any_notification(connection) -> None:
     """Decode notifications leniently on this connection.
 
@@ -2466,121 +2341,37 @@ def _tolerate_any_notification(connection) -> None:
     connection.message_types[b"A"] = handle
 
 
-def _settle(config: Config, connection, logger: logging.Logger) -> None:
-    """After a call: roll back a transaction the worker function left open (it
-    would hold back the heartbeat and a DELETE of the row), and make sure the
-    session is still this process's."""
-    if _in_transaction(connection):
-        connection.execute_simple("ROLLBACK")
-        _warn_once(logger, "the worker function returned inside a transaction: rolled it back "
-                           "(commit or roll back before returning)")
-    _check_session(config, connection)
+# How often to look for the parent's death where pidfds are not available.
+_PARENT_POLL = 0.25
 
 
-def _call_worker(config: Config, worker_config: Config, connection,
-                 worker_function: WorkerFunction, logger: logging.Logger) -> None:
-    """Call the worker function once (with worker_config, its own copy of the
-    configuration), under the watchdog, and settle the session.
-
-    Raises _WorkerExit when the worker function ends the worker, and
-    _ConnectionLost when the connection broke under it.
-    """
-    rt = _runtime
-    rt.lease.watchdog.enter(_wire_of(connection))
+def _drain(fd: int) -> None:
     try:
-        worker_function(worker_config, logger, connection)
-        if os.getpid() != rt.pid:
-            _end_forked_child(logger, EXIT_OK)
-    except BaseException as e:
-        if os.getpid() != rt.pid:
-            _end_forked_child(logger, _exit_code(e))
-        raise _worker_failure(config, connection, logger, e) from None
-    finally:
-        if os.getpid() == rt.pid:
-            rt.lease.watchdog.leave()
-    _settle(config, connection, logger)
+        while os.read(fd, 512):
+            continue
+    except BlockingIOError:
+        return  # empty: what it was for has been seen
 
 
-def _exit_code(error: BaseException) -> int:
-    if isinstance(error, SystemExit):
-        code = error.code
-        return code if isinstance(code, int) else EXIT_OK if code is None else EXIT_FAILURE
-    return EXIT_FAILURE
-
-
-def _end_forked_child(logger: logging.Logger, code: int) -> None:
-    """A process that the worker function forked came back into the runtime
-    (returned or raised instead of exiting): end it, touching nothing of the
-    worker's (its row, its session, its PID file)."""
-    logger.warning("a process the worker function forked returned into uniphant: "
-                   "ending it with exit code %d", code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _worker_failure(config: Config, connection, logger: logging.Logger, error: BaseException) -> BaseException:
-    """What a worker function's exception means: the runtime's own error, an exit
-    it asked for, a lost connection, or its failure (logged with its traceback)."""
-    rt = _runtime
-    if isinstance(error, UniphantError):
-        return error  # from alive(): the runtime's own, never the worker function's failure
-    if isinstance(error, SystemExit):
-        code = _exit_code(error)
-        rt.ending = _Ending(_Ending.EXIT, f"the worker function raised SystemExit({error.code!r})")
-        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.ending)
-        return _WorkerExit(code)
-    if _is_lost(connection):
-        return _ConnectionLost(_explain(error))
-    try:
-        _check_server(connection)  # what it did failed because the server turned read-only
-    except _ConnectionLost as e:
-        return e
-    logger.error("stopping: the worker function failed", exc_info=error)
-    rt.ending = _Ending(_Ending.FAILED, _explain(error))  # the exception's last line, for the manager
-    return _WorkerExit(EXIT_FAILURE)
-
-
-def _serve(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
-           logger: logging.Logger) -> _Ending:
-    """Call the worker function until it must stop; return why.
-
-    It is called every interval, or, if it has a wakeup hook (README, "Hooks"),
-    whenever that says.  The schedule lives in the runtime state, so a
-    reconnect does not bring the next call forward.
-    """
-    rt = _runtime
-    wakeup = getattr(worker_function, "wakeup", None)
-    woken = False
-    while True:
-        reason = _stop_reason(config, connection)
-        if reason is not None:
-            return reason
-        due, fds = wakeup(worker_config, connection) if wakeup else (rt.next_call, ())
-        now = time.monotonic()
-        if woken or now >= due:
-            _call_worker(config, worker_config, connection, worker_function, logger)
-            if wakeup and rt.next_call == 0.0 and config["foreground"]:
-                _sd_notify("READY=1")  # a stepping worker is ready once its first step is done
-            rt.next_call = time.monotonic() + config["interval"]
-            woken = False
-        else:
-            woken = _wait(min(due, rt.lease.next_heartbeat) - now, connection, fds)
-
-
-def _is_lost(connection) -> bool:
-    try:
-        connection.execute_simple("")
-    except Exception:
-        return True
-    return False
-
-
-def _log_passed_over(logger: logging.Logger, connection) -> None:
-    """Log each old primary refused on the way to the connection's server."""
+def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
+    """Sleep up to seconds; wake early for a signal, a database message, the parent's
+    death, or input on one of the descriptors also (then return true)."""
+    signals = _runtime.signals
+    poller = select.poll()
+    for fd in (signals.wakeup_fd, *also):
+        poller.register(fd, select.POLLIN)
+    if signals.parent_fd is not None:
+        poller.register(signals.parent_fd, select.POLLIN)
+    if signals.poll_parent:
+        seconds = min(seconds, _PARENT_POLL)
     wire = _wire_of(connection)
-    for refusal in wire.passed_over if wire is not None else ():
-        logger.warning("refused %s", refusal)
+    if wire is not None:
+        if wire.pending():
+            return False
+        poller.register(wire.fileno(), select.POLLIN)
+    events = poller.poll(int(seconds * 1000) + 1) if seconds > 0 else poller.poll(0)
+    _drain(signals.wakeup_fd)
+    return any(fd in also for fd, _ in events)
 
 
 def _reconnect(config: Config, logger: logging.Logger, error: str):
@@ -2620,41 +2411,145 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
     return None
 
 
-def run(config: Config, connection, worker_function: WorkerFunction, pid_file: str) -> int:
-    """Run the worker until it must stop; remove its row and return the exit code.
+def _end_forked_child(logger: logging.Logger, code: int) -> None:
+    """A process that the worker function forked came back into the runtime
+    (returned or raised instead of exiting): end it, touching nothing of the
+    worker's (its row, its session, its PID file)."""
+    logger.warning("a process the worker function forked returned into uniphant: "
+                   "ending it with exit code %d", code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
-    The caller has registered the process and holds the lock on pid_file, which
-    is emptied on the way out.  A lost connection is not a failure: the loop
-    reconnects and resumes if the row is still there.  An exception from the
-    worker function is: exit 1.
-    """
-    logger = _logger(config)
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, SystemExit):
+        code = error.code
+        return code if isinstance(code, int) else EXIT_OK if code is None else EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+def _settle(config: Config, connection, logger: logging.Logger) -> None:
+    """After a call: roll back a transaction the worker function left open (it
+    would hold back the heartbeat and a DELETE of the row), and make sure the
+    session is still this process's."""
+    if _in_transaction(connection):
+        connection.execute_simple("ROLLBACK")
+        _warn_once(logger, "the worker function returned inside a transaction: rolled it back "
+                           "(commit or roll back before returning)")
+    _check_session(config, connection)
+
+
+def _worker_failure(config: Config, connection, logger: logging.Logger, error: BaseException) -> BaseException:
+    """What a worker function's exception means: the runtime's own error, an exit
+    it asked for, a lost connection, or its failure (logged with its traceback)."""
     rt = _runtime
-    # The worker function gets config, and may change it; the runtime acts on
-    # its own copy (a changed process_id must not aim its calls at another row).
-    worker_config, config = config, dict(config)
-    rt.config, rt.pid = config, os.getpid()
-    _watch_for_wakeups(config)
-    _tolerate_any_notification(connection)
-    rt.lease.watchdog = _Watchdog(config, logger)
-    rt.lease.confirmed_at = time.monotonic()  # registering has just made the row
-    rt.lease.next_heartbeat = rt.lease.confirmed_at + _heartbeat_period(config)
-    _log_passed_over(logger, connection)
-    logger.info("worker %s started: process %s, PID %d, host %s, uniphant %s, database %s",
-                config["worker_id"], config["process_id"], os.getpid(), config["host_name"],
-                __version__, _server(connection))
-    if config["foreground"] and not hasattr(worker_function, "wakeup"):
-        _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
-    if connection.parameter_statuses.get("is_superuser") == "on":
-        logger.warning("connected as a superuser: each such worker takes one of the connections "
-                       "the server keeps for administrators (superuser_reserved_connections); "
-                       "give workers a role of their own (README, \"Database privileges\")")
-    code = EXIT_FAILURE
+    if isinstance(error, UniphantError):
+        return error  # from alive(): the runtime's own, never the worker function's failure
+    if isinstance(error, SystemExit):
+        code = _exit_code(error)
+        rt.ending = _Ending(_Ending.EXIT, f"the worker function raised SystemExit({error.code!r})")
+        (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.ending)
+        return _WorkerExit(code)
+    if _is_lost(connection):
+        return _ConnectionLost(_explain(error))
     try:
-        code, connection = _run_loop(config, worker_config, connection, worker_function, logger)
+        _check_server(connection)  # what it did failed because the server turned read-only
+    except _ConnectionLost as e:
+        return e
+    logger.error("stopping: the worker function failed", exc_info=error)
+    rt.ending = _Ending(_Ending.FAILED, _explain(error))  # the exception's last line, for the manager
+    return _WorkerExit(EXIT_FAILURE)
+
+
+def _call_worker(config: Config, worker_config: Config, connection,
+                 worker_function: WorkerFunction, logger: logging.Logger) -> None:
+    """Call the worker function once (with worker_config, its own copy of the
+    configuration), under the watchdog, and settle the session.
+
+    Raises _WorkerExit when the worker function ends the worker, and
+    _ConnectionLost when the connection broke under it.
+    """
+    rt = _runtime
+    rt.lease.watchdog.enter(_wire_of(connection))
+    try:
+        worker_function(worker_config, logger, connection)
+        if os.getpid() != rt.pid:
+            _end_forked_child(logger, EXIT_OK)
+    except BaseException as e:
+        if os.getpid() != rt.pid:
+            _end_forked_child(logger, _exit_code(e))
+        raise _worker_failure(config, connection, logger, e) from None
     finally:
-        _teardown(config, worker_config, connection, worker_function, logger, code)
-    return code
+        if os.getpid() == rt.pid:
+            rt.lease.watchdog.leave()
+    _settle(config, connection, logger)
+
+
+_ROW_DELETED = _Ending(_Ending.ROW_DELETED, "its process row was deleted")
+
+
+def _stop_reason(config: Config, connection) -> Optional[_Ending]:
+    """Why the worker must stop now, or None.
+
+    Between transactions it reads what the database sent, and asks keepalive()
+    when a notification hints at a deleted row or a heartbeat is due.  Inside
+    one of the worker function's transactions it looks at signals only: a
+    heartbeat there would hold the row's lock until the transaction ends.
+    """
+    reason = _local_stop_reason(config)
+    lease = _runtime.lease
+    if reason is not None or _in_transaction(connection):
+        return reason
+    if lease.row_gone:
+        return _ROW_DELETED
+    wire = _wire_of(connection)
+    if wire is not None and wire.readable():
+        connection.execute_simple("")  # lets pg8000 read what has arrived
+    _check_server(connection)
+    now = time.monotonic()
+    # A notification is a hint only: any role may NOTIFY any channel.
+    hinted = _take_notifications(connection, _channel(config)) or lease.hinted
+    lease.hinted = False
+    if hinted or now >= lease.next_heartbeat:
+        _check_session(config, connection)
+        if not keepalive(connection):
+            lease.row_gone = True
+            return _ROW_DELETED
+        if hinted:
+            _logger(config).debug("a hint to stop (a notification, or SIGUSR1), but the "
+                                  "row is still there: not a stop")
+        lease.confirmed_at = now
+        lease.next_heartbeat = now + _heartbeat_period(config)
+        _keep_generation_file(config)
+    return None
+
+
+def _serve(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
+           logger: logging.Logger) -> _Ending:
+    """Call the worker function until it must stop; return why.
+
+    It is called every interval, or, if it has a wakeup hook (README, "Hooks"),
+    whenever that says.  The schedule lives in the runtime state, so a
+    reconnect does not bring the next call forward.
+    """
+    rt = _runtime
+    wakeup = getattr(worker_function, "wakeup", None)
+    woken = False
+    while True:
+        reason = _stop_reason(config, connection)
+        if reason is not None:
+            return reason
+        due, fds = wakeup(worker_config, connection) if wakeup else (rt.next_call, ())
+        now = time.monotonic()
+        if woken or now >= due:
+            _call_worker(config, worker_config, connection, worker_function, logger)
+            if wakeup and rt.next_call == 0.0 and config["foreground"]:
+                _sd_notify("READY=1")  # a stepping worker is ready once its first step is done
+            rt.next_call = time.monotonic() + config["interval"]
+            woken = False
+        else:
+            woken = _wait(min(due, rt.lease.next_heartbeat) - now, connection, fds)
 
 
 def _run_loop(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
@@ -2692,28 +2587,6 @@ def _run_loop(config: Config, worker_config: Config, connection, worker_function
         rt.ending = _Ending(_Ending.UNIPHANT, f"uniphant failed: {_explain(e)}")
         logger.exception("stopping: uniphant failed")
     return EXIT_FAILURE, connection
-
-
-def _teardown(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
-              logger: logging.Logger, code: int) -> None:
-    """The end of every run: the worker function's teardown hook, then the row
-    removed (and, where restart=on-failure and the worker function exited 0,
-    its desired worker marked done), the PID file emptied, and the manager (if
-    one forked this process) told why."""
-    if config["foreground"]:
-        _sd_notify("STOPPING=1")
-    teardown = getattr(worker_function, "teardown", None)
-    if teardown is not None:
-        try:
-            teardown(worker_config, logger)
-        except Exception:
-            logger.exception("the worker function's teardown hook failed")
-    ending = _runtime.ending or _Ending(_Ending.UNIPHANT, "uniphant failed")
-    finished = code == EXIT_OK and ending.code == _Ending.EXIT and config["restart"] == "on-failure"
-    _leave(config, connection, logger, _FINISH if finished else _LEAVE)
-    _release_pid_file()
-    _note_leftover_threads(logger)
-    _report_to_manager("exit", ending.code, ending.text)
 
 
 def _leave(config: Config, connection, logger: logging.Logger, leave: str = _LEAVE) -> None:
@@ -2756,6 +2629,175 @@ def _note_leftover_threads(logger: logging.Logger) -> None:
     if names:
         logger.warning("exiting without waiting for threads the worker function left running: %s",
                        ", ".join(names))
+
+
+def _teardown(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
+              logger: logging.Logger, code: int) -> None:
+    """The end of every run: the worker function's teardown hook, then the row
+    removed (and, where restart=on-failure and the worker function exited 0,
+    its desired worker marked done), the PID file emptied, and the manager (if
+    one forked this process) told why."""
+    if config["foreground"]:
+        _sd_notify("STOPPING=1")
+    teardown = getattr(worker_function, "teardown", None)
+    if teardown is not None:
+        try:
+            teardown(worker_config, logger)
+        except Exception:
+            logger.exception("the worker function's teardown hook failed")
+    ending = _runtime.ending or _Ending(_Ending.UNIPHANT, "uniphant failed")
+    finished = code == EXIT_OK and ending.code == _Ending.EXIT and config["restart"] == "on-failure"
+    _leave(config, connection, logger, _FINISH if finished else _LEAVE)
+    _release_pid_file()
+    _note_leftover_threads(logger)
+    _report_to_manager("exit", ending.code, ending.text)
+
+
+def _watch_for_wakeups(config: Config) -> None:
+    """Make signals and the parent's death wake _wait()."""
+    import signal
+
+    signals = _runtime.signals
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_fd)
+    signals.wakeup_fd = read_fd
+    if config["foreground"]:
+        try:
+            signals.parent_fd = os.pidfd_open(config["parent_pid"])
+        except (AttributeError, OSError):
+            signals.poll_parent = True  # no pidfd support, or already gone
+
+
+def run(config: Config, connection, worker_function: WorkerFunction, pid_file: str) -> int:
+    """Run the worker until it must stop; remove its row and return the exit code.
+
+    The caller has registered the process and holds the lock on pid_file, which
+    is emptied on the way out.  A lost connection is not a failure: the loop
+    reconnects and resumes if the row is still there.  An exception from the
+    worker function is: exit 1.
+    """
+    logger = _logger(config)
+    rt = _runtime
+    # The worker function gets config, and may change it; the runtime acts on
+    # its own copy (a changed process_id must not aim its calls at another row).
+    worker_config, config = config, dict(config)
+    rt.config, rt.pid = config, os.getpid()
+    _watch_for_wakeups(config)
+    _tolerate_any_notification(connection)
+    rt.lease.watchdog = _Watchdog(config, logger)
+    rt.lease.confirmed_at = time.monotonic()  # registering has just made the row
+    rt.lease.next_heartbeat = rt.lease.confirmed_at + _heartbeat_period(config)
+    _log_passed_over(logger, connection)
+    logger.info("worker %s started: process %s, PID %d, host %s, uniphant %s, database %s",
+                config["worker_id"], config["process_id"], os.getpid(), config["host_name"],
+                __version__, _server(connection))
+    if config["foreground"] and not hasattr(worker_function, "wakeup"):
+        _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
+    if connection.parameter_statuses.get("is_superuser") == "on":
+        logger.warning("connected as a superuser: each such worker takes one of the connections "
+                       "the server keeps for administrators (superuser_reserved_connections); "
+                       "give workers a role of their own (README, \"Database privileges\")")
+    code = EXIT_FAILURE
+    try:
+        code, connection = _run_loop(config, worker_config, connection, worker_function, logger)
+    finally:
+        _teardown(config, worker_config, connection, worker_function, logger, code)
+    return code
+
+
+def alive(config: Config, connection) -> bool:
+    """Whether the worker should go on: no signal, parent alive (foreground), row present.
+
+    Cheap enough to call in a tight loop: it writes a heartbeat every
+    0.35 stale_after seconds and asks the database nothing else unless a
+    message has arrived.  Inside a transaction it looks at signals only.
+    """
+    return _stop_reason(_runtime.config or config, connection) is None
+
+
+def _poke(fd: int) -> None:
+    """Wake whoever polls the pipe that fd writes to."""
+    try:
+        os.write(fd, b".")
+    except BlockingIOError:
+        return  # the pipe is full: it is awake already
+
+
+# ---------------------------------------------------------------------------
+# The daemon
+# ---------------------------------------------------------------------------
+
+def _close_inherited_fds(keep: int) -> None:
+    """Close every descriptor above stderr except keep (closerange skips those not open)."""
+    try:
+        top = max(int(name) for name in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):  # no /proc: every possible descriptor
+        top = os.sysconf("SC_OPEN_MAX")
+    os.closerange(3, keep)
+    os.closerange(keep + 1, top)
+
+
+def _detach(config: Config, keep_fd: int) -> None:
+    """Become a daemon (PEP 3143): new session, no controlling terminal, clean slate.
+
+    Runs in the child of the first fork; returns in the grandchild.
+    """
+    os.setsid()
+    if os.fork():
+        os._exit(0)  # the session leader goes, so the daemon can never reacquire a terminal
+    os.chdir(config["script_dir"])
+    os.umask(0o002)
+    _close_inherited_fds(keep_fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str, ready_w: int) -> int:
+    """Detach, lock, connect and register, tell the waiting parent how that went, then run."""
+    try:
+        _detach(config, ready_w)
+        if not _lock_pid_file(config, pid_file):
+            raise UniphantError(_already_running(config, get_pid_for_running_process(pid_file)))
+        setup_logging(config)
+        connection = _connect_for(config, lambda c: _register(config, c, worker_function))
+    except BaseException as e:
+        _tell(ready_w, "error", _explain(e))
+        return EXIT_FAILURE
+    _tell(ready_w, "ready", os.getpid(), config["stop_timeout"])
+    return run(config, connection, worker_function, pid_file)
+
+
+def start_daemon(config: Config, connection, worker_function: WorkerFunction, pid_file: str) -> int:
+    """Start the worker as a daemon; return 0 once it has registered its row.
+
+    Raises UniphantError with the daemon's reason when it could not start.  The
+    caller's connection proved the database reachable; it is closed here, and
+    the daemon connects anew after forking.
+    """
+    connection.close()
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as pipe:
+            word, fields = _parse_report(pipe.readline())
+        os.waitpid(child, 0)
+        if word != "ready":
+            raise UniphantError(fields[0] or "the daemon was killed before it was ready")
+        print(f"{_describe(config)} started with PID {fields[0]}.")
+        return EXIT_OK
+    os.close(ready_r)
+    code = EXIT_FAILURE
+    try:
+        code = _daemon_main(config, worker_function, pid_file, ready_w)
+    finally:
+        import logging
+
+        logging.shutdown()
+        os._exit(code)  # never return into the caller's code: that is the parent's
 
 
 # ---------------------------------------------------------------------------
@@ -2848,14 +2890,6 @@ def _one_per_host_id(config: Config, create: bool) -> Optional[str]:
     return host_id and str(uuid.uuid5(uuid.UUID(host_id), config["worker_type"]))
 
 
-def _describe(config: Config) -> str:
-    return f"Worker {config['worker_type']} with ID {config['worker_id']}"
-
-
-def _already_running(config: Config, pid: Optional[int]) -> str:
-    return f"{_describe(config)} is already running with PID {pid}."
-
-
 def _status(config: Config, pid_file: str) -> int:
     pid = get_pid_for_running_process(pid_file)
     if pid is None:
@@ -2877,6 +2911,17 @@ def _stop_config(prog: str, worker_id: str) -> Config:
     return config
 
 
+def _remove_row_of(config: Config, process_id: str) -> None:
+    """Remove the row of a killed process, connecting under its process id; not
+    while its backend still runs a statement of the worker's."""
+    try:
+        if not _remove_row(dict(config, process_id=process_id), patience=0):
+            print("Its process row stays while its database session still runs a statement; "
+                  "the next start takes it over once that ends.", file=sys.stderr)
+    except UniphantError as e:
+        print(f"Its process row stays until the next start takes it over: {e}", file=sys.stderr)
+
+
 def _stop(config: Config, pid_file: str, sig: Optional[int] = None) -> int:
     """stop: the process holding pid_file is sent sig (SIGTERM), then SIGKILL."""
     import signal
@@ -2893,17 +2938,6 @@ def _stop(config: Config, pid_file: str, sig: Optional[int] = None) -> int:
             _remove_row_of(config, process_id)
     print(f"{_describe(config)} stopped.")
     return EXIT_OK
-
-
-def _remove_row_of(config: Config, process_id: str) -> None:
-    """Remove the row of a killed process, connecting under its process id; not
-    while its backend still runs a statement of the worker's."""
-    try:
-        if not _remove_row(dict(config, process_id=process_id), patience=0):
-            print("Its process row stays while its database session still runs a statement; "
-                  "the next start takes it over once that ends.", file=sys.stderr)
-    except UniphantError as e:
-        print(f"Its process row stays until the next start takes it over: {e}", file=sys.stderr)
 
 
 def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> int:

@@ -43,7 +43,6 @@ from uniphant import (
     _new_uuid,
     _open_own_file,
     _parse_report,
-    _pending_warnings,
     _pg_setting,
     _pid_file_of,
     _print_or_leave_quietly,
@@ -918,7 +917,7 @@ commands:
                               rotation and restarts); on another host: which has it"""
 
 
-def _ops_config() -> Config:
+def _ops_config(warnings: List[str]) -> Config:
     """The settings of the project around the current directory (or none)."""
     root: Optional[str] = os.getcwd()
     while not os.path.isdir(os.path.join(root, "workers")):
@@ -929,7 +928,7 @@ def _ops_config() -> Config:
     config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=_new_uuid(),
                           state_dir=root and _state_dir(root))
     if root is not None:
-        config.update(read_config_files(config))
+        config.update(read_config_files(config, warnings))
     return config
 
 
@@ -1400,8 +1399,9 @@ def ops_main(argv: List[str]) -> None:
         if parse is None:
             raise UsageError(f"expected a command ({', '.join(_OPS_COMMANDS)}), got "
                              f"{_shorten(argv[0]) if argv else 'none'}")
-        config = _ops_config()
-        for warning in _pending_warnings():
+        warnings: List[str] = []
+        config = _ops_config(warnings)
+        for warning in warnings:
             print(f"{prog}: warning: {warning}", file=sys.stderr)
         if config["root_dir"] is None:
             print(f"{prog}: no project here (no directory above this one holds workers/): connecting "

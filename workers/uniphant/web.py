@@ -94,16 +94,9 @@ _HISTORY = 50
 def _defined_at(config: Config, key: str) -> Tuple[str, bool]:
     """Where key is defined (a file and line, or the desired state), and whether
     that is a secrets.conf; ("the default", False) if it is not defined."""
-    for where, name, _ in uniphant._secret_entries(config):
+    for where, name, _ in uniphant.config_sources(config, uniphant.desired_settings()):
         if name == key:
-            return where, True
-    stem = uniphant._script_stem(config)
-    plain = uniphant._config_entries(os.path.join(config["script_dir"], f"{stem}.uniphant.conf"))
-    plain += [entry for directory in uniphant._config_dirs(config)
-              for entry in uniphant._config_entries(os.path.join(directory, "uniphant.conf"))]
-    for where, name, _ in plain + uniphant._desired_entries(uniphant._runtime.settings):
-        if name == key:
-            return where, False
+            return where, where.rpartition(":")[0].endswith("secrets.conf")
     return "the default", False
 
 
