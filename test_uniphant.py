@@ -2391,7 +2391,7 @@ def test_a_key_uniphant_does_not_read_is_kept_as_text():
     ("\U000e0001", "\\U000e0001"), ("é ✓", "é ✓"),
 ])
 def test_printable_shows_every_character_that_is_not_printable_as_an_escape(text, printed):
-    assert uniphant._printable(text) == printed
+    assert uniphant.printable(text) == printed
 
 
 @pytest.mark.unit
@@ -2400,7 +2400,7 @@ def test_the_worker_types_of_a_root_are_its_scripts_of_valid_types(tmp_path):
                  "/".join(["d"] * 11) + ".py"):
         (tmp_path / "workers" / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "workers" / path).write_text("")
-    assert uniphant._worker_types(str(tmp_path)) == ["a.b", "a.c", "x.y"]
+    assert uniphant.worker_types_under(str(tmp_path)) == ["a.b", "a.c", "x.y"]
 
 
 # ---------------------------------------------------------------------------
@@ -2415,13 +2415,13 @@ def test_the_worker_types_of_a_root_are_its_scripts_of_valid_types(tmp_path):
 def test_a_report_reads_back_as_it_was_written(word, fields):
     line = uniphant._report_line(word, *fields)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert uniphant._parse_report(line[:-1]) == (word, [str(f) if i < len(fields) - 1 else " ".join(str(f).split())
+    assert uniphant.parse_report(line[:-1]) == (word, [str(f) if i < len(fields) - 1 else " ".join(str(f).split())
                                                         for i, f in enumerate(fields)])
 
 
 @pytest.mark.unit
 def test_a_short_report_gives_empty_fields():
-    assert uniphant._parse_report(b"exit") == ("exit", ["", ""])
+    assert uniphant.parse_report(b"exit") == ("exit", ["", ""])
 
 
 # ---------------------------------------------------------------------------

@@ -64,6 +64,26 @@ __all__ = [
     "register_host", "register_process", "keepalive", "disconnect",
     "UniphantError", "ConfigError", "ConnectError", "AlreadyRunning",
 ]
+# The extension API (README, "Python API"): what a worker-shaped extension of
+# uniphant needs beyond __all__; the fleet (uniphant_fleet.py) and the page
+# (workers/uniphant/web.py) use nothing else of this file.
+EXTENSION_API = [
+    # configuration: its defaults, each key with where it was defined, and its values
+    "RUNTIME_DEFAULTS", "config_sources", "read_config_files", "desired_settings", "pg_setting",
+    "is_whole", "shorten", "printable", "explain", "shown_settings",
+    # names: UUIDs, worker types and the files of a worker
+    "canonical_uuid", "new_uuid", "is_worker_type", "TYPE_LENGTH", "TYPE_PARTS", "scripts_of_type",
+    "worker_types_under", "state_dir_of", "pid_file_of", "log_file_of", "read_host_id", "open_own_file",
+    # the database: connecting, the row reader, notifications, errors
+    "connect_to_server", "query_row", "query_rows", "in_one_transaction", "take_notifications",
+    "wire_of", "is_lost", "close_quietly", "sql_error_of",
+    # processes: locks, signals, the report pipe, systemd, the run loop's wait
+    "get_pid_for_running_process", "holds_open", "signal_name", "close_inherited_fds", "fd_readable",
+    "parse_report", "report_to_manager", "sd_notify", "watchdog_period", "wait_for_wakeup", "BACKOFF_CAP",
+    "Ending", "ONE_PER_HOST", "begin_managed_child", "handing_over",
+    # the command line
+    "EXIT_OK", "EXIT_FAILURE", "UsageError", "print_or_leave_quietly", "leave_quietly",
+]
 # Kept under the manual's names (its section 3) for whoever ports code written
 # against it, though a worker needs none of them: is_parent_alive,
 # get_or_create_host_id, is_valid_uuid, run, start_daemon, signal_handler,
@@ -74,7 +94,7 @@ __all__ = [
 # Why a script that runs once per host (its worker function's one_per_host, a
 # manager) is never started by a manager: the copy would read that script's
 # configuration, the manager's own password included.
-_ONE_PER_HOST = "a script that runs once per host (a manager) is never a desired worker"
+ONE_PER_HOST = "a script that runs once per host (a manager) is never a desired worker"
 
 # Exit codes of the command line.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -96,7 +116,7 @@ class ConfigError(UniphantError, ValueError):
     exit_code = EXIT_USAGE
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """text with each character that is not printable shown as an escape (\\x1b,
     \\u202e): text from the database or from a worker can then neither move a
     terminal's cursor, retitle it, forge a line, nor reverse what follows."""
@@ -111,11 +131,11 @@ def _reason(error: BaseException) -> str:
     """An exception as a user should read it: its message, else its type's name."""
     fields = error.args[0] if error.args and isinstance(error.args[0], dict) else None
     if fields is not None and "M" in fields:  # pg8000's DatabaseError: the server's message
-        return _printable(fields["M"])
+        return printable(fields["M"])
     return str(error).strip() or type(error).__name__
 
 
-def _explain(error: BaseException) -> str:
+def explain(error: BaseException) -> str:
     """An exception in one line: uniphant's own as their message, others with their type."""
     text, name = _reason(error), type(error).__name__
     return text if isinstance(error, UniphantError) or text == name else f"{name}: {text}"
@@ -171,18 +191,18 @@ def _number(minimum: float, above: bool = False, maximum: float = _MAX_SECONDS,
     return check
 
 
-def _is_whole(value: str, low: int, high: int) -> bool:
+def is_whole(value: str, low: int, high: int) -> bool:
     return value.isascii() and value.isdigit() and low <= int(value) <= high
 
 
 def _port_list(value: str) -> str:
-    if not all(_is_whole(port.strip(_SPACE), 1, 65535) for port in value.split(",")):
+    if not all(is_whole(port.strip(_SPACE), 1, 65535) for port in value.split(",")):
         raise ValueError("expected a port number from 1 to 65535 (or a comma-separated list)")
     return value
 
 
 def _connect_timeout(value: str) -> str:
-    if not _is_whole(value, 0, _MAX_SECONDS):
+    if not is_whole(value, 0, _MAX_SECONDS):
         raise ValueError(f"expected a whole number of seconds from 0 to {_MAX_SECONDS}")
     return value
 
@@ -228,7 +248,7 @@ _CONNECTION_CHECKS: Dict[str, Callable[[str], Any]] = {
 }
 
 
-def _shorten(text: str, limit: int = 60) -> str:
+def shorten(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
@@ -330,7 +350,7 @@ def _settings(entries: List[Tuple[str, str, str]],
         found[key] = (_checked(key, value, where), where)
         meant = _resembles(key)
         if meant is not None and warnings is not None:
-            warnings.append(f"{where}: {_printable(key)!r} is not a key uniphant reads; "
+            warnings.append(f"{where}: {printable(key)!r} is not a key uniphant reads; "
                             f"did you mean {meant!r}?")
     return {key: value for key, (value, _) in found.items()}
 
@@ -475,7 +495,7 @@ def _decoded_settings(text: Optional[str]) -> Dict[str, Any]:
     return settings
 
 
-def _shown_settings(text: Optional[str]) -> Optional[Dict[str, Any]]:
+def shown_settings(text: Optional[str]) -> Optional[Dict[str, Any]]:
     """A desired worker's settings as ps and the page show them: None where they
     cannot be read, which is that worker's failure, never the reader's (or none:
     a process no desired worker accounts for)."""
@@ -523,16 +543,16 @@ def get_script_details() -> Tuple[str, str, str]:
 # A worker type the fleet can run (schema.sql: is_worker_type): up to 100
 # characters in up to 10 dot-separated parts, each a file name of these.
 _TYPE_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_TYPE_LENGTH, _TYPE_PARTS = 100, 10
+TYPE_LENGTH, TYPE_PARTS = 100, 10
 
 
-def _is_worker_type(text: str) -> bool:
+def is_worker_type(text: str) -> bool:
     parts = text.split(".")
-    return (len(text) <= _TYPE_LENGTH and len(parts) <= _TYPE_PARTS
+    return (len(text) <= TYPE_LENGTH and len(parts) <= TYPE_PARTS
             and all(part and _TYPE_CHARACTERS.issuperset(part) for part in parts))
 
 
-def _scripts_of_type(root_dir: str, worker_type: str) -> List[str]:
+def scripts_of_type(root_dir: str, worker_type: str) -> List[str]:
     """Every Python script below root_dir/workers whose worker type is worker_type:
     `a.b.c` may be workers/a/b/c.py, workers/a/b.c.py, workers/a.b/c.py or workers/a.b.c.py.
 
@@ -554,54 +574,54 @@ def _scripts_of_type(root_dir: str, worker_type: str) -> List[str]:
     return found
 
 
-def _worker_types(root_dir: str) -> List[str]:
+def worker_types_under(root_dir: str) -> List[str]:
     """The worker types of the scripts below root_dir/workers that the fleet can run."""
     workers = os.path.join(root_dir, "workers")
     types = set()
     for directory, subdirectories, files in os.walk(workers, followlinks=True):
         depth = os.path.relpath(directory, workers).count(os.sep) + 1
         # Deeper scripts make no worker type, and a symlink loop ends here.
-        subdirectories[:] = [] if depth >= _TYPE_PARTS else [
+        subdirectories[:] = [] if depth >= TYPE_PARTS else [
             name for name in subdirectories if not name.startswith(".") and name != "__pycache__"]
         types.update(_worker_type(workers, os.path.join(directory, name)) for name in files
                      if name.endswith(".py") and not name.startswith("."))
-    return sorted(t for t in types if _is_worker_type(t))
+    return sorted(t for t in types if is_worker_type(t))
 
 
 def _refuse_shared_type(config: Config) -> None:
     """Two scripts of one worker type would share a PID file and a log: refuse to start either."""
     path = get_calling_file_path()
-    others = [p for p in _scripts_of_type(config["root_dir"], config["worker_type"])
+    others = [p for p in scripts_of_type(config["root_dir"], config["worker_type"])
               if not os.path.samefile(p, path)]
     if others:
         raise ConfigError(f"{path} and {others[0]} are both worker type "
                           f"{config['worker_type']!r}: rename one of them")
 
 
-def _pid_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
+def pid_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
     return os.path.join(state_dir, "pid", worker_type, f"{worker_id}.pid")
 
 
 def get_pid_file_path(config: Config) -> str:
-    return _pid_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
+    return pid_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
 
 
-def _log_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
+def log_file_of(state_dir: str, worker_type: str, worker_id: str) -> str:
     return os.path.join(state_dir, "log", worker_type, f"{worker_id}.log")
 
 
 def _log_file_path(config: Config) -> str:
-    return _log_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
+    return log_file_of(config["state_dir"], config["worker_type"], config["worker_id"])
 
 
-def _state_dir(root_dir: str) -> str:
+def state_dir_of(root_dir: str) -> str:
     return os.path.abspath(os.environ.get(STATE_DIR_VARIABLE) or root_dir)
 
 
 def _script_config() -> Config:
     """The keys that locate the calling worker's files; no config file is read."""
     root_dir, script_dir, worker_type = get_script_details()
-    state_dir = _state_dir(root_dir)
+    state_dir = state_dir_of(root_dir)
     return {
         "root_dir": root_dir,
         "script_dir": script_dir,
@@ -616,7 +636,7 @@ def _script_config() -> Config:
 # Host identity
 # ---------------------------------------------------------------------------
 
-def _canonical_uuid(text: str) -> Optional[str]:
+def canonical_uuid(text: str) -> Optional[str]:
     """text as a lower-case hyphenated UUID, in any form uuid.UUID() accepts; else None."""
     digits = text.strip().lower()
     if digits.startswith("urn:uuid:"):
@@ -627,25 +647,25 @@ def _canonical_uuid(text: str) -> Optional[str]:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def _new_uuid() -> str:
+def new_uuid() -> str:
     """A random (version 4) UUID, without the import cost of the uuid module."""
     octets = bytearray(os.urandom(16))
     octets[6] = octets[6] & 0x0F | 0x40
     octets[8] = octets[8] & 0x3F | 0x80
-    return _canonical_uuid(octets.hex())
+    return canonical_uuid(octets.hex())
 
 
 def is_valid_uuid(text: Any) -> bool:
-    return _canonical_uuid(str(text)) is not None
+    return canonical_uuid(str(text)) is not None
 
 
-def _read_host_id(host_id_file: str) -> Optional[str]:
+def read_host_id(host_id_file: str) -> Optional[str]:
     try:
         with open(host_id_file, encoding="utf-8", errors="replace") as f:
             text = f.read().strip()
     except FileNotFoundError:
         return None
-    host_id = _canonical_uuid(text)
+    host_id = canonical_uuid(text)
     if host_id is None:
         raise UniphantError(f"{host_id_file} does not hold a UUID; remove it to make a new host id")
     return host_id
@@ -679,14 +699,14 @@ def _host_lock(lock_file: str) -> int:
 
 def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
     """This host's id from host_id_file, created once under a lock on lock_file."""
-    host_id = _read_host_id(host_id_file)
+    host_id = read_host_id(host_id_file)
     if host_id is not None:
         return host_id
     fd = _host_lock(lock_file)
     try:
-        host_id = _read_host_id(host_id_file)  # a concurrent first start may have won
+        host_id = read_host_id(host_id_file)  # a concurrent first start may have won
         if host_id is None:
-            host_id = _new_uuid()
+            host_id = new_uuid()
             _write_atomically(host_id_file, host_id + "\n")
     finally:
         os.close(fd)
@@ -699,7 +719,7 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
 GENERATION_FILE = ".server_generation"
 
 
-def _open_own_file(path: str, flags: int) -> int:
+def open_own_file(path: str, flags: int) -> int:
     """os.open() for a file of uniphant's own: never through a symlink, one-line errors.
 
     FileNotFoundError passes unchanged, for the callers to whom it means "none".
@@ -722,7 +742,7 @@ def _read_generations(path: str) -> Tuple[Dict[int, int], Optional[str]]:
     """{system identifier: newest timeline} from path ({} if there is no file), and
     what is wrong with the file, if anything: the lines that are sound count."""
     try:
-        fd = _open_own_file(path, os.O_RDONLY)
+        fd = open_own_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return {}, None
     except UniphantError as e:  # a symlink, a FIFO, a directory in its place
@@ -833,7 +853,7 @@ class _Runtime:
         self.config: Optional[Config] = None     # the runtime's own copy of the configuration
         self.pid = os.getpid()                   # the process that runs the worker
         self.next_call = 0.0                     # when the worker function is due (time.monotonic)
-        self.ending: Optional[_Ending] = None    # why the run ended, for the manager
+        self.ending: Optional[Ending] = None    # why the run ended, for the manager
         self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
         self.generation_file: Optional[Tuple[int, int, int]] = None  # _file_identity() as last kept
 
@@ -855,7 +875,7 @@ def desired_settings() -> Dict[str, Any]:
     return dict(_runtime.settings)
 
 
-def _begin_managed_child(report_fd: int, settings: str) -> None:
+def begin_managed_child(report_fd: int, settings: str) -> None:
     """In a child a manager forked: start afresh, as a process that reports to
     the manager on report_fd and takes its desired settings (JSON, decoded
     here, so that a row no reader can decode fails this worker only).  The
@@ -871,7 +891,7 @@ def _begin_managed_child(report_fd: int, settings: str) -> None:
     _runtime.generations = generations
 
 
-class _Ending:
+class Ending:
     """Why a run ended: a code, which the manager that forked the process acts
     on, and the words, for people (the log, worker_states.last_exit)."""
 
@@ -891,9 +911,9 @@ class _Ending:
         return self.text
 
 
-def _handing_over() -> bool:
+def handing_over() -> bool:
     """Whether this process's run ended to hand over to its successor (restart)."""
-    return _runtime.ending is not None and _runtime.ending.code == _Ending.HANDOVER
+    return _runtime.ending is not None and _runtime.ending.code == Ending.HANDOVER
 
 
 def _remember_generations(on_file: Dict[int, int], problem: Optional[str]) -> None:
@@ -938,7 +958,7 @@ def _keep_generation_file(config: Config) -> None:
     _runtime.generation_file = _file_identity(path)
 
 
-def _pg_setting(config: Config, key: str) -> str:
+def pg_setting(config: Config, key: str) -> str:
     """A connection key from the config files (checked when read), else the
     environment ('' if unset)."""
     value = str(config.get(key) or "").strip(_SPACE)
@@ -959,13 +979,13 @@ def setup_config() -> Config:
         if not _runtime.managed:  # a managed worker's stderr is the manager's: its log says it
             print(f"{os.path.basename(sys.argv[0])}: warning: {warning}", file=sys.stderr)
     for key in _CONNECTION_CHECKS:
-        _pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
+        pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
     try:
         os.makedirs(config["state_dir"], 0o775, exist_ok=True)
     except OSError as e:
         raise UniphantError(f"cannot create the state directory {config['state_dir']}: {e.strerror}") from None
     config["host_id"] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
-    config["process_id"] = _new_uuid()
+    config["process_id"] = new_uuid()
     config["host_name"] = os.uname().nodename
     return config
 
@@ -992,7 +1012,7 @@ def _real_dir(root_dir: str, *names: str) -> str:
 def _open_log_stream(config: Config):
     """The log file, opened for appending (its directory made again if it was removed)."""
     _real_dir(config["state_dir"], "log", config["worker_type"])
-    fd = _open_own_file(_log_file_path(config), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = open_own_file(_log_file_path(config), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
@@ -1084,7 +1104,7 @@ class AlreadyRunning(UniphantError):
         """From the server's refusal: DETAIL holds the PID, the message ends with the host."""
         message, detail = fields.get("M", ""), fields.get("D", "")
         _, on_host, host = message.rpartition(" on host ")
-        return cls(_printable(message), fields.get("C", ""), int(detail) if detail.isdigit() else None,
+        return cls(printable(message), fields.get("C", ""), int(detail) if detail.isdigit() else None,
                    host if on_host else None)
 
 
@@ -1111,7 +1131,7 @@ class _SessionChanged(UniphantError):
     """The worker function changed who its session is: the runtime cannot act on it."""
 
 
-def _readable(fd: int, timeout: float = 0.0) -> bool:
+def fd_readable(fd: int, timeout: float = 0.0) -> bool:
     """Whether fd has input, waiting up to timeout seconds (poll: any descriptor number)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -1173,7 +1193,7 @@ class _Wire:
         return bool(self._in) or bool(ssl_pending and ssl_pending())
 
     def readable(self) -> bool:
-        return self.pending() or _readable(self.sock.fileno())
+        return self.pending() or fd_readable(self.sock.fileno())
 
 
 def _default_socket_dir() -> str:
@@ -1183,15 +1203,15 @@ def _default_socket_dir() -> str:
 def _targets(config: Config) -> List[Tuple[str, int]]:
     """The (host, port) pairs to try, as libpq reads PGHOST and PGPORT: in order, or
     shuffled anew for each connection with PGLOADBALANCEHOSTS=random."""
-    hosts = [h.strip() for h in _pg_setting(config, "PGHOST").split(",") if h.strip()]
+    hosts = [h.strip() for h in pg_setting(config, "PGHOST").split(",") if h.strip()]
     hosts = hosts or [_default_socket_dir()]
-    ports = [int(p) for p in (_pg_setting(config, "PGPORT") or "5432").split(",")]
+    ports = [int(p) for p in (pg_setting(config, "PGPORT") or "5432").split(",")]
     if len(ports) == 1:
         ports *= len(hosts)
     if len(ports) != len(hosts):
         raise ConfigError(f"PGPORT names {len(ports)} ports for {len(hosts)} hosts in PGHOST")
     targets = list(zip(hosts, ports))
-    if _pg_setting(config, "PGLOADBALANCEHOSTS") == "random":
+    if pg_setting(config, "PGLOADBALANCEHOSTS") == "random":
         import random
 
         random.shuffle(targets)
@@ -1215,7 +1235,7 @@ def _os_user() -> str:
 
 def _pgpass_path(config: Config) -> Optional[str]:
     home = _home()
-    return _pg_setting(config, "PGPASSFILE") or (home and os.path.join(home, ".pgpass"))
+    return pg_setting(config, "PGPASSFILE") or (home and os.path.join(home, ".pgpass"))
 
 
 def _split_pgpass_line(line: str) -> List[str]:
@@ -1316,7 +1336,7 @@ def _open_wire(host: str, port: int, sslmode: str, timeout: Optional[float], sta
     return _Wire(sock, (host, port))
 
 
-def _close_quietly(connection) -> None:
+def close_quietly(connection) -> None:
     """Close a connection that may be dead: one that cannot say goodbye is closed all the same."""
     import pg8000.dbapi
 
@@ -1349,7 +1369,7 @@ def _suits(wanted: str, standby: bool, read_only: bool) -> bool:
             "primary": not standby, "standby": standby}[wanted]
 
 
-def _wire_of(connection) -> Optional[_Wire]:
+def wire_of(connection) -> Optional[_Wire]:
     # pg8000 keeps the socket it was given as _usock; only ours are _Wires.
     wire = getattr(connection, "_usock", None)
     return wire if isinstance(wire, _Wire) else None
@@ -1358,14 +1378,14 @@ def _wire_of(connection) -> Optional[_Wire]:
 def _appraise(connection, wanted: str) -> bool:
     """Whether the connection's server suits target_session_attrs wanted; notes what it is."""
     standby, read_only = _server_state(connection)
-    _wire_of(connection).kind = _kind(standby, read_only)
+    wire_of(connection).kind = _kind(standby, read_only)
     return _suits(wanted, standby, read_only)
 
 
-def _sql_error(error: BaseException) -> Tuple[str, str]:
+def sql_error_of(error: BaseException) -> Tuple[str, str]:
     """(SQLSTATE, message) of a pg8000 DatabaseError."""
     fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
-    return fields.get("C", ""), _printable(fields.get("M", str(error)))
+    return fields.get("C", ""), printable(fields.get("M", str(error)))
 
 
 def _check_generation(config: Config, connection) -> Optional[str]:
@@ -1377,7 +1397,7 @@ def _check_generation(config: Config, connection) -> Optional[str]:
     """
     import pg8000.dbapi
 
-    wire, known = _wire_of(connection), _runtime.generations
+    wire, known = wire_of(connection), _runtime.generations
     state_dir = config.get("state_dir")
     on_file, problem = _read_generations(os.path.join(state_dir, GENERATION_FILE)) if state_dir else ({}, None)
     _remember_generations(on_file, problem)
@@ -1385,7 +1405,7 @@ def _check_generation(config: Config, connection) -> Optional[str]:
         row = connection.execute_simple("SELECT system_identifier, timeline "
                                         "FROM uniphant.server_generation()").rows[0]
     except pg8000.dbapi.DatabaseError as e:
-        code, message = _sql_error(e)
+        code, message = sql_error_of(e)
         if code == "42501":
             message += f": {_GRANT_HINT}"
         if code not in ("42883", "3F000"):
@@ -1396,7 +1416,7 @@ def _check_generation(config: Config, connection) -> Optional[str]:
         return None  # no uniphant schema: registering says so
     system, timeline = row
     if not (isinstance(system, int) and isinstance(timeline, int) and timeline >= 0):
-        return f"its uniphant.server_generation() answered {_shorten(str(row))}"
+        return f"its uniphant.server_generation() answered {shorten(str(row))}"
     seen = known.get(system, 0)
     if timeline < seen:
         what = "a standby behind a failover" if wire.kind == "a standby" else "an old primary"
@@ -1427,7 +1447,7 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
     answer: Optional[BaseException] = error
     while answer is not None:
         if isinstance(answer, pg8000.dbapi.DatabaseError):
-            code, message = _sql_error(answer)
+            code, message = sql_error_of(answer)
             if code == "53300":
                 message += (" (the server's max_connections is reached: raise it, or put PgBouncer "
                             "in transaction mode between workers and server: README, \"Sizing\")")
@@ -1447,9 +1467,9 @@ def _login(config: Config, host: str, port: int, user: str, database: str, sslmo
     """A logged-in connection to one host, in autocommit mode; ConnectError if not."""
     import pg8000.dbapi
 
-    timeout: Optional[float] = int(_pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
+    timeout: Optional[float] = int(pg_setting(config, "PGCONNECT_TIMEOUT") or 10)
     timeout = max(timeout, 2) if timeout else None  # libpq: 0 waits forever, 2 s at least
-    password = _pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
+    password = pg_setting(config, "PGPASSWORD") or _pgpass_password(config, host, port, database, user)
     wire = None
     try:
         wire = _open_wire(host, port, sslmode, timeout, config.get("stale_after", 60.0))
@@ -1496,12 +1516,12 @@ def _try_host(config: Config, target: Tuple[str, int], login: Tuple[str, str, st
         suits = _appraise(connection, wanted)
         behind = _check_generation(config, connection) if suits or may_fall_back else None
     except UniphantError:
-        _close_quietly(connection)
+        close_quietly(connection)
         raise
     except Exception as e:  # the connection was lost on the way
-        _close_quietly(connection)
-        return None, _explain(e)
-    wire = _wire_of(connection)
+        close_quietly(connection)
+        return None, explain(e)
+    wire = wire_of(connection)
     if behind is None and suits:
         wire.keep_to = wanted
         return connection, ""
@@ -1510,11 +1530,11 @@ def _try_host(config: Config, target: Tuple[str, int], login: Tuple[str, str, st
         return connection, why
     if behind is not None:
         passed_over.append(f"{where}: {behind}")
-    _close_quietly(connection)
+    close_quietly(connection)
     return None, why
 
 
-def _connect_to(config: Config, attrs: str, fallback: bool = False,
+def connect_to_server(config: Config, attrs: str, fallback: bool = False,
                 tried: Optional[Dict[Tuple[str, int], str]] = None):
     """A connection to the first host whose server suits attrs (target_session_attrs);
     else, for prefer-standby or with fallback, to the first that answered (libpq's
@@ -1523,8 +1543,8 @@ def _connect_to(config: Config, attrs: str, fallback: bool = False,
     they would not do: they are not tried again, and those tried now are added."""
     tried = {} if tried is None else tried
     fallback = fallback or attrs == "prefer-standby"
-    user = _pg_setting(config, "PGUSER") or _os_user()
-    login = (user, _pg_setting(config, "PGDATABASE") or user, _pg_setting(config, "PGSSLMODE") or "prefer")
+    user = pg_setting(config, "PGUSER") or _os_user()
+    login = (user, pg_setting(config, "PGDATABASE") or user, pg_setting(config, "PGSSLMODE") or "prefer")
     targets, passed_over = _targets(config), []
     connection = second = None  # second: the fallback, the first server that answered but did not suit
     try:
@@ -1543,25 +1563,25 @@ def _connect_to(config: Config, attrs: str, fallback: bool = False,
             connection, second = second, None
     finally:
         if second is not None:
-            _close_quietly(second)
+            close_quietly(second)
     if connection is None:
         raise ConnectError("could not connect to PostgreSQL at " + "; ".join(
             f"{_where(*target)}: {tried[target]}" for target in targets if target in tried))
-    _wire_of(connection).passed_over = passed_over
+    wire_of(connection).passed_over = passed_over
     return connection
 
 
 def _session_attrs(config: Config) -> str:
     """target_session_attrs as set; else read-write, since uniphant's processes write."""
-    return _pg_setting(config, "PGTARGETSESSIONATTRS") or "read-write"
+    return pg_setting(config, "PGTARGETSESSIONATTRS") or "read-write"
 
 
 def _connect(config: Config, tried: Optional[Dict[Tuple[str, int], str]] = None):
     """connect_to_database(), given up at once when a stop signal comes (_Interrupted);
-    tried: see _connect_to."""
+    tried: see connect_to_server."""
     _runtime.signals.connecting = True
     try:
-        return _connect_to(config, _session_attrs(config), tried=tried)
+        return connect_to_server(config, _session_attrs(config), tried=tried)
     finally:
         _runtime.signals.connecting = False
 
@@ -1574,19 +1594,19 @@ def connect_to_database(config: Config):
     and is not an old primary (_check_generation); raises ConnectError with one
     line naming each host tried and why it was not taken.
     """
-    return _connect_to(config, _session_attrs(config))
+    return connect_to_server(config, _session_attrs(config))
 
 
 def _server(connection) -> str:
     """The server a connection reached, and what it was: "host:port, a primary"."""
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     return f"{wire.where}, {wire.kind}" if wire is not None else "the database server"
 
 
 def _check_server(connection) -> None:
     """A server that no longer suits the target_session_attrs it was chosen for (it
     turned read-only, or into a standby) is a lost server."""
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     if wire is None or wire.keep_to is None:
         return
     statuses = connection.parameter_statuses
@@ -1607,7 +1627,7 @@ def _check_session(config: Config, connection) -> None:
     """Refuse to act for this process on a session whose identity the worker function
     changed: keyed by application_name and bound to the session's user, the
     runtime's calls would act on another row, or on none."""
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     statuses = connection.parameter_statuses
     if statuses.get("application_name") != config["process_id"]:
         raise _SessionChanged("the worker function changed its session's application_name")
@@ -1626,14 +1646,14 @@ def _channel(config: Config) -> str:
     return _PROCESS_CHANNEL + config["process_id"].replace("-", "")
 
 
-def _take_notifications(connection, channel: str) -> bool:
+def take_notifications(connection, channel: str) -> bool:
     """Whether notifications came on channel (taking them off the queue, and leaving
     those of the worker's own channels); a full queue may have dropped one, so it
     counts too."""
     notes = connection.notifications
     if not notes:
         return False
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     full = (notes.maxlen is not None and len(notes) >= notes.maxlen
             and (wire is None or notes[-1] is not wire.newest_note))  # and something came since
     others = [note for note in notes if note[1] != channel]
@@ -1646,7 +1666,7 @@ def _take_notifications(connection, channel: str) -> bool:
     return hinted
 
 
-def _in_one_transaction(connection, action: Callable[[], Any]) -> Any:
+def in_one_transaction(connection, action: Callable[[], Any]) -> Any:
     """action()'s result, with all it sends in one transaction (rolled back if it fails)."""
     connection.execute_simple("BEGIN")
     try:
@@ -1658,7 +1678,7 @@ def _in_one_transaction(connection, action: Callable[[], Any]) -> Any:
     return result
 
 
-def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
+def query_rows(connection, sql: str, params: tuple = ()) -> List[list]:
     """The rows of one of the runtime's own calls, SQL with $1-style parameters.
 
     It goes around pg8000's cursor, which would open a transaction if the worker
@@ -1667,7 +1687,7 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
     """
     import pg8000.dbapi
 
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     try:
         if not params:
             context = connection.execute_simple(sql)
@@ -1675,11 +1695,11 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
             # A parameterised statement takes pg8000 three round trips, which a
             # transaction pooler may give to three server connections: one
             # transaction keeps them on one.
-            context = _in_one_transaction(connection, lambda: connection.execute_unnamed(sql, params))
+            context = in_one_transaction(connection, lambda: connection.execute_unnamed(sql, params))
         else:
             context = connection.execute_unnamed(sql, params)
     except pg8000.dbapi.DatabaseError as e:
-        code, message = _sql_error(e)
+        code, message = sql_error_of(e)
         if code == "25006":  # read_only_sql_transaction: a standby, or a server made read-only
             raise _ConnectionLost(f"{wire.where if wire else 'the server'} is read-only: {message}") from None
         if code in ("UN001", "UN003", "UN005"):
@@ -1699,26 +1719,26 @@ def _rows(connection, sql: str, params: tuple = ()) -> List[list]:
     return context.rows or []
 
 
-def _call(connection, sql: str, params: tuple = ()) -> Optional[list]:
-    """The first row of one of the runtime's own calls (see _rows)."""
-    rows = _rows(connection, sql, params)
+def query_row(connection, sql: str, params: tuple = ()) -> Optional[list]:
+    """The first row of one of the runtime's own calls (see query_rows)."""
+    rows = query_rows(connection, sql, params)
     return rows[0] if rows else None
 
 
 def register_host(config: Config, connection) -> None:
     """Register this host, and check that the database's schema is recent enough."""
     try:
-        row = _call(connection, "SELECT uniphant.schema_version(), current_database(), "
+        row = query_row(connection, "SELECT uniphant.schema_version(), current_database(), "
                     "uniphant.register_host($1::uuid, $2)", (config["host_id"], config["host_name"]))
     except _SchemaMissing:
         # Releases 1 and 2 kept their objects in public; 1 had no version function.
-        row = _call(connection, "SELECT CASE WHEN to_regprocedure('public.uniphant_schema_version()') "
+        row = query_row(connection, "SELECT CASE WHEN to_regprocedure('public.uniphant_schema_version()') "
                     "IS NOT NULL THEN 2 WHEN to_regprocedure('public.keepalive()') IS NOT NULL THEN 1 END, "
                     "current_database()")
     version, database = row[:2]
     if version is None or version < SCHEMA_VERSION:
         found = "no uniphant schema" if version is None else f"uniphant schema version {version}"
-        raise UniphantError(f"the database {_printable(database)} has {found}, and this uniphant "
+        raise UniphantError(f"the database {printable(database)} has {found}, and this uniphant "
                             f"needs version {SCHEMA_VERSION}: load schema.sql")
 
 
@@ -1732,9 +1752,9 @@ def _listen(config: Config, connection) -> None:
             # The channel is built from hex digits of our own process id: safe to format.
             connection.execute_simple(f"LISTEN {_channel(config)}")
         except pg8000.dbapi.DatabaseError as e:
-            code, message = _sql_error(e)
+            code, message = sql_error_of(e)
             if code == "25006":  # a standby
-                raise _ConnectionLost(f"{_wire_of(connection).where} is read-only: {message}") from None
+                raise _ConnectionLost(f"{wire_of(connection).where} is read-only: {message}") from None
             raise
 
 
@@ -1743,7 +1763,7 @@ def _listen(config: Config, connection) -> None:
 _SESSION_END_WAIT = 2.0
 
 
-def _holds_open(pid: int, path: str) -> bool:
+def holds_open(pid: int, path: str) -> bool:
     """Whether process pid has the file at path open, also if it was removed since.
 
     The kernel's word on a PID that a process row names: a live copy of a
@@ -1773,7 +1793,7 @@ def _take_lease(config: Config, connection, granted: float) -> None:
     _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
                             "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
     config["stale_after"] = granted
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     if wire is not None and wire.sock.family != socket.AF_UNIX:
         _detect_dead_peers(wire.sock, granted)
 
@@ -1793,7 +1813,7 @@ def register_process(config: Config, connection) -> None:
     deadline, gone_pid = time.monotonic() + _SESSION_END_WAIT, None
     while True:
         try:
-            granted = _call(connection, "SELECT extract(epoch FROM uniphant.register_process($1::uuid, "
+            granted = query_row(connection, "SELECT extract(epoch FROM uniphant.register_process($1::uuid, "
                             "$2::uuid, $3, $4, make_interval(secs => $5), $6, $7))::float8",
                             (config["worker_id"], config["host_id"], config["worker_type"], os.getpid(),
                              float(config["stale_after"]), config["pooler"] != "none", gone_pid))[0]
@@ -1802,7 +1822,7 @@ def register_process(config: Config, connection) -> None:
             if e.sqlstate != "UN003" or time.monotonic() >= deadline:
                 raise
             holder = e.pid
-            if holder is not None and holder != gone_pid and not _holds_open(holder, get_pid_file_path(config)):
+            if holder is not None and holder != gone_pid and not holds_open(holder, get_pid_file_path(config)):
                 gone_pid = holder
                 continue  # ask again at once, now that we have looked
         time.sleep(0.02)
@@ -1812,7 +1832,7 @@ def register_process(config: Config, connection) -> None:
 
 def keepalive(connection) -> bool:
     """Record a heartbeat; false when the process row is gone and the worker must stop."""
-    return bool(_call(connection, "SELECT uniphant.keepalive()")[0])
+    return bool(query_row(connection, "SELECT uniphant.keepalive()")[0])
 
 
 # How a process leaves: its row removed, and, for a worker that finished
@@ -1828,22 +1848,22 @@ def _call_leave(config: Config, connection, leave: str) -> None:
     deadline = time.monotonic() + _SESSION_END_WAIT
     while True:
         try:
-            _call(connection, leave)
+            query_row(connection, leave)
             return
         except _NotFinished as e:
             if not _runtime.managed or time.monotonic() >= deadline:
                 _logger(config).warning("%s", e)
                 break
         time.sleep(0.05)
-    _call(connection, _LEAVE)
+    query_row(connection, _LEAVE)
 
 
 def disconnect(connection) -> None:
     """Remove this process's row, then close the connection."""
     try:
-        _call(connection, _LEAVE)
+        query_row(connection, _LEAVE)
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
 
 
 def _disconnect_quietly(connection) -> None:
@@ -1856,14 +1876,14 @@ def _disconnect_quietly(connection) -> None:
 
 
 def _connect_for(config: Config, first_write: Callable[[Any], None],
-                 leave: Callable[[Any], None] = _close_quietly):
+                 leave: Callable[[Any], None] = close_quietly):
     """A connection on which first_write went through: a server that turns out read-only
     only then (SQLSTATE 25006) is passed over like a standby, and the next host
     tried; no host is tried twice.  leave: what to do with a connection given up."""
     tried: Dict[Tuple[str, int], str] = {}
     while True:
         connection = _connect(config, tried)
-        target = _wire_of(connection).target
+        target = wire_of(connection).target
         try:
             first_write(connection)
             return connection
@@ -1884,7 +1904,7 @@ def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
     connection = _connect(config)
     deadline = time.monotonic() + patience
     try:
-        while config["pooler"] == "none" and _call(
+        while config["pooler"] == "none" and query_row(
                 connection, "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
                 "AND application_name = current_setting('application_name'))")[0]:
             if time.monotonic() >= deadline:
@@ -1893,7 +1913,7 @@ def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
         _call_leave(config, connection, leave)
         return True
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
 
 
 # ---------------------------------------------------------------------------
@@ -1911,7 +1931,7 @@ _IGNORED_SIGNALS = ("SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO",
                     "SIGSTKFLT", "SIGTRAP")  # and every real-time signal
 
 
-def _signal_name(sig: int) -> str:
+def signal_name(sig: int) -> str:
     import signal
 
     try:
@@ -1924,9 +1944,9 @@ def signal_handler(sig: int, frame: Any) -> None:
     """Note a signal; the run loop acts on it at once (the wakeup pipe wakes it).
     A stop signal also interrupts a connection attempt under way."""
     _runtime.signals.caught.append(sig)
-    if _runtime.signals.connecting and _signal_name(sig) in _STOP_SIGNALS:
+    if _runtime.signals.connecting and signal_name(sig) in _STOP_SIGNALS:
         _runtime.signals.connecting = False
-        raise _Interrupted(f"{_signal_name(sig)} received while connecting")
+        raise _Interrupted(f"{signal_name(sig)} received while connecting")
 
 
 def _signal_number(name: str) -> int:
@@ -1949,7 +1969,7 @@ def _act_on_signals(config: Config) -> None:
     confirm the row, reopen the log, or log that one was ignored."""
     signals = _runtime.signals
     while signals.caught:
-        name = _signal_name(signals.caught.pop(0))
+        name = signal_name(signals.caught.pop(0))
         if name in _STOP_SIGNALS or name == signals.handover:
             signals.stop = signals.stop or name
         elif name == _CONFIRM_SIGNAL:
@@ -1985,7 +2005,7 @@ def get_pid_for_running_process(pid_file: str) -> Optional[int]:
     The PID comes from the kernel (F_GETLK), not from the file's contents.
     """
     try:
-        fd = _open_own_file(pid_file, os.O_RDONLY)
+        fd = open_own_file(pid_file, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
@@ -2004,7 +2024,7 @@ def _lock_pid_file(config: Config, pid_file: str) -> bool:
     Its directory is made by _prepare_paths().  lockf() locks are not inherited
     by children the worker forks, so the lock dies with this process and nothing else.
     """
-    fd = _open_own_file(pid_file, os.O_RDWR | os.O_CREAT)
+    fd = open_own_file(pid_file, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -2027,7 +2047,7 @@ def _release_pid_file() -> None:
 def _process_id_in(pid_file: str) -> Optional[str]:
     """The process id that the PID file's holder wrote on its second line."""
     try:
-        with os.fdopen(_open_own_file(pid_file, os.O_RDONLY), encoding="ascii", errors="replace") as f:
+        with os.fdopen(open_own_file(pid_file, os.O_RDONLY), encoding="ascii", errors="replace") as f:
             lines = f.read(200).splitlines()
     except (OSError, UniphantError):
         return None  # no file, or not ours to read: no process id to clean up after
@@ -2099,7 +2119,7 @@ def stop_running_process(pid_file: str, timeout: float = 10.0, sig: Optional[int
 # the manager that forked it), one line each: a word, then its fields, the
 # last of which is any text (on one line).  `ready PID STOP_TIMEOUT`: it has
 # registered; `error WHY`: it could not start; `exit CODE WHY`: its run ended
-# (the codes: see _Ending).
+# (the codes: see Ending).
 _REPORT_FIELDS = {"ready": 2, "error": 1, "exit": 2}
 
 
@@ -2108,7 +2128,7 @@ def _report_line(word: str, *fields: Any) -> bytes:
     return (" ".join([word, *map(str, fields[:-1]), text]) + "\n").encode("utf-8", "replace")
 
 
-def _parse_report(line: bytes) -> Tuple[str, List[str]]:
+def parse_report(line: bytes) -> Tuple[str, List[str]]:
     """(word, fields) of a report line; missing fields are empty."""
     word, _, rest = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
     count = _REPORT_FIELDS.get(word, 1)
@@ -2125,7 +2145,7 @@ def _tell(fd: int, word: str, *fields: Any) -> None:
     os.close(fd)
 
 
-def _report_to_manager(word: str, *fields: Any) -> None:
+def report_to_manager(word: str, *fields: Any) -> None:
     """In a worker the manager forked: tell it how the start went, or why the run
     ended (see _Child.read_reports)."""
     import contextlib
@@ -2141,7 +2161,7 @@ def _warn_once(logger: logging.Logger, message: str) -> None:
         logger.warning(message)
 
 
-def _sd_notify(*lines: str) -> None:
+def sd_notify(*lines: str) -> None:
     """Tell systemd about this process, where NOTIFY_SOCKET asks (sd_notify(3)):
     one datagram of KEY=VALUE lines; a leading @ names an abstract socket."""
     import socket
@@ -2159,11 +2179,11 @@ def _sd_notify(*lines: str) -> None:
                 _warn_once(_runtime.log.logger, f"cannot notify systemd at {address!r}: {e.strerror}")
 
 
-def _watchdog_period() -> float:
+def watchdog_period() -> float:
     """Seconds between WATCHDOG=1 messages: half of WATCHDOG_USEC, if systemd asks
     this process for them; else 0."""
     usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
-    if not _is_whole(usec, 1, 2 ** 63) or (pid and pid != str(os.getpid())):
+    if not is_whole(usec, 1, 2 ** 63) or (pid and pid != str(os.getpid())):
         return 0.0
     return int(usec) / 2e6
 
@@ -2217,7 +2237,7 @@ class _Watchdog:
         self._grace = stale_after - _heartbeat_period(config) - 1.0 - max(0.5, stale_after / 10)
         self._logger = logger
         self._lock = threading.Condition()
-        self._call: Optional[Tuple[int, int]] = None  # generation, fd
+        self.query_row: Optional[Tuple[int, int]] = None  # generation, fd
         self._generation = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         threading.Thread(target=self._watch, name="uniphant-watchdog", daemon=True).start()
@@ -2230,13 +2250,13 @@ class _Watchdog:
         """
         with self._lock:
             self._generation += 1
-            self._call = None if wire is None else (self._generation, os.dup(wire.fileno()))
+            self.query_row = None if wire is None else (self._generation, os.dup(wire.fileno()))
             self._lock.notify()
 
     def leave(self) -> None:
         with self._lock:
             self._generation += 1
-            call, self._call = self._call, None
+            call, self.query_row = self.query_row, None
             self._lock.notify()
         _poke(self._wake_w)
         if call is not None:
@@ -2247,9 +2267,9 @@ class _Watchdog:
     def _watch(self) -> None:
         while True:
             with self._lock:
-                while self._call is None:
+                while self.query_row is None:
                     self._lock.wait()
-                generation, fd = self._call
+                generation, fd = self.query_row
             if self._pooled or self._hung_up(fd):
                 self._expire_unless_left(generation)
 
@@ -2288,7 +2308,7 @@ def _heartbeat_period(config: Config) -> float:
 
 def _log_passed_over(logger: logging.Logger, connection) -> None:
     """Log each old primary refused on the way to the connection's server."""
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     for refusal in wire.passed_over if wire is not None else ():
         logger.warning("refused %s", refusal)
 
@@ -2301,7 +2321,7 @@ class _WorkerExit(Exception):
         self.code = code
 
 
-def _is_lost(connection) -> bool:
+def is_lost(connection) -> bool:
     try:
         connection.execute_simple("")
     except Exception:
@@ -2309,21 +2329,21 @@ def _is_lost(connection) -> bool:
     return False
 
 
-def _local_stop_reason(config: Config) -> Optional[_Ending]:
+def _local_stop_reason(config: Config) -> Optional[Ending]:
     """A reason to stop that needs no database: a signal, or the parent's death."""
     _act_on_signals(config)
     signals = _runtime.signals
     if signals.stop:
-        code = _Ending.HANDOVER if signals.stop == signals.handover else _Ending.SIGNAL
-        return _Ending(code, f"{signals.stop} received")
+        code = Ending.HANDOVER if signals.stop == signals.handover else Ending.SIGNAL
+        return Ending(code, f"{signals.stop} received")
     if config["foreground"] and not is_parent_alive(config["parent_pid"]):
-        return _Ending(_Ending.PARENT_GONE, "the parent process has gone")
+        return Ending(Ending.PARENT_GONE, "the parent process has gone")
     return None
 
 
 # Reconnection backoff: doubles from the first delay up to the cap, each wait
 # drawn at random from its upper half so a fleet does not retry in step.
-_BACKOFF_FIRST, _BACKOFF_CAP = 0.05, 2.0
+_BACKOFF_FIRST, BACKOFF_CAP = 0.05, 2.0
 
 
 def _tolerate_any_notification(connection) -> None:
@@ -2353,7 +2373,7 @@ def _drain(fd: int) -> None:
         return  # empty: what it was for has been seen
 
 
-def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
+def wait_for_wakeup(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
     """Sleep up to seconds; wake early for a signal, a database message, the parent's
     death, or input on one of the descriptors also (then return true)."""
     signals = _runtime.signals
@@ -2364,7 +2384,7 @@ def _wait(seconds: float, connection=None, also: Tuple[int, ...] = ()) -> bool:
         poller.register(signals.parent_fd, select.POLLIN)
     if signals.poll_parent:
         seconds = min(seconds, _PARENT_POLL)
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     if wire is not None:
         if wire.pending():
             return False
@@ -2396,7 +2416,7 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
         except UniphantError:
             raise
         except Exception as e:
-            failure = _explain(e)
+            failure = explain(e)
         else:
             _tolerate_any_notification(connection)
             _log_passed_over(logger, connection)
@@ -2406,8 +2426,8 @@ def _reconnect(config: Config, logger: logging.Logger, error: str):
             return connection
         (logger.debug if failure in seen else logger.warning)("reconnecting: %s", failure)
         seen.add(failure)
-        _wait(random.uniform(delay / 2, delay))
-        delay = min(delay * 2, _BACKOFF_CAP)
+        wait_for_wakeup(random.uniform(delay / 2, delay))
+        delay = min(delay * 2, BACKOFF_CAP)
     return None
 
 
@@ -2448,17 +2468,17 @@ def _worker_failure(config: Config, connection, logger: logging.Logger, error: B
         return error  # from alive(): the runtime's own, never the worker function's failure
     if isinstance(error, SystemExit):
         code = _exit_code(error)
-        rt.ending = _Ending(_Ending.EXIT, f"the worker function raised SystemExit({error.code!r})")
+        rt.ending = Ending(Ending.EXIT, f"the worker function raised SystemExit({error.code!r})")
         (logger.info if code == EXIT_OK else logger.error)("stopping: %s", rt.ending)
         return _WorkerExit(code)
-    if _is_lost(connection):
-        return _ConnectionLost(_explain(error))
+    if is_lost(connection):
+        return _ConnectionLost(explain(error))
     try:
         _check_server(connection)  # what it did failed because the server turned read-only
     except _ConnectionLost as e:
         return e
     logger.error("stopping: the worker function failed", exc_info=error)
-    rt.ending = _Ending(_Ending.FAILED, _explain(error))  # the exception's last line, for the manager
+    rt.ending = Ending(Ending.FAILED, explain(error))  # the exception's last line, for the manager
     return _WorkerExit(EXIT_FAILURE)
 
 
@@ -2471,7 +2491,7 @@ def _call_worker(config: Config, worker_config: Config, connection,
     _ConnectionLost when the connection broke under it.
     """
     rt = _runtime
-    rt.lease.watchdog.enter(_wire_of(connection))
+    rt.lease.watchdog.enter(wire_of(connection))
     try:
         worker_function(worker_config, logger, connection)
         if os.getpid() != rt.pid:
@@ -2486,10 +2506,10 @@ def _call_worker(config: Config, worker_config: Config, connection,
     _settle(config, connection, logger)
 
 
-_ROW_DELETED = _Ending(_Ending.ROW_DELETED, "its process row was deleted")
+_ROW_DELETED = Ending(Ending.ROW_DELETED, "its process row was deleted")
 
 
-def _stop_reason(config: Config, connection) -> Optional[_Ending]:
+def _stop_reason(config: Config, connection) -> Optional[Ending]:
     """Why the worker must stop now, or None.
 
     Between transactions it reads what the database sent, and asks keepalive()
@@ -2503,13 +2523,13 @@ def _stop_reason(config: Config, connection) -> Optional[_Ending]:
         return reason
     if lease.row_gone:
         return _ROW_DELETED
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     if wire is not None and wire.readable():
         connection.execute_simple("")  # lets pg8000 read what has arrived
     _check_server(connection)
     now = time.monotonic()
     # A notification is a hint only: any role may NOTIFY any channel.
-    hinted = _take_notifications(connection, _channel(config)) or lease.hinted
+    hinted = take_notifications(connection, _channel(config)) or lease.hinted
     lease.hinted = False
     if hinted or now >= lease.next_heartbeat:
         _check_session(config, connection)
@@ -2526,7 +2546,7 @@ def _stop_reason(config: Config, connection) -> Optional[_Ending]:
 
 
 def _serve(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
-           logger: logging.Logger) -> _Ending:
+           logger: logging.Logger) -> Ending:
     """Call the worker function until it must stop; return why.
 
     It is called every interval, or, if it has a wakeup hook (README, "Hooks"),
@@ -2545,11 +2565,11 @@ def _serve(config: Config, worker_config: Config, connection, worker_function: W
         if woken or now >= due:
             _call_worker(config, worker_config, connection, worker_function, logger)
             if wakeup and rt.next_call == 0.0 and config["foreground"]:
-                _sd_notify("READY=1")  # a stepping worker is ready once its first step is done
+                sd_notify("READY=1")  # a stepping worker is ready once its first step is done
             rt.next_call = time.monotonic() + config["interval"]
             woken = False
         else:
-            woken = _wait(min(due, rt.lease.next_heartbeat) - now, connection, fds)
+            woken = wait_for_wakeup(min(due, rt.lease.next_heartbeat) - now, connection, fds)
 
 
 def _run_loop(config: Config, worker_config: Config, connection, worker_function: WorkerFunction,
@@ -2570,10 +2590,10 @@ def _run_loop(config: Config, worker_config: Config, connection, worker_function
             except UniphantError:
                 raise
             except Exception as e:
-                if not _is_lost(connection):
+                if not is_lost(connection):
                     raise
-                error = _explain(e)
-            _close_quietly(connection)
+                error = explain(e)
+            close_quietly(connection)
             connection = None  # should reconnecting fail, there is none to leave on
             connection = _reconnect(config, logger, error)
             if connection is None:
@@ -2581,10 +2601,10 @@ def _run_loop(config: Config, worker_config: Config, connection, worker_function
                 logger.info("stopping: %s", rt.ending)
                 return EXIT_OK, None
     except UniphantError as e:
-        rt.ending = _Ending(_Ending.UNIPHANT, str(e))
+        rt.ending = Ending(Ending.UNIPHANT, str(e))
         logger.error("stopping: %s", e)
     except Exception as e:
-        rt.ending = _Ending(_Ending.UNIPHANT, f"uniphant failed: {_explain(e)}")
+        rt.ending = Ending(Ending.UNIPHANT, f"uniphant failed: {explain(e)}")
         logger.exception("stopping: uniphant failed")
     return EXIT_FAILURE, connection
 
@@ -2601,18 +2621,18 @@ def _leave(config: Config, connection, logger: logging.Logger, leave: str = _LEA
             connection.execute_simple("ROLLBACK")
         _check_session(config, connection)
         _call_leave(config, connection, leave)
-        _close_quietly(connection)
+        close_quietly(connection)
         return
     except Exception as e:
-        _close_quietly(connection)
-        logger.debug("cannot remove the process row on its own connection: %s", _explain(e))
+        close_quietly(connection)
+        logger.debug("cannot remove the process row on its own connection: %s", explain(e))
     try:
         # A new session is this process's own again, once the old one has ended.
         if _remove_row(config, patience=_SESSION_END_WAIT, leave=leave):
             return
         reason = "its old session did not end"
     except Exception as e:
-        reason = _explain(e)
+        reason = explain(e)
     logger.warning("could not remove the process row (%s); the next start takes it over", reason)
 
 
@@ -2638,23 +2658,23 @@ def _teardown(config: Config, worker_config: Config, connection, worker_function
     its desired worker marked done), the PID file emptied, and the manager (if
     one forked this process) told why."""
     if config["foreground"]:
-        _sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1")
     teardown = getattr(worker_function, "teardown", None)
     if teardown is not None:
         try:
             teardown(worker_config, logger)
         except Exception:
             logger.exception("the worker function's teardown hook failed")
-    ending = _runtime.ending or _Ending(_Ending.UNIPHANT, "uniphant failed")
-    finished = code == EXIT_OK and ending.code == _Ending.EXIT and config["restart"] == "on-failure"
+    ending = _runtime.ending or Ending(Ending.UNIPHANT, "uniphant failed")
+    finished = code == EXIT_OK and ending.code == Ending.EXIT and config["restart"] == "on-failure"
     _leave(config, connection, logger, _FINISH if finished else _LEAVE)
     _release_pid_file()
     _note_leftover_threads(logger)
-    _report_to_manager("exit", ending.code, ending.text)
+    report_to_manager("exit", ending.code, ending.text)
 
 
 def _watch_for_wakeups(config: Config) -> None:
-    """Make signals and the parent's death wake _wait()."""
+    """Make signals and the parent's death wake wait_for_wakeup()."""
     import signal
 
     signals = _runtime.signals
@@ -2692,7 +2712,7 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
                 config["worker_id"], config["process_id"], os.getpid(), config["host_name"],
                 __version__, _server(connection))
     if config["foreground"] and not hasattr(worker_function, "wakeup"):
-        _sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
+        sd_notify("READY=1", f"STATUS=worker {config['worker_id']} running")
     if connection.parameter_statuses.get("is_superuser") == "on":
         logger.warning("connected as a superuser: each such worker takes one of the connections "
                        "the server keeps for administrators (superuser_reserved_connections); "
@@ -2727,7 +2747,7 @@ def _poke(fd: int) -> None:
 # The daemon
 # ---------------------------------------------------------------------------
 
-def _close_inherited_fds(keep: int) -> None:
+def close_inherited_fds(keep: int) -> None:
     """Close every descriptor above stderr except keep (closerange skips those not open)."""
     try:
         top = max(int(name) for name in os.listdir("/proc/self/fd")) + 1
@@ -2747,7 +2767,7 @@ def _detach(config: Config, keep_fd: int) -> None:
         os._exit(0)  # the session leader goes, so the daemon can never reacquire a terminal
     os.chdir(config["script_dir"])
     os.umask(0o002)
-    _close_inherited_fds(keep_fd)
+    close_inherited_fds(keep_fd)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -2764,7 +2784,7 @@ def _daemon_main(config: Config, worker_function: WorkerFunction, pid_file: str,
         setup_logging(config)
         connection = _connect_for(config, lambda c: _register(config, c, worker_function))
     except BaseException as e:
-        _tell(ready_w, "error", _explain(e))
+        _tell(ready_w, "error", explain(e))
         return EXIT_FAILURE
     _tell(ready_w, "ready", os.getpid(), config["stop_timeout"])
     return run(config, connection, worker_function, pid_file)
@@ -2783,7 +2803,7 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
     if child:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as pipe:
-            word, fields = _parse_report(pipe.readline())
+            word, fields = parse_report(pipe.readline())
         os.waitpid(child, 0)
         if word != "ready":
             raise UniphantError(fields[0] or "the daemon was killed before it was ready")
@@ -2807,7 +2827,7 @@ def start_daemon(config: Config, connection, worker_function: WorkerFunction, pi
 COMMANDS = ("start", "restart", "stop", "status")
 
 
-def _leave_quietly() -> None:
+def leave_quietly() -> None:
     """Exit 0 after a reader that had read enough closed stdout: Python would
     otherwise complain again while flushing it at exit."""
     null = os.open(os.devnull, os.O_WRONLY)
@@ -2816,12 +2836,12 @@ def _leave_quietly() -> None:
     sys.exit(EXIT_OK)
 
 
-def _print_or_leave_quietly(text: str) -> None:
+def print_or_leave_quietly(text: str) -> None:
     """print(text), or exit quietly when the reader has gone (`ps | head`)."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        _leave_quietly()
+        leave_quietly()
 
 
 _HELP = """Run, stop or query one uniphant worker process.
@@ -2853,27 +2873,27 @@ def _parse_arguments(prog: str, argv: List[str], one_per_host: bool = False) -> 
     positional, foreground = [], False
     for arg in argv:
         if arg in ("-h", "--help"):
-            _print_or_leave_quietly(f"{_usage(prog, one_per_host)}\n\n{_HELP}")
+            print_or_leave_quietly(f"{_usage(prog, one_per_host)}\n\n{_HELP}")
             sys.exit(EXIT_OK)
         elif arg in ("-f", "--foreground"):
             foreground = True
         elif arg.startswith("-") and arg != "-":
-            raise UsageError(f"unrecognized option {_shorten(arg)}")
+            raise UsageError(f"unrecognized option {shorten(arg)}")
         else:
             positional.append(arg)
     if one_per_host and len(positional) == 1:
         positional.insert(0, None)
     if len(positional) > 2:
-        raise UsageError(f"unexpected argument {_shorten(positional[2])} (expected a worker_id "
+        raise UsageError(f"unexpected argument {shorten(positional[2])} (expected a worker_id "
                          f"and a command)")
     if len(positional) < 2:
         raise UsageError("expected a worker_id and a command" if not positional else
-                         f"expected a worker_id and a command, got only {_shorten(positional[0])}")
-    worker_id, command = positional[0] and _canonical_uuid(positional[0]), positional[1]
+                         f"expected a worker_id and a command, got only {shorten(positional[0])}")
+    worker_id, command = positional[0] and canonical_uuid(positional[0]), positional[1]
     if positional[0] is not None and worker_id is None:
-        raise UsageError(f"worker_id must be a UUID, got {_shorten(positional[0])}")
+        raise UsageError(f"worker_id must be a UUID, got {shorten(positional[0])}")
     if command not in COMMANDS:
-        raise UsageError(f"invalid command {_shorten(command)} (choose from {', '.join(COMMANDS)})")
+        raise UsageError(f"invalid command {shorten(command)} (choose from {', '.join(COMMANDS)})")
     return worker_id, command, foreground
 
 
@@ -2886,7 +2906,7 @@ def _one_per_host_id(config: Config, create: bool) -> Optional[str]:
     if create:
         host_id: Optional[str] = get_or_create_host_id(config["lock_file"], config["host_id_file"])
     else:
-        host_id = _read_host_id(config["host_id_file"])
+        host_id = read_host_id(config["host_id_file"])
     return host_id and str(uuid.uuid5(uuid.UUID(host_id), config["worker_type"]))
 
 
@@ -2933,7 +2953,7 @@ def _stop(config: Config, pid_file: str, sig: Optional[int] = None) -> int:
         return EXIT_FAILURE
     if ended_by == signal.SIGKILL:
         print(f"{_describe(config)} did not stop within {config['stop_timeout']:g} s "
-              f"of {_signal_name(sig or signal.SIGTERM)}: sent SIGKILL.", file=sys.stderr)
+              f"of {signal_name(sig or signal.SIGTERM)}: sent SIGKILL.", file=sys.stderr)
         if process_id is not None:
             _remove_row_of(config, process_id)
     print(f"{_describe(config)} stopped.")
@@ -2965,10 +2985,10 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
             return start_daemon(config, connection, worker_function, pid_file)
         setup_logging(config)
     except BaseException:
-        _close_quietly(connection)
+        close_quietly(connection)
         raise
     _register(config, connection, worker_function)
-    _report_to_manager("ready", os.getpid(), config["stop_timeout"])
+    report_to_manager("ready", os.getpid(), config["stop_timeout"])
     return run(config, connection, worker_function, pid_file)
 
 
@@ -2995,7 +3015,7 @@ def main(worker_function: WorkerFunction) -> None:
     one_per_host = getattr(worker_function, "one_per_host", False)
     try:
         if one_per_host and _runtime.managed:  # before any of its configuration is read
-            raise UniphantError(f"{_script_config()['worker_type']}: {_ONE_PER_HOST}")
+            raise UniphantError(f"{_script_config()['worker_type']}: {ONE_PER_HOST}")
         worker_id, command, foreground = _parse_arguments(prog, sys.argv[1:], one_per_host)
         if command in ("status", "stop") and worker_id is None:
             worker_id = _one_per_host_id(_script_config(), create=False)
@@ -3022,15 +3042,15 @@ def main(worker_function: WorkerFunction) -> None:
         if isinstance(e, UsageError):
             print(_usage(prog, one_per_host), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
-        _report_to_manager("error", e)
+        report_to_manager("error", e)
         code = e.exit_code
     except OSError as e:
-        print(f"{prog}: error: {_explain(e)}", file=sys.stderr)
+        print(f"{prog}: error: {explain(e)}", file=sys.stderr)
         code = EXIT_FAILURE
     except Exception as e:
         if not type(e).__module__.startswith("pg8000"):
             raise  # a bug: its traceback is the report
-        print(f"{prog}: error: the database connection failed: {_explain(e)}", file=sys.stderr)
+        print(f"{prog}: error: the database connection failed: {explain(e)}", file=sys.stderr)
         code = EXIT_FAILURE
     _exit(code)
 

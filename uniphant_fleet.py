@@ -21,47 +21,47 @@ from uniphant import (
     RUNTIME_DEFAULTS,
     UniphantError,
     UsageError,
-    _BACKOFF_CAP,
-    _Ending,
-    _TYPE_LENGTH,
-    _TYPE_PARTS,
-    _call,
-    _canonical_uuid,
-    _close_inherited_fds,
-    _close_quietly,
-    _connect_to,
-    _ONE_PER_HOST,
-    _begin_managed_child,
-    _explain,
-    _handing_over,
-    _holds_open,
-    _in_one_transaction,
-    _is_whole,
-    _is_worker_type,
-    _leave_quietly,
-    _log_file_of,
-    _new_uuid,
-    _open_own_file,
-    _parse_report,
-    _pg_setting,
-    _pid_file_of,
-    _print_or_leave_quietly,
-    _printable,
-    _read_host_id,
-    _readable,
-    _report_to_manager,
-    _rows,
-    _scripts_of_type,
-    _sd_notify,
-    _shorten,
-    _shown_settings,
-    _signal_name,
-    _state_dir,
-    _take_notifications,
-    _wait,
-    _watchdog_period,
-    _wire_of,
-    _worker_types,
+    BACKOFF_CAP,
+    Ending,
+    TYPE_LENGTH,
+    TYPE_PARTS,
+    query_row,
+    canonical_uuid,
+    close_inherited_fds,
+    close_quietly,
+    connect_to_server,
+    ONE_PER_HOST,
+    begin_managed_child,
+    explain,
+    handing_over,
+    holds_open,
+    in_one_transaction,
+    is_whole,
+    is_worker_type,
+    leave_quietly,
+    log_file_of,
+    new_uuid,
+    open_own_file,
+    parse_report,
+    pg_setting,
+    pid_file_of,
+    print_or_leave_quietly,
+    printable,
+    read_host_id,
+    fd_readable,
+    report_to_manager,
+    query_rows,
+    scripts_of_type,
+    sd_notify,
+    shorten,
+    shown_settings,
+    signal_name,
+    state_dir_of,
+    take_notifications,
+    wait_for_wakeup,
+    watchdog_period,
+    wire_of,
+    worker_types_under,
     get_pid_for_running_process,
     read_config_files,
 )
@@ -85,7 +85,7 @@ _PLAN_EVERY = 5.0
 # that lost their sessions with it (a failover, a restart of the server) have
 # tried again within a backoff cap, and confirmed their rows, by then.  Until
 # then their rows may look dead, and a plan would start their workers elsewhere.
-_PLAN_AFTER_RECONNECT = _BACKOFF_CAP + 0.5
+_PLAN_AFTER_RECONNECT = BACKOFF_CAP + 0.5
 # The channel the managers hear of changes to the fleet on (schema.sql: notify_fleet).
 _FLEET_CHANNEL = "uniphant_fleet"
 # The least time between two plans that notifications ask for: a burst of them
@@ -140,7 +140,7 @@ class _Child:
         self.started_at = time.time()        # the same, by the wall clock, which files' times use
         self.ready = report_fd is None       # registered (an adopted one long since)
         self.stop_timeout = RUNTIME_DEFAULTS["stop_timeout"]
-        self.ending = ""                     # the code of why its run ended, as it said (see _Ending)
+        self.ending = ""                     # the code of why its run ended, as it said (see Ending)
         self.words = ""                      # and the words
         self.unread = b""
         self.kill_at: Optional[float] = None  # when its process group gets SIGKILL
@@ -182,7 +182,7 @@ class _Child:
             return
         *lines, self.unread = (self.unread + data).split(b"\n")
         for line in lines:
-            word, fields = _parse_report(line)
+            word, fields = parse_report(line)
             if word == "ready":
                 self.ready, self.stop_timeout = True, float(fields[1])
             elif word == "error":
@@ -265,14 +265,14 @@ class _Manager:
         it forward: a child's exit (its pidfd) or its report."""
         if connection is not self.connection:
             return 0.0, ()
-        self.plan_asked = _take_notifications(connection, _FLEET_CHANNEL) or self.plan_asked
+        self.plan_asked = take_notifications(connection, _FLEET_CHANNEL) or self.plan_asked
         children = [slot.child for slot in self.slots.values() if slot.child is not None]
         moments = [self.next_plan] + [c.kill_at for c in children if c.kill_at is not None]
         if self.plan_asked:
             moments.append(self.planned_at + _PLAN_GAP)
         moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
         moments += [max(slot.due, self.next_start) for slot in self._startable()]
-        if _watchdog_period():
+        if watchdog_period():
             moments.append(self.next_watchdog)
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
         return min(moments), tuple(fds)
@@ -280,7 +280,7 @@ class _Manager:
     def _plan_due(self, connection) -> bool:
         """Whether to plan now: the timer's plan is due, or a notification asked for
         one and the last began _PLAN_GAP ago."""
-        self.plan_asked = _take_notifications(connection, _FLEET_CHANNEL) or self.plan_asked
+        self.plan_asked = take_notifications(connection, _FLEET_CHANNEL) or self.plan_asked
         now = time.monotonic()
         return now >= self.next_plan or (self.plan_asked and now >= self.planned_at + _PLAN_GAP)
 
@@ -299,7 +299,7 @@ class _Manager:
         if time.monotonic() >= self.next_check:
             self._check_host(connection)
             self.next_check = time.monotonic() + _PLAN_EVERY
-        rows = _rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, row_live, "
+        rows = query_rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, row_live, "
                      "restarts, settings::text, paused, done, rolling FROM uniphant.manager_plan($1::uuid, $2)",
                      (self.config["host_id"], float(self.config["start_timeout"])))
         self.next_plan = time.monotonic() + _PLAN_EVERY
@@ -312,7 +312,7 @@ class _Manager:
              in_roll) in rows:
             slot = self.slots.get(worker_id)
             if slot is None:
-                if not wanted and not _is_worker_type(worker_type):
+                if not wanted and not is_worker_type(worker_type):
                     continue  # a process row of a type no worker of this root can have
                 slot = self.slots[worker_id] = _Slot(worker_id, worker_type)
                 slot.wanted, slot.restarts = wanted, restarts
@@ -352,9 +352,9 @@ class _Manager:
     def _tell_worker_types(self, connection) -> None:
         """Tell the database which worker types this root has scripts for, when that
         changed: placement gives it any-host workers of those only."""
-        types = [t for t in _worker_types(self.config["root_dir"]) if t != self.config["worker_type"]]
+        types = [t for t in worker_types_under(self.config["root_dir"]) if t != self.config["worker_type"]]
         if types != self.worker_types:
-            _call(connection, "SELECT uniphant.set_worker_types($1::text[])", (types,))
+            query_row(connection, "SELECT uniphant.set_worker_types($1::text[])", (types,))
             self.worker_types = types
 
     def _check_host(self, connection) -> None:
@@ -362,12 +362,12 @@ class _Manager:
         PID holds its worker's PID-file lock in this root is proven (the planners
         and the fleet view count it as a running copy); any other is stale or
         forged, and goes (uniphant.clear_process), wanted here or not."""
-        for worker_id, worker_type, pid, proven in _rows(
+        for worker_id, worker_type, pid, proven in query_rows(
                 connection, "SELECT worker_id::text, worker_type, pid, proven FROM uniphant.host_processes()"):
             if _runs_worker(self.config["state_dir"], worker_type, worker_id, pid):
                 if not proven:
-                    _call(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (worker_id, pid))
-            elif _call(connection, "SELECT uniphant.clear_process($1::uuid, $2)", (worker_id, pid))[0]:
+                    query_row(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (worker_id, pid))
+            elif query_row(connection, "SELECT uniphant.clear_process($1::uuid, $2)", (worker_id, pid))[0]:
                 self.logger.warning("removed the process row of worker %s on this host: it names PID %s, "
                                     "which does not run the worker", worker_id, pid)
 
@@ -378,13 +378,13 @@ class _Manager:
         cutoff, found = time.time() - self.config["file_retention"], {}
         for kind in ("pid", "log"):
             for path in _files_below(os.path.join(self.config["state_dir"], kind), f".{kind}"):
-                worker_id = _canonical_uuid(os.path.basename(path)[:-len(kind) - 1])
+                worker_id = canonical_uuid(os.path.basename(path)[:-len(kind) - 1])
                 if worker_id and worker_id != self.config["worker_id"] and worker_id not in self.slots:
                     found.setdefault(worker_id, []).append(path)
         old = {w: paths for w, paths in found.items() if all(_unused_since(p, cutoff) for p in paths)}
         if not old:
             return
-        desired = {str(row[0]) for row in _rows(connection, "SELECT uniphant.desired_workers($1::uuid[])",
+        desired = {str(row[0]) for row in query_rows(connection, "SELECT uniphant.desired_workers($1::uuid[])",
                                                   (list(old),))}
         for worker_id in set(old) - desired:
             try:
@@ -419,7 +419,7 @@ class _Manager:
         if slot.child is None:
             self._forget(slot)
         elif slot.child.kill_at is None:
-            self.logger.info("stopping worker %s (%s): %s", slot.worker_id, _printable(slot.worker_type), why)
+            self.logger.info("stopping worker %s (%s): %s", slot.worker_id, printable(slot.worker_type), why)
             self._stop(slot.child)
 
     def _forget(self, slot: _Slot) -> None:
@@ -471,7 +471,7 @@ class _Manager:
             child.read_reports()
             child.close()
             child.kill_group()  # what it left behind in its group goes with it
-            requested = child.ending == _Ending.ROW_DELETED and not child.ended_by
+            requested = child.ending == Ending.ROW_DELETED and not child.ended_by
             if requested:  # a restart from SQL: no failure, and no restart counted
                 slot.requested = True
                 self._ended(slot, "restarted on request (its process row was deleted)", True, child.started)
@@ -485,7 +485,7 @@ class _Manager:
         failure) or after its backoff."""
         self.next_plan = 0.0  # the plan says whether it finished (restart=on-failure), before a start
         if not slot.wanted or slot.state in _HELD:
-            self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, _printable(how))
+            self.logger.info("worker %s (%s) stopped: %s", slot.worker_id, slot.worker_type, printable(how))
             slot.last_exit = how
             if not slot.wanted:
                 self._forget(slot)
@@ -499,7 +499,7 @@ class _Manager:
         slot.last_exit, slot.due = how, now + delay
         slot.move(BACKOFF if delay else STARTING)
         self.logger.warning("worker %s (%s) ended: %s; starting it again in %.1f s",
-                            slot.worker_id, slot.worker_type, _printable(how), delay)
+                            slot.worker_id, slot.worker_type, printable(how), delay)
 
     def _backoff(self, failures: int) -> float:
         """The first restart at once, then restart_delay doubling up to restart_delay_max,
@@ -536,32 +536,32 @@ class _Manager:
         try:
             self._clear_stale_row(connection, slot)
             if slot.worker_type == self.config["worker_type"]:
-                raise UniphantError(f"worker type {slot.worker_type} is this manager's own: {_ONE_PER_HOST}")
-            scripts = _scripts_of_type(self.config["root_dir"], slot.worker_type)
+                raise UniphantError(f"worker type {slot.worker_type} is this manager's own: {ONE_PER_HOST}")
+            scripts = scripts_of_type(self.config["root_dir"], slot.worker_type)
             if len(scripts) != 1:
                 raise UniphantError(f"no script {slot.worker_type.replace('.', '/')}.py below "
                                     f"{self.config['root_dir']}/workers" if not scripts
                                     else f"two scripts of its type: {scripts[0]} and {scripts[1]}")
             slot.child = self._fork(scripts[0], slot)
             self.logger.info("started worker %s (%s): PID %d, named %s", slot.worker_id,
-                             _printable(slot.worker_type), slot.child.pid, _process_title(slot.worker_type))
+                             printable(slot.worker_type), slot.child.pid, _process_title(slot.worker_type))
         except (UniphantError, OSError) as e:  # OSError: out of processes or descriptors, say
-            self._ended(slot, f"could not start: {_explain(e)}", False, time.monotonic())
+            self._ended(slot, f"could not start: {explain(e)}", False, time.monotonic())
 
     def _pid_file(self, slot: _Slot) -> str:
-        return _pid_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
+        return pid_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
 
     def _log_file(self, slot: _Slot) -> str:
-        return _log_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
+        return log_file_of(self.config["state_dir"], slot.worker_type, slot.worker_id)
 
     def _clear_stale_row(self, connection, slot: _Slot) -> None:
         """No process holds the worker's PID-file lock here; if its process row on this
         host names a PID that has not its PID file open either, the row is stale or
         forged, and this host's manager says so (uniphant.clear_process): it would
         keep the worker from registering until its stale_after passed."""
-        if slot.row_pid is None or _holds_open(slot.row_pid, self._pid_file(slot)):
+        if slot.row_pid is None or holds_open(slot.row_pid, self._pid_file(slot)):
             return
-        if _call(connection, "SELECT uniphant.clear_process($1::uuid, $2)", (slot.worker_id, slot.row_pid))[0]:
+        if query_row(connection, "SELECT uniphant.clear_process($1::uuid, $2)", (slot.worker_id, slot.row_pid))[0]:
             self.logger.warning("removed the process row of worker %s on this host: it names PID %d, "
                                 "which does not run the worker", slot.worker_id, slot.row_pid)
         slot.row_pid = None
@@ -637,10 +637,10 @@ class _Manager:
                  if slot.child is not None and slot.child.ready and not slot.child.vouched]
         if not changed and not vouch:
             return
-        _in_one_transaction(connection, lambda: [
-            _call(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)", params)
+        in_one_transaction(connection, lambda: [
+            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)", params)
             for _, _, params in changed] + [
-            _call(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (slot.worker_id, slot.child.pid))
+            query_row(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (slot.worker_id, slot.child.pid))
             for slot in vouch])
         for slot in vouch:
             slot.child.vouched = True
@@ -656,12 +656,12 @@ class _Manager:
         wanted = sum(1 for slot in self.slots.values() if slot.wanted and slot.state not in _HELD)
         status = f"STATUS={running} of {wanted} workers running"
         lines = [status] if status != self.status_told else []
-        period = _watchdog_period()
+        period = watchdog_period()
         if period and time.monotonic() >= self.next_watchdog:
             lines.append("WATCHDOG=1")
             self.next_watchdog = time.monotonic() + period
         if lines:
-            _sd_notify(*lines)
+            sd_notify(*lines)
         self.status_told = status
 
     def stop_all(self) -> None:
@@ -674,7 +674,7 @@ class _Manager:
         children = [slot.child for slot in self.slots.values() if slot.child is not None]
         give_up = max((c.kill_at for c in children), default=0.0) + 10.0
         while children and time.monotonic() < give_up:
-            _wait(max(min(c.kill_at for c in children) - time.monotonic(), 0.01), None,
+            wait_for_wakeup(max(min(c.kill_at for c in children) - time.monotonic(), 0.01), None,
                   tuple(c.pidfd for c in children))
             self._reap()
             self._enforce_deadlines()
@@ -690,13 +690,13 @@ def _runs_worker(state_dir: str, worker_type: Optional[str], worker_id: str, pid
     that is no single directory name of ours names no PID file at all."""
     if pid is None or not worker_type or worker_type in (".", "..") or "/" in worker_type or "\0" in worker_type:
         return False
-    path = _pid_file_of(state_dir, worker_type, worker_id)
+    path = pid_file_of(state_dir, worker_type, worker_id)
     try:
         if get_pid_for_running_process(path) == pid:
             return True
     except (OSError, UniphantError):  # a name too long, or not a file of ours
         return False
-    return _holds_open(pid, path)
+    return holds_open(pid, path)
 
 
 def _files_below(directory: str, suffix: str) -> List[str]:
@@ -731,14 +731,14 @@ def _log_tail(path: str, since: float) -> Optional[str]:
     """The last lines of the log file at path, if it was written to since (time.time),
     each shown printable; None if there is none."""
     try:
-        with os.fdopen(_open_own_file(path, os.O_RDONLY), "rb") as f:
+        with os.fdopen(open_own_file(path, os.O_RDONLY), "rb") as f:
             if os.fstat(f.fileno()).st_mtime < since:
                 return None
             f.seek(max(os.fstat(f.fileno()).st_size - _TAIL_BYTES, 0))
             lines = f.read(_TAIL_BYTES).decode("utf-8", "replace").splitlines()[-_TAIL_LINES:]
     except (OSError, UniphantError):
         return None  # no log file (log_file=off), or not a file of ours
-    return "\n".join(_printable(line) for line in lines)[-_TAIL_BYTES:] or None
+    return "\n".join(printable(line) for line in lines)[-_TAIL_BYTES:] or None
 
 
 def _how_it_ended(child: _Child, status: Optional[int]) -> str:
@@ -750,7 +750,7 @@ def _how_it_ended(child: _Child, status: Optional[int]) -> str:
     if status is None:
         return f"ended{words or ' (no exit status: it was adopted)'}"
     if os.WIFSIGNALED(status):
-        return f"killed by {_signal_name(os.WTERMSIG(status))}{words}"
+        return f"killed by {signal_name(os.WTERMSIG(status))}{words}"
     return f"exit code {os.waitstatus_to_exitcode(status)}{words}"
 
 
@@ -796,7 +796,7 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: str, n
         for sig in signal.valid_signals():
             if callable(signal.getsignal(sig)):
                 signal.signal(sig, signal.SIG_DFL)
-        _close_inherited_fds(report_fd)
+        close_inherited_fds(report_fd)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # stdout and stderr stay the manager's: with log_file=off, its log
         os.close(null)
@@ -811,13 +811,13 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: str, n
         # which reads its own: empty both copies, which its frames and objects
         # still reach (the one it was given, and the run loop's own).
         _manager.config.clear()
-        _begin_managed_child(report_fd, settings)
+        begin_managed_child(report_fd, settings)
         sys.argv = [script, worker_id, "start"]
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_FAILURE
     except BaseException as e:
-        _report_to_manager("error", _explain(e))
+        report_to_manager("error", explain(e))
     finally:
         os._exit(code)
 
@@ -841,7 +841,7 @@ def manage(config: Config, logger: logging.Logger, connection) -> None:
 def _prepare_manager(config: Config, logger: logging.Logger, connection) -> None:
     """Before a manager says it is ready: hold this project root's manager lock and
     register as its host's manager; a second manager is refused, naming the first."""
-    fd = _open_own_file(os.path.join(config["state_dir"], "pid", "manager.lock"), os.O_RDWR | os.O_CREAT)
+    fd = open_own_file(os.path.join(config["state_dir"], "pid", "manager.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -855,7 +855,7 @@ def _prepare_manager(config: Config, logger: logging.Logger, connection) -> None
         os.close(os.pidfd_open(os.getpid()))
     except (AttributeError, OSError):
         raise UniphantError("the manager needs pidfds (Linux 5.3 or newer)") from None
-    _call(connection, "SELECT uniphant.register_manager($1::uuid)", (config["host_id"],))
+    query_row(connection, "SELECT uniphant.register_manager($1::uuid)", (config["host_id"],))
     global _manager
     _manager = _Manager(config, logger)
 
@@ -867,7 +867,7 @@ def _manager_wakeup(config: Config, connection) -> Tuple[float, Tuple[int, ...]]
 def _stop_managed_workers(config: Config, logger: logging.Logger) -> None:
     """A manager that stops stops its workers; one that hands over (restart: a new
     manager, perhaps a new uniphant.py, adopts them) leaves them running."""
-    if _handing_over():
+    if handing_over():
         running = sum(1 for slot in _manager.slots.values() if slot.child is not None)
         logger.info("leaving %d workers running for the next manager", running)
         return
@@ -925,8 +925,8 @@ def _ops_config(warnings: List[str]) -> Config:
         root = None if parent == root else parent
         if root is None:
             break
-    config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=_new_uuid(),
-                          state_dir=root and _state_dir(root))
+    config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=new_uuid(),
+                          state_dir=root and state_dir_of(root))
     if root is not None:
         config.update(read_config_files(config, warnings))
     return config
@@ -950,17 +950,17 @@ def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, .
             else:
                 options[word] = value
         elif word.startswith("-"):
-            raise UsageError(f"unrecognized option {_shorten(word)}")
+            raise UsageError(f"unrecognized option {shorten(word)}")
         else:
             positional.append(word)
     return positional, options
 
 
 def _ops_type(text: str) -> str:
-    if not _is_worker_type(text):
-        raise UsageError(f"{_shorten(text)} is not a worker type (like a.b: letters, digits, "
-                         f"_ and -, in up to {_TYPE_PARTS} parts joined with dots, up to "
-                         f"{_TYPE_LENGTH} characters)")
+    if not is_worker_type(text):
+        raise UsageError(f"{shorten(text)} is not a worker type (like a.b: letters, digits, "
+                         f"_ and -, in up to {TYPE_PARTS} parts joined with dots, up to "
+                         f"{TYPE_LENGTH} characters)")
     return text
 
 
@@ -968,13 +968,13 @@ def _ops_host(config: Config, value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     if value == "here":
-        host_id = config["root_dir"] and _read_host_id(os.path.join(config["state_dir"], ".host_id"))
+        host_id = config["root_dir"] and read_host_id(os.path.join(config["state_dir"], ".host_id"))
         if not host_id:
             raise UsageError("--host here: this project has no .host_id yet (start its manager first)")
         return host_id
-    host_id = _canonical_uuid(value)
+    host_id = canonical_uuid(value)
     if host_id is None:
-        raise UsageError(f"--host takes a host id (a UUID) or 'here', got {_shorten(value)}")
+        raise UsageError(f"--host takes a host id (a UUID) or 'here', got {shorten(value)}")
     return host_id
 
 
@@ -1005,25 +1005,25 @@ _PS_HISTORY = ("SELECT extract(epoch FROM now() - at)::float8, state, pid, last_
 def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
     positional, options = _ops_arguments(args, ("--json", "--watch"), ("--host", "--state"))
     if len(positional) > 1:
-        raise UsageError(f"ps: unexpected argument {_shorten(positional[1])} (it takes one ID or TYPE)")
-    worker_id = _canonical_uuid(positional[0]) if positional else None
+        raise UsageError(f"ps: unexpected argument {shorten(positional[1])} (it takes one ID or TYPE)")
+    worker_id = canonical_uuid(positional[0]) if positional else None
     worker_type = _ops_type(positional[0]) if positional and not worker_id else None
     host = options.get("--host")
-    host = _ops_host(config, host) if host == "here" else (_canonical_uuid(host or "") or host)
+    host = _ops_host(config, host) if host == "here" else (canonical_uuid(host or "") or host)
     chosen = (worker_id, worker_type, host, options.get("--state"))
 
     def ps(connection) -> int:
         if options.get("--watch"):
             connection.execute_simple(f"LISTEN {_FLEET_CHANNEL}; LISTEN {_WATCH_CHANNEL}")
         while True:
-            rows = [dict(zip(_PS_COLUMNS, row)) for row in _rows(connection, _PS_SQL, chosen)]
+            rows = [dict(zip(_PS_COLUMNS, row)) for row in query_rows(connection, _PS_SQL, chosen)]
             for row in rows:
-                row["settings"] = _shown_settings(row["settings"])
+                row["settings"] = shown_settings(row["settings"])
             if worker_id and not rows:
                 raise UniphantError(f"no such worker: {worker_id}")
             if worker_id:
                 rows[0]["history"] = [dict(zip(("seconds_ago", "state", "pid", "last_exit"), event))
-                                      for event in _rows(connection, _PS_HISTORY, (worker_id,))]
+                                      for event in query_rows(connection, _PS_HISTORY, (worker_id,))]
             if options.get("--watch"):
                 print("\x1b[H\x1b[2J", end="")  # the screen cleared, for the fleet as it is now
             if options.get("--json"):
@@ -1047,9 +1047,9 @@ _WATCH_CHANNEL = "uniphant_watch"
 
 def _wait_for_the_fleet(connection) -> None:
     """Until the fleet changes (a notification), or 5 s have passed."""
-    wire = _wire_of(connection)
+    wire = wire_of(connection)
     if not connection.notifications and not wire.pending():
-        _readable(wire.fileno(), _PLAN_EVERY)
+        fd_readable(wire.fileno(), _PLAN_EVERY)
     connection.execute_simple("")  # lets pg8000 read what has arrived
     time.sleep(0.1)  # a burst of changes is one redraw
     connection.execute_simple("")
@@ -1064,7 +1064,7 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
         state = row["state"]
         if state == "backoff" and row["next_start_in"] is not None:
             state = f"backoff {_age(row['next_start_in'])}"
-        table.append(tuple(_printable(cell) for cell in (
+        table.append(tuple(printable(cell) for cell in (
             row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
             "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
             str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
@@ -1087,16 +1087,16 @@ def _print_worker(row: Dict[str, Any]) -> None:
     ]
     for name, value in facts:
         if value not in (None, "", False):
-            print(f"{name + ':':<12}{_printable(str(value))}")
+            print(f"{name + ':':<12}{printable(str(value))}")
     if row["log_tail"]:
         print("last lines: (before its last run ended)")
         for line in row["log_tail"].splitlines():
-            print(f"  {_printable(line)}")
+            print(f"  {printable(line)}")
     if row.get("history"):
         print("history:    (newest first)")
     for event in row.get("history", []):
         print(f"{_age(event['seconds_ago']) + ' ago':>12}  {event['state']:<9}"
-              f"{'PID ' + str(event['pid']) if event['pid'] else '':<12}{_printable(event['last_exit'] or '')}")
+              f"{'PID ' + str(event['pid']) if event['pid'] else '':<12}{printable(event['last_exit'] or '')}")
 
 
 def _ops_type_and_host(args: List[str], config: Config, usage: str,
@@ -1106,7 +1106,7 @@ def _ops_type_and_host(args: List[str], config: Config, usage: str,
     positional, options = _ops_arguments(args, (), ("--host",), repeated)
     wanted = usage.count(" ") + 1
     if len(positional) > wanted:
-        raise UsageError(f"unexpected argument {_shorten(positional[wanted])} "
+        raise UsageError(f"unexpected argument {shorten(positional[wanted])} "
                          f"(expected {usage} [--host HOST])")
     if len(positional) < wanted:
         raise UsageError(f"expected {usage} [--host HOST]")
@@ -1122,9 +1122,9 @@ def _ops_settings(words: List[str]) -> str:
     for word in words:
         key, sep, value = word.partition("=")
         if not sep or not key:
-            raise UsageError(f"setting {_shorten(key)}: expected KEY=VALUE")
+            raise UsageError(f"setting {shorten(key)}: expected KEY=VALUE")
         if key in settings:
-            raise UsageError(f"setting {_shorten(key)}: given twice")
+            raise UsageError(f"setting {shorten(key)}: given twice")
         settings[key] = value
     return json.dumps(settings)
 
@@ -1134,7 +1134,7 @@ def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
     settings = _ops_settings(options.get("--set", []))
 
     def add(connection) -> int:
-        worker_id, provided = _call(
+        worker_id, provided = query_row(
             connection, "SELECT uniphant.add_worker($1, $2::uuid, $3::jsonb)::text, EXISTS (SELECT 1 FROM "
             "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
             "AND m.host_id = coalesce($2::uuid, m.host_id))", (worker_type, host_id, settings))
@@ -1149,12 +1149,12 @@ def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
 
 def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
     worker_type, host_id, (count,), _ = _ops_type_and_host(args, config, "TYPE N")
-    if not _is_whole(count, 0, 100000):
-        raise UsageError(f"N must be a whole number from 0 to 100000, got {_shorten(count)}")
+    if not is_whole(count, 0, 100000):
+        raise UsageError(f"N must be a whole number from 0 to 100000, got {shorten(count)}")
     n = int(count)
 
     def scale(connection) -> int:
-        change = _call(connection, "SELECT uniphant.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
+        change = query_row(connection, "SELECT uniphant.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
         where = f"on host {host_id}" if host_id else "for any host"
         done = f"added {change}" if change > 0 else f"removed {-change}" if change < 0 else "unchanged"
         print(f"{worker_type}: {n} workers {where} ({done})")
@@ -1164,13 +1164,13 @@ def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
 
 def _ops_set(args: List[str], config: Config) -> Callable[[Any], int]:
     positional, _ = _ops_arguments(args, (), ())
-    worker_id = _canonical_uuid(positional[0]) if positional else None
+    worker_id = canonical_uuid(positional[0]) if positional else None
     if worker_id is None:
         raise UsageError("set takes a worker id, then its settings as KEY=VALUE")
     settings = _ops_settings(positional[1:])
 
     def set_settings(connection) -> int:
-        if not _call(connection, "SELECT uniphant.set_worker_settings($1::uuid, $2::jsonb)", (worker_id, settings))[0]:
+        if not query_row(connection, "SELECT uniphant.set_worker_settings($1::uuid, $2::jsonb)", (worker_id, settings))[0]:
             raise UniphantError(f"no such worker in workers: {worker_id}")
         print(f"set: worker {worker_id} restarts with its new settings")
         return EXIT_OK
@@ -1184,14 +1184,14 @@ def _ops_restart(args: List[str], config: Config) -> Callable[[Any], int]:
         if "--batch" in options:
             raise UsageError("--batch goes with --rolling")
         return _ops_restart_now(args, config)
-    if len(positional) != 1 or _canonical_uuid(positional[0]):
+    if len(positional) != 1 or canonical_uuid(positional[0]):
         raise UsageError("restart --rolling takes a worker type")
     worker_type, batch = _ops_type(positional[0]), options.get("--batch", "1")
-    if not _is_whole(batch, 1, 100000):
-        raise UsageError(f"--batch takes a whole number from 1 to 100000, got {_shorten(batch)}")
+    if not is_whole(batch, 1, 100000):
+        raise UsageError(f"--batch takes a whole number from 1 to 100000, got {shorten(batch)}")
 
     def roll(connection) -> int:
-        count = _call(connection, "SELECT uniphant.restart_workers($1, $2)", (worker_type, int(batch)))[0]
+        count = query_row(connection, "SELECT uniphant.restart_workers($1, $2)", (worker_type, int(batch)))[0]
         if not count:
             raise UniphantError(f"no running worker {worker_type}")
         print(f"restart: a rolling restart of {count} workers of {worker_type}, {batch} at a time "
@@ -1205,16 +1205,16 @@ def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callab
     def parse(args: List[str], config: Config) -> Callable[[Any], int]:
         positional, _ = _ops_arguments(args, (), ())
         if len(positional) > 1:
-            raise UsageError(f"unexpected argument {_shorten(positional[1])} "
+            raise UsageError(f"unexpected argument {shorten(positional[1])} "
                              f"({verb} takes one worker id or worker type)")
         if not positional:
             raise UsageError(f"{verb} takes a worker id or a worker type")
-        worker_id = _canonical_uuid(positional[0])
+        worker_id = canonical_uuid(positional[0])
         target = worker_id or _ops_type(positional[0])
 
         def act(connection) -> int:
             sql = by_id if worker_id else by_type
-            count = int(_call(connection, sql, (target,))[0])
+            count = int(query_row(connection, sql, (target,))[0])
             if not count:
                 raise UniphantError(none.format(target))
             print(f"{verb}: {count} worker{'s' if count != 1 else ''}")
@@ -1228,12 +1228,12 @@ def _ops_logs(args: List[str], config: Config) -> Any:
     if len(positional) != 1:
         raise UsageError("logs takes one worker id or worker type")
     count = options.get("-n", "20")
-    if not _is_whole(count, 0, 100000):
-        raise UsageError(f"-n takes a whole number of lines, got {_shorten(count)}")
+    if not is_whole(count, 0, 100000):
+        raise UsageError(f"-n takes a whole number of lines, got {shorten(count)}")
     if config["root_dir"] is None:
         raise UniphantError("no project here (no directory above this one holds workers/): logs are "
                             "read in the project whose workers wrote them")
-    worker_id = _canonical_uuid(positional[0])
+    worker_id = canonical_uuid(positional[0])
     target = worker_id or _ops_type(positional[0])
     logs = os.path.join(config["state_dir"], "log")
     if worker_id:
@@ -1246,15 +1246,15 @@ def _ops_logs(args: List[str], config: Config) -> Any:
         return EXIT_OK
 
     def elsewhere(connection) -> int:
-        rows = _rows(connection, "SELECT worker_id::text, host, host_id::text, log_tail FROM uniphant.fleet WHERE "
+        rows = query_rows(connection, "SELECT worker_id::text, host, host_id::text, log_tail FROM uniphant.fleet WHERE "
                      "worker_id::text = $1 OR worker_type = $1 ORDER BY host, worker_id", (target,))
         if not rows:
             raise UniphantError(f"no log of {target} here, and no such worker in the fleet")
         for worker, host, host_id, tail in rows:
-            print(f"worker {worker} is on host {_printable(host or '?')} ({host_id}): "
+            print(f"worker {worker} is on host {printable(host or '?')} ({host_id}): "
                   f"its log is there (python uniphant.py logs {worker})")
             for line in (tail or "").splitlines():
-                print(f"  {_printable(line)}")
+                print(f"  {printable(line)}")
         return EXIT_FAILURE
     return elsewhere
 
@@ -1296,9 +1296,9 @@ _LOG_BLOCK = 1 << 16
 
 
 def _open_log(path: str) -> Optional[int]:
-    """A log file opened to read (_open_own_file), or None if there is none."""
+    """A log file opened to read (open_own_file), or None if there is none."""
     try:
-        return _open_own_file(path, os.O_RDONLY)
+        return open_own_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
 
@@ -1342,7 +1342,7 @@ def _identity(fd: int) -> Tuple[int, int]:
 def _print_lines(path: str, lines: List[str], named: bool) -> None:
     prefix = f"{os.path.basename(path)[:-4]}: " if named else ""
     for line in lines:
-        print(prefix + _printable(line), flush=True)
+        print(prefix + printable(line), flush=True)
 
 
 _ops_restart_now = _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
@@ -1374,11 +1374,11 @@ def _ops_connect(prog: str, config: Config, reading: bool):
     """The ops command's connection.  Unless PGTARGETSESSIONATTRS says otherwise, a
     command that only reads takes any server when no writable one answers; it says
     on stderr which server it read from."""
-    attrs = _pg_setting(config, "PGTARGETSESSIONATTRS")
-    connection = _connect_to(config, attrs or "read-write", fallback=reading and not attrs)
-    wire = _wire_of(connection)
+    attrs = pg_setting(config, "PGTARGETSESSIONATTRS")
+    connection = connect_to_server(config, attrs or "read-write", fallback=reading and not attrs)
+    wire = wire_of(connection)
     for refusal in wire.passed_over:
-        print(f"{prog}: warning: refused {_printable(refusal)}", file=sys.stderr)
+        print(f"{prog}: warning: refused {printable(refusal)}", file=sys.stderr)
     if reading and wire.kind == "a primary":
         print(f"{prog}: read from {wire.where}, a primary", file=sys.stderr)
     elif reading and wire.kind != "a primary":
@@ -1392,13 +1392,13 @@ def ops_main(argv: List[str]) -> None:
     """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
     prog = "uniphant.py"
     if argv[:1] in (["-h"], ["--help"]):
-        _print_or_leave_quietly(_OPS_HELP)
+        print_or_leave_quietly(_OPS_HELP)
         sys.exit(EXIT_OK)
     try:
         parse = _OPS_COMMANDS.get(argv[0] if argv else "")
         if parse is None:
             raise UsageError(f"expected a command ({', '.join(_OPS_COMMANDS)}), got "
-                             f"{_shorten(argv[0]) if argv else 'none'}")
+                             f"{shorten(argv[0]) if argv else 'none'}")
         warnings: List[str] = []
         config = _ops_config(warnings)
         for warning in warnings:
@@ -1413,14 +1413,14 @@ def ops_main(argv: List[str]) -> None:
         try:
             code = act(connection)
         finally:
-            _close_quietly(connection)
+            close_quietly(connection)
     except UniphantError as e:
         if isinstance(e, UsageError):
             print(_OPS_HELP.splitlines()[0], file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = e.exit_code
     except BrokenPipeError:
-        _leave_quietly()
+        leave_quietly()
     except KeyboardInterrupt:  # Ctrl-C ends logs -f and ps --watch
         code = 130
     sys.exit(code)

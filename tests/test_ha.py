@@ -120,7 +120,7 @@ def connect(*servers: pgserver.Server, **settings: str):
 def reached(connection, pair) -> str:
     """Which server of the pair a connection reached, closing it."""
     try:
-        target = uniphant._wire_of(connection).target
+        target = uniphant.wire_of(connection).target
     finally:
         connection.close()
     return "primary" if target == (pair[0].dir, pair[0].port) else "standby"

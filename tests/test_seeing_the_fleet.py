@@ -184,7 +184,7 @@ def test_the_page_shows_the_fleet_as_ps_does_and_a_worker_added_appears_without_
         site, project, db, browser):
     browser.get(site.url)
     wait_for(lambda: site.worker_id in shown(browser), what="the page showing itself")
-    assert text_of(browser, "#managers tbody").startswith("live" + uniphant._printable(os.uname().nodename))
+    assert text_of(browser, "#managers tbody").startswith("live" + uniphant.printable(os.uname().nodename))
     browser.execute_script("window.loaded = 'once'")
     worker = add(project, "test.probe")
     wait_for(lambda: shown(browser).get(worker) == "running", what="the new worker running on the page")
@@ -317,10 +317,10 @@ def test_texts_from_the_database_and_from_workers_show_as_text_never_as_markup(
         wait_for(lambda: shown(browser).get(shouter) == "backoff" and forged in shown(browser), what="both rows")
         wait_for(lambda: "RuntimeError" in text_of(browser, "#detail pre.log"), what="the shouter's log")
         shown_forged = cells(browser, forged)
-        assert shown_forged["type"] == shown_forged["host"] == uniphant._printable(HOSTILE)  # as ps shows it
-        assert uniphant._printable(HOSTILE) in cells(browser, shouter)["last exit"]
+        assert shown_forged["type"] == shown_forged["host"] == uniphant.printable(HOSTILE)  # as ps shows it
+        assert uniphant.printable(HOSTILE) in cells(browser, shouter)["last exit"]
         assert f"ERROR uniphant.test.shout[" in text_of(browser, "#detail pre.log")
-        assert uniphant._printable(HOSTILE) in text_of(browser, "#detail pre.log")
+        assert uniphant.printable(HOSTILE) in text_of(browser, "#detail pre.log")
         assert browser.title == "uniphant fleet"
         assert browser.execute_script("return document.querySelectorAll('img, svg, iframe, object, embed').length "
                                       "+ document.querySelectorAll('script').length") == 1  # the page's own
@@ -330,7 +330,7 @@ def test_texts_from_the_database_and_from_workers_show_as_text_never_as_markup(
         add(project, "test.probe", "--host", host)  # a desired worker on the forged host: its name is a label
         families = metrics(site)
         forged_host = {s.labels["host"] for s in families["uniphant_workers"].samples if s.labels["host_id"] == host}
-        assert forged_host == {uniphant._printable(HOSTILE)}
+        assert forged_host == {uniphant.printable(HOSTILE)}
         assert value(families, "uniphant_processes_undesired") == 1  # the forged process: counted, not labelled
     finally:
         forger.close()

@@ -194,7 +194,7 @@ def test_no_desired_row_can_stop_or_stall_a_manager(project, db):
 ])
 def test_a_worker_type_is_at_most_100_characters_in_10_parts_of_file_name_characters(project, db, worker_type,
                                                                                    valid):
-    assert uniphant._is_worker_type(worker_type) is valid
+    assert uniphant.is_worker_type(worker_type) is valid
     if valid:
         assert db.value("SELECT add_worker(%s)", worker_type)
         assert ops(project, "add", worker_type).returncode == 0
@@ -213,9 +213,9 @@ def test_the_script_lookup_looks_once_per_part_where_nothing_matches(tmp_path, m
         monkeypatch.setattr(os.path, name, lambda path, real=real: looks.append(path) or real(path))
     (tmp_path / "workers" / "a" / "a").mkdir(parents=True)
     (tmp_path / "workers" / "a" / "a" / "a.py").write_text("")
-    assert uniphant._scripts_of_type(str(tmp_path), ".".join(["b"] * 40)) == []
+    assert uniphant.scripts_of_type(str(tmp_path), ".".join(["b"] * 40)) == []
     assert len(looks) == 40
-    assert uniphant._scripts_of_type(str(tmp_path), "a.a.a") == [str(tmp_path / "workers/a/a/a.py")]
+    assert uniphant.scripts_of_type(str(tmp_path), "a.a.a") == [str(tmp_path / "workers/a/a/a.py")]
 
 
 # ---------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def _listen_address(config: Config) -> Tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         host = ""  # an IPv6 address needs its brackets, or its port is ambiguous
-    if not sep or not host or not uniphant._is_whole(port, 1, 65535):
+    if not sep or not host or not uniphant.is_whole(port, 1, 65535):
         where, _ = _defined_at(config, "web_listen")
         raise ConfigError(f"{where}: bad value for web_listen: expected HOST:PORT with a port from 1 to "
                           f"65535 (127.0.0.1:8765, [::1]:8765, 0.0.0.0:8765)")
@@ -183,7 +183,7 @@ def _check_role(connection) -> str:
     cursor = connection.cursor()
     cursor.execute(_ROLE_SQL)
     role, superuser, manager, operator, database = cursor.fetchone()
-    role = uniphant._printable(role)
+    role = uniphant.printable(role)
     if superuser or manager:
         raise UniphantError(f"the page's role {role} {'is a superuser' if superuser else 'has the manager part'}: "
                             f"give the page a role of its own, with the worker and operator parts "
@@ -211,7 +211,7 @@ def _fleet_row(row: list, more: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """A row of uniphant.fleet by its keys, its settings read from their JSON text:
     settings no reader can decode are their worker's failure, never the page's."""
     worker = dict(zip(_FLEET_KEYS + more, row))
-    worker["settings"] = uniphant._shown_settings(worker["settings"])
+    worker["settings"] = uniphant.shown_settings(worker["settings"])
     return worker
 
 
@@ -278,7 +278,7 @@ def _read_log(state_dir: str, worker_type: str, worker_id: str) -> Optional[List
     """The last lines of a worker's log file in state_dir, or None where there is
     none.  Opened a directory at a time, never through a symlink (the worker
     type comes from the database), and only if it is a regular file."""
-    if not uniphant._is_worker_type(worker_type):
+    if not uniphant.is_worker_type(worker_type):
         return None
     opened: List[int] = []
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -314,7 +314,7 @@ _UNDESIRED_SQL = "SELECT count(*) FROM uniphant.fleet WHERE state = 'not wanted'
 
 def _label(text: str) -> str:
     """A label value: printable (as on a terminal), then escaped as the text format asks."""
-    return uniphant._printable(text).replace("\\", "\\\\").replace('"', '\\"')
+    return uniphant.printable(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _number(value: float) -> str:
@@ -497,15 +497,15 @@ class _Connections:
                 connection, kept = (self._idle.pop(), True) if self._idle else (None, False)
             if connection is None:
                 connection = uniphant.connect_to_database(self._config)
-            elif once and uniphant._is_lost(connection):
-                uniphant._close_quietly(connection)
+            elif once and uniphant.is_lost(connection):
+                uniphant.close_quietly(connection)
                 self._drop()
                 raise _Lost()
             try:
                 result = query(connection)
             except BaseException as e:
-                lost = uniphant._is_lost(connection)
-                uniphant._close_quietly(connection)
+                lost = uniphant.is_lost(connection)
+                uniphant.close_quietly(connection)
                 if lost:
                     self._drop()
                     if kept and not once:
@@ -517,14 +517,14 @@ class _Connections:
             if not self._closed and len(self._idle) < self._KEEP:
                 self._idle.append(connection)
                 return result
-        uniphant._close_quietly(connection)
+        uniphant.close_quietly(connection)
         return result
 
     def _drop(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for connection in idle:
-            uniphant._close_quietly(connection)
+            uniphant.close_quietly(connection)
 
     def close(self) -> None:
         with self._lock:
@@ -623,7 +623,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
         if isinstance(error, OSError):  # the client went away, or was cut off
-            self.page.logger.debug("%s went away: %s", client_address[0], uniphant._explain(error))
+            self.page.logger.debug("%s went away: %s", client_address[0], uniphant.explain(error))
             return
         self.page.logger.exception("a request from %s failed", client_address[0])
 
@@ -645,7 +645,7 @@ def _serve_http(page: _Page, host: str, port: int) -> None:
     try:
         server = (_Server6 if family == socket.AF_INET6 else _Server)(address[:2], _Handler)
     except OSError as e:
-        raise UniphantError(f"the page cannot listen on {uniphant._printable(host)}:{port}: {e.strerror}") from None
+        raise UniphantError(f"the page cannot listen on {uniphant.printable(host)}:{port}: {e.strerror}") from None
     server.page, server.most, page.server = page, most, server
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="uniphant-web",
                      daemon=True).start()
@@ -707,14 +707,14 @@ def _text(body: Dict[str, Any], key: str) -> Optional[str]:
 
 def _worker_type(body: Dict[str, Any]) -> str:
     worker_type = _text(body, "worker_type")
-    if worker_type is None or not uniphant._is_worker_type(worker_type):
+    if worker_type is None or not uniphant.is_worker_type(worker_type):
         raise _Refused(400, "worker_type: expected a worker type (like a.b)")
     return worker_type
 
 
 def _host_id(body: Dict[str, Any]) -> Optional[str]:
     host_id = _text(body, "host_id")
-    if host_id is not None and uniphant._canonical_uuid(host_id) is None:
+    if host_id is not None and uniphant.canonical_uuid(host_id) is None:
         raise _Refused(400, "host_id: expected a host id (a UUID), or none for any host")
     return host_id
 
@@ -740,7 +740,7 @@ def _act(cursor, verb: str, body: Dict[str, Any]) -> str:
     by_id, by_type, none = _ACTIONS[verb]
     worker_id = _text(body, "worker_id")
     if worker_id is not None:
-        target = uniphant._canonical_uuid(worker_id)
+        target = uniphant.canonical_uuid(worker_id)
         if target is None:
             raise _Refused(400, "worker_id: expected a worker id (a UUID)")
     else:
@@ -781,7 +781,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        self.server.page.logger.debug("%s %s", self.address_string(), uniphant._printable(format % args))
+        self.server.page.logger.debug("%s %s", self.address_string(), uniphant.printable(format % args))
 
     # -- requests --
 
@@ -800,7 +800,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._answer_or_refuse(method)
         except (ConnectionError, TimeoutError) as e:
             self.close_connection = True
-            self.server.page.logger.debug("%s went away: %s", self.address_string(), uniphant._explain(e))
+            self.server.page.logger.debug("%s went away: %s", self.address_string(), uniphant.explain(e))
 
     def _answer_or_refuse(self, method) -> None:
         import pg8000.dbapi
@@ -813,11 +813,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             raise  # the client's, not the database's
         except (UniphantError, pg8000.dbapi.InterfaceError, OSError) as e:
-            self.server.page.logger.warning("%s %s: %s", self.command, uniphant._printable(self.path),
-                                            uniphant._explain(e))
-            self._json(503, {"error": f"the page cannot reach the database: {uniphant._explain(e)}"})
+            self.server.page.logger.warning("%s %s: %s", self.command, uniphant.printable(self.path),
+                                            uniphant.explain(e))
+            self._json(503, {"error": f"the page cannot reach the database: {uniphant.explain(e)}"})
         except Exception:
-            self.server.page.logger.exception("%s %s failed", self.command, uniphant._printable(self.path))
+            self.server.page.logger.exception("%s %s failed", self.command, uniphant.printable(self.path))
             self._json(500, {"error": "the page failed: its log says why"})
 
     def _get(self) -> None:
@@ -844,7 +844,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         done = self.server.page.connections.run(
             lambda connection: self._database(lambda: _act(connection.cursor(), verb, body)), once=True)
-        self.server.page.logger.info("%s (asked from %s)", uniphant._printable(done), self.address_string())
+        self.server.page.logger.info("%s (asked from %s)", uniphant.printable(done), self.address_string())
         self._json(200, {"message": done})
 
     def _host_allowed(self) -> None:
@@ -877,7 +877,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _body(self) -> Dict[str, Any]:
         length = self.headers.get("Content-Length", "")
-        if not uniphant._is_whole(length, 0, _MAX_BODY):
+        if not uniphant.is_whole(length, 0, _MAX_BODY):
             raise _Refused(413, f"an action is at most {_MAX_BODY} bytes, with a Content-Length")
         try:
             body = json.loads(self.rfile.read(int(length)) or b"{}")
@@ -896,7 +896,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except ConfigError as e:  # a setting the ops commands would refuse
             raise _Refused(400, str(e)) from None
         except pg8000.dbapi.DatabaseError as e:
-            code, message = uniphant._sql_error(e)
+            code, message = uniphant.sql_error_of(e)
             raise _Refused(400 if code in ("22023", "23514", "22P02") else 500, message) from None
 
     def _fleet_now(self) -> Dict[str, Any]:
@@ -905,7 +905,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return {"now": now, "about": json.loads(page.about), "fleet": fleet}
 
     def _worker(self, text: str) -> None:
-        worker_id = uniphant._canonical_uuid(text)
+        worker_id = uniphant.canonical_uuid(text)
         if worker_id is None:
             raise _Refused(404, "not a worker id")
         page = self.server.page
@@ -969,7 +969,7 @@ def _prepare(config: Config, logger, connection) -> None:
     _serve_http(page, host, port)
     _page = page
     shown = f"[{host}]" if ":" in host else host
-    logger.info("serving the fleet on http://%s:%d/ (%s)", uniphant._printable(shown), port,
+    logger.info("serving the fleet on http://%s:%d/ (%s)", uniphant.printable(shown), port,
                 "actions need the token" if token else "read-only: no web_token")
 
 
