@@ -1214,37 +1214,44 @@ END
 $$;
 
 -- Pausing stops a worker's process cleanly and keeps its id, settings and
--- history; resuming starts it again at once, without counting a failure.
--- For one worker, or every worker of a type; each returns how many changed.
-CREATE OR REPLACE FUNCTION uniphant.pause_worker(worker_id uuid) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- history; resuming starts it again at once, without counting a failure, and
+-- brings back a done worker too.  Each verb has one body for one worker (by
+-- its id) or every worker of a type (worker_id NULL): the *_worker function
+-- says whether it changed it, the *_workers one how many.
+CREATE OR REPLACE FUNCTION uniphant.pause_matching(worker_id uuid, worker_type text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     WITH changed AS (UPDATE uniphant.workers w SET paused_at = now()
-                     WHERE w.worker_id = pause_worker.worker_id AND w.paused_at IS NULL RETURNING 1)
-    SELECT count(*) > 0 FROM changed;
+                     WHERE (w.worker_id = pause_matching.worker_id OR w.worker_type = pause_matching.worker_type)
+                       AND w.paused_at IS NULL RETURNING 1)
+    SELECT count(*)::integer FROM changed;
 $$;
 
--- Resuming brings back a done worker too.
+CREATE OR REPLACE FUNCTION uniphant.resume_matching(worker_id uuid, worker_type text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL, done_at = NULL
+                     WHERE (w.worker_id = resume_matching.worker_id OR w.worker_type = resume_matching.worker_type)
+                       AND (w.paused_at IS NOT NULL OR w.done_at IS NOT NULL) RETURNING 1)
+    SELECT count(*)::integer FROM changed;
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.pause_worker(worker_id uuid) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT uniphant.pause_matching(pause_worker.worker_id, NULL) > 0;
+$$;
+
 CREATE OR REPLACE FUNCTION uniphant.resume_worker(worker_id uuid) RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL, done_at = NULL
-                     WHERE w.worker_id = resume_worker.worker_id
-                       AND (w.paused_at IS NOT NULL OR w.done_at IS NOT NULL) RETURNING 1)
-    SELECT count(*) > 0 FROM changed;
+    SELECT uniphant.resume_matching(resume_worker.worker_id, NULL) > 0;
 $$;
 
 CREATE OR REPLACE FUNCTION uniphant.pause_workers(worker_type text) RETURNS integer
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH changed AS (UPDATE uniphant.workers w SET paused_at = now()
-                     WHERE w.worker_type = pause_workers.worker_type AND w.paused_at IS NULL RETURNING 1)
-    SELECT count(*)::integer FROM changed;
+    SELECT uniphant.pause_matching(NULL, pause_workers.worker_type);
 $$;
 
 CREATE OR REPLACE FUNCTION uniphant.resume_workers(worker_type text) RETURNS integer
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH changed AS (UPDATE uniphant.workers w SET paused_at = NULL, done_at = NULL
-                     WHERE w.worker_type = resume_workers.worker_type
-                       AND (w.paused_at IS NOT NULL OR w.done_at IS NOT NULL) RETURNING 1)
-    SELECT count(*)::integer FROM changed;
+    SELECT uniphant.resume_matching(NULL, resume_workers.worker_type);
 $$;
 
 -- Makes n the number of workers of worker_type on host_id (NULL: any-host
@@ -1279,35 +1286,50 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION uniphant.remove_worker(worker_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    DELETE FROM uniphant.workers w WHERE w.worker_id = remove_worker.worker_id;
-    RETURN FOUND;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION uniphant.remove_workers(worker_type text) RETURNS integer
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH gone AS (DELETE FROM uniphant.workers w WHERE w.worker_type = remove_workers.worker_type
+CREATE OR REPLACE FUNCTION uniphant.remove_matching(worker_id uuid, worker_type text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (DELETE FROM uniphant.workers w
+                  WHERE w.worker_id = remove_matching.worker_id OR w.worker_type = remove_matching.worker_type
                   RETURNING 1)
     SELECT count(*)::integer FROM gone;
 $$;
 
+CREATE OR REPLACE FUNCTION uniphant.remove_worker(worker_id uuid) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT uniphant.remove_matching(remove_worker.worker_id, NULL) > 0;
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.remove_workers(worker_type text) RETURNS integer
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT uniphant.remove_matching(NULL, remove_workers.worker_type);
+$$;
+
 -- A restart ends the worker's process (its row deleted): its manager starts
--- it again at once, without backoff.  A done worker is started again.
-CREATE OR REPLACE FUNCTION uniphant.restart_worker(worker_id uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- it again at once, without backoff.  A done worker is started again.  One
+-- body for a worker (by its id) or every worker of a type; how many it
+-- restarts (their processes ended, or done).
+CREATE OR REPLACE FUNCTION uniphant.restart_matching(worker_id uuid, worker_type text) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    revived boolean;
+    ended   integer;
+    revived integer;
 BEGIN
-    UPDATE uniphant.workers w SET done_at = NULL
-    WHERE w.worker_id = restart_worker.worker_id AND w.done_at IS NOT NULL;
-    revived := FOUND;
-    DELETE FROM uniphant.processes p WHERE p.worker_id = restart_worker.worker_id
-        AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = restart_worker.worker_id);
-    RETURN FOUND OR revived;
+    WITH back AS (UPDATE uniphant.workers w SET done_at = NULL
+                  WHERE (w.worker_id = restart_matching.worker_id OR w.worker_type = restart_matching.worker_type)
+                    AND w.done_at IS NOT NULL RETURNING 1)
+    SELECT count(*)::integer INTO revived FROM back;
+    WITH gone AS (DELETE FROM uniphant.processes p USING uniphant.workers w
+                  WHERE w.worker_id = p.worker_id
+                    AND (w.worker_id = restart_matching.worker_id OR w.worker_type = restart_matching.worker_type)
+                  RETURNING 1)
+    SELECT count(*)::integer INTO ended FROM gone;
+    RETURN ended + revived;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION uniphant.restart_worker(worker_id uuid) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT uniphant.restart_matching(restart_worker.worker_id, NULL) > 0;
 $$;
 
 -- Restarts every worker of a type: all at once (batch NULL; a roll under way
@@ -1327,16 +1349,12 @@ BEGIN
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('uniphant.manager_plan'));
     DELETE FROM uniphant.rolls r WHERE r.worker_type = restart_workers.worker_type;
+    IF batch IS NULL THEN
+        RETURN uniphant.restart_matching(NULL, restart_workers.worker_type);
+    END IF;
     WITH back AS (UPDATE uniphant.workers w SET done_at = NULL
                   WHERE w.worker_type = restart_workers.worker_type AND w.done_at IS NOT NULL RETURNING 1)
     SELECT count(*)::integer INTO revived FROM back;
-    IF batch IS NULL THEN
-        WITH gone AS (DELETE FROM uniphant.processes p USING uniphant.workers w
-                      WHERE w.worker_id = p.worker_id AND w.worker_type = restart_workers.worker_type
-                      RETURNING 1)
-        SELECT count(*)::integer INTO count FROM gone;
-        RETURN count + revived;
-    END IF;
     SELECT count(*)::integer INTO count FROM uniphant.workers w
     WHERE w.worker_type = restart_workers.worker_type
       AND EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = w.worker_id AND uniphant.process_live(p));

@@ -14,6 +14,7 @@ import os
 import select
 import sys
 import time
+from typing import NamedTuple
 
 from uniphant import (
     EXIT_FAILURE,
@@ -882,6 +883,121 @@ manage.teardown = _stop_managed_workers  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------
+# Operations on the desired state: each declared once, with its SQL, its
+# checks and its messages; the command line and the page both use them
+# ---------------------------------------------------------------------------
+
+class Refused(UniphantError):
+    """An operation that found nothing to act on: the message says what it looked for."""
+
+
+def checked_type(text: str) -> str:
+    """text, if it is a worker type the fleet can run; else a UsageError saying why not."""
+    if not is_worker_type(text):
+        raise UsageError(f"{shorten(text)} is not a worker type (like a.b: letters, digits, "
+                         f"_ and -, in up to {TYPE_PARTS} parts joined with dots, up to "
+                         f"{TYPE_LENGTH} characters)")
+    return text
+
+
+def checked_count(value: Any, low: int, high: int, what: str) -> int:
+    """value (a whole number, or its text) if it is from low to high; else a UsageError."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    if isinstance(value, str) and is_whole(value, low, high):
+        return int(value)
+    raise UsageError(f"{what} must be a whole number from {low} to {high}, got {shorten(str(value))}")
+
+
+def settings_of(words: List[str]) -> str:
+    """The JSON object of KEY=VALUE words; the database checks it, by the rule it
+    holds every desired worker's settings to (README, "Per-worker settings")."""
+    import json
+
+    settings: Dict[str, str] = {}
+    for word in words:
+        if not isinstance(word, str):
+            raise UsageError("settings are KEY=VALUE texts")
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise UsageError(f"setting {shorten(key)}: expected KEY=VALUE")
+        if key in settings:
+            raise UsageError(f"setting {shorten(key)}: given twice")
+        settings[key] = value
+    return json.dumps(settings)
+
+
+class _Verb(NamedTuple):
+    """An operation on one worker (by its id) or every worker of a type."""
+    by_id: str   # SQL taking the worker id: 1 if it changed it, else 0
+    by_type: str  # SQL taking the worker type: how many it changed
+    none: str    # what no match means, for the id or type
+
+
+VERBS: Dict[str, _Verb] = {
+    "stop": _Verb("SELECT uniphant.remove_worker($1::uuid)::int", "SELECT uniphant.remove_workers($1)",
+                  "no such worker in workers: {}"),
+    "restart": _Verb("SELECT uniphant.restart_worker($1::uuid)::int", "SELECT uniphant.restart_workers($1)",
+                     "no running or done worker {}"),
+    "pause": _Verb("SELECT uniphant.pause_worker($1::uuid)::int", "SELECT uniphant.pause_workers($1)",
+                   "no running worker to pause: {}"),
+    "resume": _Verb("SELECT uniphant.resume_worker($1::uuid)::int", "SELECT uniphant.resume_workers($1)",
+                    "no paused or done worker {}"),
+}
+
+
+def apply_verb(connection, verb: str, target: str) -> str:
+    """Do verb (VERBS) to the worker whose id target is, or else to every worker of
+    the type target is; what was done.  Refused when nothing matched."""
+    worker_id = canonical_uuid(target)
+    sql = VERBS[verb].by_id if worker_id else VERBS[verb].by_type
+    target = worker_id or checked_type(target)
+    count = int(query_row(connection, sql, (target,))[0])
+    if not count:
+        raise Refused(VERBS[verb].none.format(target))
+    return f"{verb}: {count} worker{'s' if count != 1 else ''}"
+
+
+def add_worker(connection, worker_type: str, host_id: Optional[str], words: List[str]) -> Tuple[str, str]:
+    """Add a worker of worker_type (on host_id, else any host) with the settings of
+    KEY=VALUE words: (its id, a warning when no live manager there has its script, or "")."""
+    worker_id, provided = query_row(
+        connection, "SELECT uniphant.add_worker($1, $2::uuid, $3::jsonb)::text, EXISTS (SELECT 1 FROM "
+        "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
+        "AND m.host_id = coalesce($2::uuid, m.host_id))", (checked_type(worker_type), host_id, settings_of(words)))
+    where = f"host {host_id}" if host_id else "any host"
+    return worker_id, "" if provided else (f"no live manager on {where} has a script of worker type "
+                                           f"{worker_type}: the worker waits until one does")
+
+
+def scale(connection, worker_type: str, n: Any, host_id: Optional[str]) -> str:
+    """Make it n workers of worker_type on host_id (else n any-host ones); what was done."""
+    n = checked_count(n, 0, 100000, "N")
+    change = query_row(connection, "SELECT uniphant.scale($1, $2, $3::uuid)", (checked_type(worker_type), n, host_id))[0]
+    where = f"on host {host_id}" if host_id else "for any host"
+    done = f"added {change}" if change > 0 else f"removed {-change}" if change < 0 else "unchanged"
+    return f"{worker_type}: {n} workers {where} ({done})"
+
+
+def set_settings(connection, worker_id: str, words: List[str]) -> str:
+    """Give a worker the settings of KEY=VALUE words (and no others): it restarts."""
+    if not query_row(connection, "SELECT uniphant.set_worker_settings($1::uuid, $2::jsonb)",
+                     (worker_id, settings_of(words)))[0]:
+        raise Refused(f"no such worker in workers: {worker_id}")
+    return f"set: worker {worker_id} restarts with its new settings"
+
+
+def roll(connection, worker_type: str, batch: Any) -> str:
+    """A rolling restart of worker_type, batch at a time; what it will do."""
+    batch = checked_count(batch, 1, 100000, "--batch")
+    count = query_row(connection, "SELECT uniphant.restart_workers($1, $2)", (checked_type(worker_type), batch))[0]
+    if not count:
+        raise Refused(f"no running worker {worker_type}")
+    return (f"restart: a rolling restart of {count} workers of {worker_type}, {batch} at a time "
+            f"(`python uniphant.py ps {worker_type}` follows it)")
+
+
+# ---------------------------------------------------------------------------
 # Ops commands: python uniphant.py {ps,add,scale,stop,restart}
 # ---------------------------------------------------------------------------
 
@@ -956,14 +1072,6 @@ def _ops_arguments(args: List[str], flags: Tuple[str, ...], valued: Tuple[str, .
     return positional, options
 
 
-def _ops_type(text: str) -> str:
-    if not is_worker_type(text):
-        raise UsageError(f"{shorten(text)} is not a worker type (like a.b: letters, digits, "
-                         f"_ and -, in up to {TYPE_PARTS} parts joined with dots, up to "
-                         f"{TYPE_LENGTH} characters)")
-    return text
-
-
 def _ops_host(config: Config, value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
@@ -1007,7 +1115,7 @@ def _ops_ps(args: List[str], config: Config) -> Callable[[Any], int]:
     if len(positional) > 1:
         raise UsageError(f"ps: unexpected argument {shorten(positional[1])} (it takes one ID or TYPE)")
     worker_id = canonical_uuid(positional[0]) if positional else None
-    worker_type = _ops_type(positional[0]) if positional and not worker_id else None
+    worker_type = checked_type(positional[0]) if positional and not worker_id else None
     host = options.get("--host")
     host = _ops_host(config, host) if host == "here" else (canonical_uuid(host or "") or host)
     chosen = (worker_id, worker_type, host, options.get("--state"))
@@ -1110,56 +1218,27 @@ def _ops_type_and_host(args: List[str], config: Config, usage: str,
                          f"(expected {usage} [--host HOST])")
     if len(positional) < wanted:
         raise UsageError(f"expected {usage} [--host HOST]")
-    return _ops_type(positional[0]), _ops_host(config, options.get("--host")), positional[1:], options
-
-
-def _ops_settings(words: List[str]) -> str:
-    """The JSON object of KEY=VALUE words; the database checks it, by the rule it
-    holds every desired worker's settings to (README, "Per-worker settings")."""
-    import json
-
-    settings: Dict[str, str] = {}
-    for word in words:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise UsageError(f"setting {shorten(key)}: expected KEY=VALUE")
-        if key in settings:
-            raise UsageError(f"setting {shorten(key)}: given twice")
-        settings[key] = value
-    return json.dumps(settings)
+    return checked_type(positional[0]), _ops_host(config, options.get("--host")), positional[1:], options
 
 
 def _ops_add(args: List[str], config: Config) -> Callable[[Any], int]:
     worker_type, host_id, _, options = _ops_type_and_host(args, config, "TYPE", ("--set",))
-    settings = _ops_settings(options.get("--set", []))
+    words = options.get("--set", [])
+    settings_of(words)  # a malformed KEY=VALUE is refused before connecting
 
     def add(connection) -> int:
-        worker_id, provided = query_row(
-            connection, "SELECT uniphant.add_worker($1, $2::uuid, $3::jsonb)::text, EXISTS (SELECT 1 FROM "
-            "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
-            "AND m.host_id = coalesce($2::uuid, m.host_id))", (worker_type, host_id, settings))
+        worker_id, warning = add_worker(connection, worker_type, host_id, words)
         print(worker_id)
-        if not provided:
-            where = f"host {host_id}" if host_id else "any host"
-            print(f"uniphant.py: warning: no live manager on {where} has a script of worker type "
-                  f"{worker_type}: the worker waits until one does", file=sys.stderr)
+        if warning:
+            print(f"uniphant.py: warning: {warning}", file=sys.stderr)
         return EXIT_OK
     return add
 
 
 def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
     worker_type, host_id, (count,), _ = _ops_type_and_host(args, config, "TYPE N")
-    if not is_whole(count, 0, 100000):
-        raise UsageError(f"N must be a whole number from 0 to 100000, got {shorten(count)}")
-    n = int(count)
-
-    def scale(connection) -> int:
-        change = query_row(connection, "SELECT uniphant.scale($1, $2, $3::uuid)", (worker_type, n, host_id))[0]
-        where = f"on host {host_id}" if host_id else "for any host"
-        done = f"added {change}" if change > 0 else f"removed {-change}" if change < 0 else "unchanged"
-        print(f"{worker_type}: {n} workers {where} ({done})")
-        return EXIT_OK
-    return scale
+    n = checked_count(count, 0, 100000, "N")
+    return lambda connection: _say(scale(connection, worker_type, n, host_id))
 
 
 def _ops_set(args: List[str], config: Config) -> Callable[[Any], int]:
@@ -1167,14 +1246,8 @@ def _ops_set(args: List[str], config: Config) -> Callable[[Any], int]:
     worker_id = canonical_uuid(positional[0]) if positional else None
     if worker_id is None:
         raise UsageError("set takes a worker id, then its settings as KEY=VALUE")
-    settings = _ops_settings(positional[1:])
-
-    def set_settings(connection) -> int:
-        if not query_row(connection, "SELECT uniphant.set_worker_settings($1::uuid, $2::jsonb)", (worker_id, settings))[0]:
-            raise UniphantError(f"no such worker in workers: {worker_id}")
-        print(f"set: worker {worker_id} restarts with its new settings")
-        return EXIT_OK
-    return set_settings
+    settings_of(positional[1:])
+    return lambda connection: _say(set_settings(connection, worker_id, positional[1:]))
 
 
 def _ops_restart(args: List[str], config: Config) -> Callable[[Any], int]:
@@ -1183,25 +1256,16 @@ def _ops_restart(args: List[str], config: Config) -> Callable[[Any], int]:
     if not options.get("--rolling"):
         if "--batch" in options:
             raise UsageError("--batch goes with --rolling")
-        return _ops_restart_now(args, config)
+        return _ops_verb("restart")(args, config)
     if len(positional) != 1 or canonical_uuid(positional[0]):
         raise UsageError("restart --rolling takes a worker type")
-    worker_type, batch = _ops_type(positional[0]), options.get("--batch", "1")
-    if not is_whole(batch, 1, 100000):
-        raise UsageError(f"--batch takes a whole number from 1 to 100000, got {shorten(batch)}")
-
-    def roll(connection) -> int:
-        count = query_row(connection, "SELECT uniphant.restart_workers($1, $2)", (worker_type, int(batch)))[0]
-        if not count:
-            raise UniphantError(f"no running worker {worker_type}")
-        print(f"restart: a rolling restart of {count} workers of {worker_type}, {batch} at a time "
-              f"(`python uniphant.py ps {worker_type}` follows it)")
-        return EXIT_OK
-    return roll
+    worker_type = checked_type(positional[0])
+    batch = checked_count(options.get("--batch", "1"), 1, 100000, "--batch")
+    return lambda connection: _say(roll(connection, worker_type, batch))
 
 
-def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callable:
-    """An ops command that takes a worker id or a worker type (stop, restart, pause, resume)."""
+def _ops_verb(verb: str) -> Callable:
+    """The ops command of a verb that takes a worker id or a worker type (VERBS)."""
     def parse(args: List[str], config: Config) -> Callable[[Any], int]:
         positional, _ = _ops_arguments(args, (), ())
         if len(positional) > 1:
@@ -1209,18 +1273,14 @@ def _ops_by_id_or_type(verb: str, by_id: str, by_type: str, none: str) -> Callab
                              f"({verb} takes one worker id or worker type)")
         if not positional:
             raise UsageError(f"{verb} takes a worker id or a worker type")
-        worker_id = canonical_uuid(positional[0])
-        target = worker_id or _ops_type(positional[0])
-
-        def act(connection) -> int:
-            sql = by_id if worker_id else by_type
-            count = int(query_row(connection, sql, (target,))[0])
-            if not count:
-                raise UniphantError(none.format(target))
-            print(f"{verb}: {count} worker{'s' if count != 1 else ''}")
-            return EXIT_OK
-        return act
+        target = canonical_uuid(positional[0]) or checked_type(positional[0])
+        return lambda connection: _say(apply_verb(connection, verb, target))
     return parse
+
+
+def _say(text: str) -> int:
+    print(text)
+    return EXIT_OK
 
 
 def _ops_logs(args: List[str], config: Config) -> Any:
@@ -1234,7 +1294,7 @@ def _ops_logs(args: List[str], config: Config) -> Any:
         raise UniphantError("no project here (no directory above this one holds workers/): logs are "
                             "read in the project whose workers wrote them")
     worker_id = canonical_uuid(positional[0])
-    target = worker_id or _ops_type(positional[0])
+    target = worker_id or checked_type(positional[0])
     logs = os.path.join(config["state_dir"], "log")
     if worker_id:
         paths = [p for p in _files_below(logs, ".log") if os.path.basename(p) == f"{worker_id}.log"]
@@ -1345,21 +1405,15 @@ def _print_lines(path: str, lines: List[str], named: bool) -> None:
         print(prefix + printable(line), flush=True)
 
 
-_ops_restart_now = _ops_by_id_or_type("restart", "SELECT uniphant.restart_worker($1::uuid)::int",
-                                      "SELECT uniphant.restart_workers($1)", "no running or done worker {}")
-
 _OPS_COMMANDS = {
     "ps": _ops_ps,
     "add": _ops_add,
     "scale": _ops_scale,
     "set": _ops_set,
-    "stop": _ops_by_id_or_type("stop", "SELECT uniphant.remove_worker($1::uuid)::int",
-                               "SELECT uniphant.remove_workers($1)", "no such worker in workers: {}"),
+    "stop": _ops_verb("stop"),
     "restart": _ops_restart,
-    "pause": _ops_by_id_or_type("pause", "SELECT uniphant.pause_worker($1::uuid)::int",
-                                "SELECT uniphant.pause_workers($1)", "no running worker to pause: {}"),
-    "resume": _ops_by_id_or_type("resume", "SELECT uniphant.resume_worker($1::uuid)::int",
-                                 "SELECT uniphant.resume_workers($1)", "no paused or done worker {}"),
+    "pause": _ops_verb("pause"),
+    "resume": _ops_verb("resume"),
     "logs": _ops_logs,
 }
 

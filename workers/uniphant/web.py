@@ -676,18 +676,6 @@ def _is_loopback_name(host: str) -> bool:
         return False
 
 
-_ACTIONS = {  # verb: (SQL for a worker id, SQL for a worker type, what no match means)
-    "restart": ("SELECT uniphant.restart_worker(%s::uuid)::int", "SELECT uniphant.restart_workers(%s)",
-                "no running worker {}"),
-    "stop": ("SELECT uniphant.remove_worker(%s::uuid)::int", "SELECT uniphant.remove_workers(%s)",
-             "no such worker in workers: {}"),
-    "pause": ("SELECT uniphant.pause_worker(%s::uuid)::int", "SELECT uniphant.pause_workers(%s)",
-              "no running worker to pause: {}"),
-    "resume": ("SELECT uniphant.resume_worker(%s::uuid)::int", "SELECT uniphant.resume_workers(%s)",
-               "no paused worker {}"),
-}
-
-
 class _Refused(Exception):
     """A request the page answers with an error: its status, why, and when to ask
     again (seconds, for a Retry-After) if it is worth asking again."""
@@ -705,13 +693,6 @@ def _text(body: Dict[str, Any], key: str) -> Optional[str]:
     return value or None
 
 
-def _worker_type(body: Dict[str, Any]) -> str:
-    worker_type = _text(body, "worker_type")
-    if worker_type is None or not uniphant.is_worker_type(worker_type):
-        raise _Refused(400, "worker_type: expected a worker type (like a.b)")
-    return worker_type
-
-
 def _host_id(body: Dict[str, Any]) -> Optional[str]:
     host_id = _text(body, "host_id")
     if host_id is not None and uniphant.canonical_uuid(host_id) is None:
@@ -719,37 +700,21 @@ def _host_id(body: Dict[str, Any]) -> Optional[str]:
     return host_id
 
 
-def _act(cursor, verb: str, body: Dict[str, Any]) -> str:
-    """Do what an action asks, as the ops commands do; what was done."""
+def _act(connection, verb: str, body: Dict[str, Any]) -> str:
+    """Do what an action asks, by the fleet's own operations; what was done."""
+    worker_type = _text(body, "worker_type") or ""
     if verb == "add":
         words = body.get("settings") or []
-        if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+        if not isinstance(words, list):
             raise _Refused(400, "settings: expected a list of KEY=VALUE")
-        settings = uniphant_fleet._ops_settings(words)
-        worker_type = _worker_type(body)
-        cursor.execute("SELECT uniphant.add_worker(%s, %s::uuid, %s::jsonb)::text",
-                       (worker_type, _host_id(body), settings))
-        return f"added worker {cursor.fetchone()[0]} of {worker_type}"
+        worker_id, _ = uniphant_fleet.add_worker(connection, worker_type, _host_id(body), words)
+        return f"added worker {worker_id} of {worker_type}"
     if verb == "scale":
-        n = body.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 100000:
-            raise _Refused(400, "n: expected a whole number from 0 to 100000")
-        worker_type = _worker_type(body)
-        cursor.execute("SELECT uniphant.scale(%s, %s, %s::uuid)", (worker_type, n, _host_id(body)))
-        return f"{worker_type}: {n} workers (changed by {cursor.fetchone()[0]})"
-    by_id, by_type, none = _ACTIONS[verb]
+        return uniphant_fleet.scale(connection, worker_type, body.get("n"), _host_id(body))
     worker_id = _text(body, "worker_id")
-    if worker_id is not None:
-        target = uniphant.canonical_uuid(worker_id)
-        if target is None:
-            raise _Refused(400, "worker_id: expected a worker id (a UUID)")
-    else:
-        target = _worker_type(body)
-    cursor.execute(by_id if worker_id else by_type, (target,))
-    count = int(cursor.fetchone()[0])
-    if not count:
-        raise _Refused(409, none.format(target))
-    return f"{verb}: {count} worker{'s' if count != 1 else ''}"
+    if worker_id is not None and uniphant.canonical_uuid(worker_id) is None:
+        raise _Refused(400, "worker_id: expected a worker id (a UUID)")
+    return uniphant_fleet.apply_verb(connection, verb, worker_id or worker_type)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -838,12 +803,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _post(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         verb = path[len("/api/"):]
-        if not path.startswith("/api/") or verb not in ("add", "scale", *_ACTIONS):
+        if not path.startswith("/api/") or verb not in ("add", "scale", *uniphant_fleet.VERBS):
             raise _Refused(404, "no such action")
         self._authorised()
         body = self._body()
         done = self.server.page.connections.run(
-            lambda connection: self._database(lambda: _act(connection.cursor(), verb, body)), once=True)
+            lambda connection: self._database(lambda: _act(connection, verb, body)), once=True)
         self.server.page.logger.info("%s (asked from %s)", uniphant.printable(done), self.address_string())
         self._json(200, {"message": done})
 
@@ -893,8 +858,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         try:
             return query()
-        except ConfigError as e:  # a setting the ops commands would refuse
+        except uniphant_fleet.Refused as e:  # nothing to act on
+            raise _Refused(409, str(e)) from None
+        except ConfigError as e:  # a request the ops commands would refuse
             raise _Refused(400, str(e)) from None
+        except UniphantError as e:  # the database's refusal, as the ops commands say it
+            raise _Refused(500, str(e)) from None
         except pg8000.dbapi.DatabaseError as e:
             code, message = uniphant.sql_error_of(e)
             raise _Refused(400 if code in ("22023", "23514", "22P02") else 500, message) from None
