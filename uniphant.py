@@ -3056,18 +3056,19 @@ def main(worker_function: WorkerFunction) -> None:
 
 
 def _fleet_main(argv: List[str]) -> None:
-    """python uniphant.py COMMAND: the operators' commands are the fleet's
-    (uniphant_fleet.py beside this file); without it, say so."""
-    sys.modules.setdefault("uniphant", sys.modules[__name__])  # one runtime, not a second copy
-    try:
-        import uniphant_fleet
-    except ModuleNotFoundError as e:
-        if e.name != "uniphant_fleet":
-            raise
+    """python uniphant.py COMMAND: the operators' commands are the fleet's, in
+    uniphant_fleet.py beside this file, which is run (not imported: the runtime
+    stands alone); without it, say so."""
+    import runpy
+
+    fleet = os.path.join(os.path.dirname(os.path.abspath(__file__)), "uniphant_fleet.py")
+    if not os.path.isfile(fleet):
         print("uniphant.py: the fleet's commands (ps, add, scale, ...) are in uniphant_fleet.py, "
               "which is not beside this file: copy it here to use them", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    uniphant_fleet.ops_main(argv)
+    sys.modules.setdefault("uniphant", sys.modules[__name__])  # one runtime, not a second copy
+    sys.argv = [fleet, *argv]
+    runpy.run_path(fleet, run_name="__main__")
 
 
 if __name__ == "__main__":

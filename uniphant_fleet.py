@@ -1478,3 +1478,7 @@ def ops_main(argv: List[str]) -> None:
     except KeyboardInterrupt:  # Ctrl-C ends logs -f and ps --watch
         code = 130
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    ops_main(sys.argv[1:])

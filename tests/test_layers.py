@@ -55,12 +55,7 @@ def test_the_runtime_never_imports_the_fleet_or_the_page():
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
-    # The one exception: `python uniphant.py COMMAND` hands the command to the fleet
-    # when it is beside the runtime (_fleet_main), and says so when it is not.
-    assert imported & {"uniphant_fleet", "web", "manager"} == {"uniphant_fleet"}
-    source = open(os.path.join(REPO, "uniphant.py"), encoding="utf-8").read()
-    assert source.count("import uniphant_fleet") == 1
-    assert "def _fleet_main(" in source
+    assert imported & {"uniphant_fleet", "web", "manager"} == set()
 
 
 def test_the_runtime_reads_top_to_bottom():

@@ -146,7 +146,7 @@ def test_the_first_request_after_a_lost_server_succeeds(project, db, page_role, 
         terminate_sessions(db, role)
         status, _, data = get(page, "api/scale", method="POST", body={"worker_type": "test.probe", "n": 2},
                               headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
-        assert status == 200 and json.loads(data) == {"message": "test.probe: 2 workers (changed by 1)"}, data
+        assert status == 200 and json.loads(data) == {"message": "test.probe: 2 workers for any host (added 1)"}, data
         assert db.value("SELECT count(*) FROM uniphant.workers WHERE worker_type = 'test.probe'") == 2
 
 

@@ -216,7 +216,7 @@ def test_a_manager_never_runs_a_copy_of_a_one_per_host_script(project, db, fake_
     assert db.value("SELECT scale('uniphant.manager', 0, %s::uuid)", host) == 0
     assert_clean_error(ops(project, "add", "uniphant.manager", "--host", "here"), 2, "never a desired worker")
     # Another script that runs once per host, whose config would send it elsewhere.
-    project.write("workers/ops/boss.py", "from uniphant import main, manage\n\n"
+    project.write("workers/ops/boss.py", "from uniphant import main\nfrom uniphant_fleet import manage\n\n"
                                          "if __name__ == '__main__':\n    main(manage)\n")
     project.write("workers/ops/boss.uniphant.conf", f"PGHOST=127.0.0.1\nPGPORT={fake_server.port}\n")
     # Rows the owner writes directly: the manager's own type, and the other.
