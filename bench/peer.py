@@ -242,8 +242,11 @@ class Peer:
         self.add("start_all", last - started)
         if command is not None:
             self.details["start_command_s"] = _finish(command, "the start command", timeout) - clock
-        pids = _wait_until(lambda: len(self.pids()) == self.n and self.pids(), 30,
-                           f"{self.n} live process rows")
+        def live() -> Optional[Dict[str, int]]:
+            pids = self.pids()
+            return pids if len(pids) == self.n else None
+
+        pids = _wait_until(live, 30, f"{self.n} live process rows")
         _wait_settled(list(pids.values()), 60 + self.n * 0.1)
 
     def measure_idle(self) -> None:
@@ -409,7 +412,8 @@ class Systemd(Peer):
     started = False
 
     def prepare(self) -> None:
-        self.slice = f"uniphant-peer-{uuid.uuid4().hex[:12]}"
+        # No dash: in a slice's name a dash nests it in a parent slice.
+        self.slice = f"uniphant_peer_{uuid.uuid4().hex[:12]}"
 
     def _env(self) -> List[str]:
         """What the worker needs of the benchmark's environment: a unit starts with a clean one."""
@@ -420,7 +424,7 @@ class Systemd(Peer):
         self.started = True
         for i in range(self.n):
             run = subprocess.run(
-                ["systemd-run", *self.scope, "--quiet", "--collect", f"--unit={self.slice}-w{i}",
+                ["systemd-run", *self.scope, "--quiet", "--collect", f"--unit={self.slice}_w{i}",
                  f"--slice={self.slice}.slice", "--property=Restart=always",
                  f"--working-directory={self.root}", *self._env(),
                  PYTHON, "workers/bench/idle.py", str(uuid.uuid4()), "start", "-f"],
@@ -562,8 +566,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if scope is not None:
         Systemd.scope = scope
         kinds.append(Systemd)
-    print(f"systemd-run: {'the ' + ('user' if scope else 'system') + ' manager' if scope is not None else 'skipped: ' + skipped}",
-          file=sys.stderr)
+    if scope is None:
+        print(f"systemd-run: skipped, {skipped}", file=sys.stderr)
 
     server = None
     base = tempfile.mkdtemp(prefix="uniphant-peer-")
