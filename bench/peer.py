@@ -66,9 +66,9 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple, Type
 
-from fleet import (PYTHON, REPO, STAMPS, BenchError, _cpu, _end_processes_in, _fleet_root, _machine,  # noqa: E402
+from fleet import (PYTHON, REPO, STAMPS, BenchError, _cpu, _end_processes_in, _fleet_root, _machine,
                    _memory_mb, _revision, _stat, _wait_exits, _wait_until, pgserver)
-from lifecycle import IDLE  # noqa: E402
+from lifecycle import IDLE
 
 TYPE = "bench.idle"
 KILLS = 3  # workers killed one after the other, per supervisor and run
@@ -92,7 +92,10 @@ def _wait_settled(pids: List[int], timeout: float) -> None:
     while True:
         now = {}
         for pid in pids:
-            fields = _stat(pid)
+            try:
+                fields = _stat(pid)
+            except OSError:
+                raise BenchError(f"worker PID {pid} ended while it should have been settling") from None
             now[pid] = (fields[0], fields[11], fields[12])  # state, user and system CPU ticks
         if now == last and all(state == "S" for state, _, _ in now.values()):
             return
@@ -434,7 +437,7 @@ class Systemd(Peer):
         return None
 
     def stop_all(self) -> Optional[subprocess.Popen]:
-        return subprocess.Popen(["systemctl", *self.scope, "stop", f"{self.slice}.slice"],
+        return subprocess.Popen(["systemctl", *self.scope, "stop", f"{self.slice}.slice"], cwd=self.root,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
