@@ -1,4 +1,4 @@
-"""README, "Install" and "Database privileges": a project that vendors uniphant,
+"""README, "A first fleet" (and docs/install.md): a project that vendors uniphant,
 laid out and set up exactly as the README says, runs as typed."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import shutil
 import subprocess
 import sys
 import uuid
+from typing import List, Tuple
 
 import pytest
 
-from conftest import fleet, host_of, running
+from conftest import host_of, running
 from test_uniphant import REPO, Project, assert_clean_error, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
@@ -29,15 +30,45 @@ if __name__ == "__main__":
 '''
 
 
-def readme_block(section: str, language: str) -> str:
-    """The first code block of that language in the README's section."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        text = f.read().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(rf"```{language}\n(.*?)```", text, re.S).group(1)
+def doc_blocks(doc: str = "README.md") -> List[Tuple[List[str], str, str]]:
+    """(headings, language, text) of each fenced code block of a document (README.md,
+    or a page of docs/): its headings are the titles that enclose it, outermost first."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    blocks, headings, i = [], [], 0
+    while i < len(lines):
+        heading = re.match(r"(#+) (.*)", lines[i])
+        if heading:
+            level = len(heading.group(1))
+            headings = (headings + [""] * level)[:level - 1] + [heading.group(2)]
+        elif lines[i].startswith("```"):
+            end = lines.index("```", i + 1)
+            blocks.append((headings, lines[i][3:].strip(), "\n".join(lines[i + 1:end]) + "\n"))
+            i = end
+        i += 1
+    return blocks
+
+
+def readme_blocks(section: str, language: str, doc: str = "README.md") -> List[str]:
+    """The code blocks of that language under that heading of the document, in order."""
+    return [text for headings, found, text in doc_blocks(doc) if section in headings and found == language]
+
+
+def readme_block(section: str, language: str, doc: str = "README.md") -> str:
+    """The first code block of that language under that heading of the document."""
+    return readme_blocks(section, language, doc)[0]
+
+
+def as_typed(block: str, project: Project) -> subprocess.CompletedProcess:
+    """A shell block run by bash as typed in the project root, where `python` is
+    this virtual environment's (as once activated)."""
+    env = dict(project.env, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return subprocess.run(["bash", "-e", "-c", block], cwd=project.root, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def vendored(tmp_path, db) -> Project:
-    """A project laid out as README's "Install" shows, with only the files it names;
+    """A project laid out as the README's "A first fleet" shows, with only the files it names;
     its environment has no PYTHONPATH and no connection settings."""
     home = tmp_path / "home"
     home.mkdir()
@@ -62,9 +93,10 @@ def vendored(tmp_path, db) -> Project:
 
 @pytest.fixture
 def readme_roles(db):
-    """The roles of README's "Database privileges", made by its SQL as typed."""
+    """The roles of the README's "A first fleet", made and given their parts by its SQL as typed."""
     conn = db.connect()
-    conn.execute_simple(readme_block("Database privileges", "sql"))
+    for sql in readme_blocks("A first fleet", "sql"):
+        conn.execute_simple(sql)
     conn.close()
     yield
     for role in ("app_worker", "app_manager", "app_operator"):
@@ -75,17 +107,19 @@ def readme_roles(db):
 def test_a_vendored_project_runs_its_manager_and_workers_as_three_roles_with_no_pythonpath(
         tmp_path, db, readme_roles):
     project = vendored(tmp_path, db)
+    manager, operator = readme_blocks("A first fleet", "sh")
     try:
-        manager = project.run(None, "start", script="workers/uniphant/manager.py")
-        assert manager.returncode == 0, manager.stderr
-        operator = dict(project.env, PGUSER="app_operator", PGPASSWORD="operator-secret")
-        added = [subprocess.run([sys.executable, "uniphant.py", "add", "app.hello", "--host", "here"],
-                                cwd=project.root, env=operator, capture_output=True, text=True)
-                 for _ in range(2)]
-        assert all(a.returncode == 0 for a in added), [a.stderr for a in added]
-        workers = [a.stdout.strip() for a in added]
+        started = as_typed(manager, project)
+        assert started.returncode == 0, started.stderr
+        project.write(".pgpass", "*:*:*:app_operator:operator-secret\n", mode=0o600, base=project.home)
+        done = as_typed(operator, project)
+        assert done.returncode == 0, done.stderr
+        pinned = done.stdout.splitlines()[0]
+        assert done.stdout.count(pinned) == 2, done.stdout  # printed by add, listed by ps
+        wait_for(lambda: db.value("SELECT count(*) FROM fleet WHERE worker_type = 'app.hello' AND state = 'running'")
+                 == 4, what="the operator's four workers running")
+        workers = [row[0] for row in db.rows("SELECT worker_id::text FROM workers")]
         for worker in workers:
-            wait_for(lambda: fleet(db, worker).get("state") == "running", what="a worker of the vendored project")
             wait_for(lambda: "runtime" in project.log(worker, "app.hello"), what="its first call")
             assert f"runtime {project.path('uniphant.py')}" in project.log(worker, "app.hello")
         roles = dict(db.rows("SELECT worker_type, role::text FROM processes WHERE host_id = %s::uuid "
@@ -97,9 +131,6 @@ def test_a_vendored_project_runs_its_manager_and_workers_as_three_roles_with_no_
         assert started.returncode == 0, started.stderr
         wait_for(lambda: "runtime" in project.log(by_hand, "app.hello"), what="the worker started by hand")
         assert f"runtime {project.path('uniphant.py')}" in project.log(by_hand, "app.hello")
-        ps = subprocess.run([sys.executable, "uniphant.py", "ps"], cwd=project.root, env=operator,
-                            capture_output=True, text=True)
-        assert ps.returncode == 0 and all(worker in ps.stdout for worker in workers), ps.stderr
     finally:
         project.cleanup()
 
@@ -141,8 +172,9 @@ def db_env(db, tmp_path) -> dict:
 
 
 def test_the_schema_owner_needs_no_superuser(tmp_path, cluster):
-    """README, "Database privileges": a role of its own owns uniphant's objects,
-    loads schema.sql and gives a worker role its part; the worker runs."""
+    """README, "A first fleet" (docs/trust-model.md, "Database privileges"): a role of
+    its own owns uniphant's objects, loads schema.sql and gives a worker role its part;
+    the worker runs."""
     suffix = uuid.uuid4().hex[:8]
     owner, worker_role = f"owner_{suffix}", f"worker_{suffix}"
     database = cluster.database(f"owned_{suffix}", schema=False)

@@ -1,6 +1,7 @@
-"""README.md as written: every code block in it is run here as typed (shell
-commands against the test server, SQL, the worker examples), or by the test
-or the CI stage this file names for it.  A block no rule covers fails."""
+"""README.md and docs/*.md as written: every code block in them is run here as
+typed (shell commands against the test server, SQL, the worker examples), or by
+the test or the CI stage this file names for it.  A block no rule covers fails,
+and so does a relative link to a file or a heading that is not there."""
 
 from __future__ import annotations
 
@@ -11,30 +12,25 @@ import signal
 import subprocess
 import sys
 import uuid
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 import pytest
 
 from conftest import host_of, with_manager
+from test_install import doc_blocks
 from test_uniphant import REPO, Project, wait_for, worker_env
 
 pytestmark = pytest.mark.own_database  # managers of the README's fleet act on every worker they see
 
 
-def readme_blocks() -> List[Tuple[str, str, str]]:
-    """(section, language, text) of each fenced code block of README.md."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    blocks, section, i = [], "", 0
-    while i < len(lines):
-        if lines[i].startswith("## ") or lines[i].startswith("### "):
-            section = lines[i].lstrip("# ")
-        elif lines[i].startswith("```"):
-            end = lines.index("```", i + 1)
-            blocks.append((section, lines[i][3:].strip(), "\n".join(lines[i + 1:end]) + "\n"))
-            i = end
-        i += 1
-    return blocks
+DOCS = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs"))
+                              if name.endswith(".md"))
+
+
+def readme_blocks() -> List[Tuple[str, str, str, str]]:
+    """(document, section, language, text) of each fenced code block of README.md and
+    docs/*.md: its section is the nearest heading above it."""
+    return [(doc, headings[-1], language, text) for doc in DOCS for headings, language, text in doc_blocks(doc)]
 
 
 def sh(text: str, cwd: str, env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -109,6 +105,7 @@ def layout(block: str, tmp_path, db) -> None:
     """The vendored project's layout: test_install.py builds exactly these files."""
     with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
         install = f.read()
+    assert "readme_roles" in install and 'readme_blocks("A first fleet", "sh")' in install
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
         assert os.path.basename(name) in install, f"test_install.py does not build {name}"
 
@@ -212,17 +209,20 @@ def rolling_deploy(block: str, tmp_path, db) -> None:
     project.cleanup()
 
 
-def privileges(block: str, tmp_path, db) -> None:
-    """test_install.py runs the privileges SQL as typed, and a fleet of its three roles."""
+def first_fleet(block: str, tmp_path, db) -> None:
+    """test_install.py runs the first fleet's SQL and commands as typed, in its layout:
+    the roles, their parts, the manager and the operator's commands."""
     with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
-        assert 'readme_block("Database privileges", "sql")' in f.read()
+        install = f.read()
+    assert 'readme_blocks("A first fleet", "sql")' in install and 'readme_blocks("A first fleet", "sh")' in install
 
 
 def page_as_typed(block: str, tmp_path, db) -> None:
     """test_seeing_the_fleet.py runs the page's SQL and commands as typed, in its layout."""
     with open(os.path.join(REPO, "tests", "test_seeing_the_fleet.py"), encoding="utf-8") as f:
         tests = f.read()
-    assert 'readme_block("Seeing the fleet", "sql")' in tests and 'readme_block("Seeing the fleet", "sh")' in tests
+    assert 'readme_block("Running the page", "sql", doc="docs/page.md")' in tests
+    assert 'readme_block("Running the page", "sh", doc="docs/page.md")' in tests
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
         assert os.path.basename(name) in tests, f"test_seeing_the_fleet.py does not build {name}"
 
@@ -263,45 +263,93 @@ def runtime_words(block: str, tmp_path, db) -> None:
     assert not missing, f"words of the sample that uniphant.py never prints: {missing}"
 
 
-# (section, language, a line in the block) -> its rule
-RULES: List[Tuple[str, str, str, Callable]] = [
-    ("Try it", "sh", "./dev/demo", covered_elsewhere),
-    ("Try it", "sh", "VENV=.venv-newest", covered_elsewhere),
-    ("Try it", "sh", "psql -v ON_ERROR_STOP=1 -f schema.sql", try_it_in_a_clone),
-    ("Try it", "sh", "pytest test_uniphant.py", runtime_tests_on_their_own),
-    ("Install", "text", "myproject/", layout),
-    ("Writing a worker", "python", "from uniphant import alive, main", first_worker),
-    ("Writing a worker", "python", "while alive(config, connection):", loop_worker),
-    ("Hooks", "python", "work.prepare", sketch),
-    ("Python API", "text", "/.host_id", gitignore),
-    ("Upgrading the schema", "sql", "DELETE FROM uniphant.processes", sql),
-    ("The fleet: desired state in SQL, a manager per host", "sh", "manager.py start", manager_and_ops),
-    ("The fleet: desired state in SQL, a manager per host", "sql", "uniphant.add_worker", sql),
-    ("The fleet: desired state in SQL, a manager per host", "sh", "python uniphant.py ps", manager_and_ops),
-    ("Changing the fleet", "sh", "--rolling", rolling_deploy),
-    ("Running the page", "sql", "grant_role('app_page'", page_as_typed),
-    ("Running the page", "text", "web.uniphant.conf", page_as_typed),
-    ("Running the page", "sh", "add uniphant.web", page_as_typed),
-    ("Metrics and alerts", "yaml", "scrape_configs:", prometheus),
-    ("Metrics and alerts", "yaml", "- alert:", prometheus),
-    ("PostgreSQL high availability", "", "could not connect to PostgreSQL at", runtime_words),
-    ("PostgreSQL high availability", "", "database connection restored after", runtime_words),
-    ("PostgreSQL high availability", "", "no writable server answered", runtime_words),
-    ("A failover, and never two copies", "", "an old primary", runtime_words),
-    ("Database privileges", "sql", "grant_role", privileges),
-    ("Benchmarks", "sh", "./dev/bench", benchmarks),
+# (document, section, language, a line in the block) -> its rule
+FLEET = "The fleet: desired state in SQL, a manager per host"
+RULES: List[Tuple[str, str, str, str, Callable]] = [
+    ("README.md", "Try it", "sh", "./dev/demo", covered_elsewhere),
+    ("README.md", "Try it", "sh", "psql -v ON_ERROR_STOP=1 -f schema.sql", try_it_in_a_clone),
+    ("README.md", "Writing a worker", "python", "from uniphant import alive, main", first_worker),
+    ("README.md", "Writing a worker", "python", "while alive(config, connection):", loop_worker),
+    ("README.md", "A first fleet", "sql", "CREATE ROLE app_worker", first_fleet),
+    ("README.md", "A first fleet", "sql", "grant_role('app_worker'", first_fleet),
+    ("README.md", "A first fleet", "text", "myproject/", layout),
+    ("README.md", "A first fleet", "sh", "manager.py start", first_fleet),
+    ("README.md", "A first fleet", "sh", "python uniphant.py ps", first_fleet),
+    ("docs/development.md", "Other environments, and CI", "sh", "VENV=.venv-newest", covered_elsewhere),
+    ("docs/development.md", "The runtime's tests, on their own", "sh", "pytest test_uniphant.py",
+     runtime_tests_on_their_own),
+    ("docs/python-api.md", "Hooks", "python", "work.prepare", sketch),
+    ("docs/python-api.md", "Python API", "text", "/.host_id", gitignore),
+    ("docs/sql-api.md", "Upgrading the schema", "sql", "DELETE FROM uniphant.processes", sql),
+    ("docs/fleet.md", FLEET, "sh", "manager.py start", manager_and_ops),
+    ("docs/fleet.md", FLEET, "sql", "uniphant.add_worker", sql),
+    ("docs/fleet.md", FLEET, "sh", "python uniphant.py ps", manager_and_ops),
+    ("docs/changing-the-fleet.md", "Changing the fleet", "sh", "--rolling", rolling_deploy),
+    ("docs/page.md", "Running the page", "sql", "grant_role('app_page'", page_as_typed),
+    ("docs/page.md", "Running the page", "text", "web.uniphant.conf", page_as_typed),
+    ("docs/page.md", "Running the page", "sh", "add uniphant.web", page_as_typed),
+    ("docs/page.md", "Metrics and alerts", "yaml", "scrape_configs:", prometheus),
+    ("docs/page.md", "Metrics and alerts", "yaml", "- alert:", prometheus),
+    ("docs/high-availability.md", "PostgreSQL high availability", "", "could not connect to PostgreSQL at",
+     runtime_words),
+    ("docs/high-availability.md", "PostgreSQL high availability", "", "database connection restored after",
+     runtime_words),
+    ("docs/high-availability.md", "PostgreSQL high availability", "", "no writable server answered", runtime_words),
+    ("docs/high-availability.md", "A failover, and never two copies", "", "an old primary", runtime_words),
+    ("docs/benchmarks.md", "Benchmarks", "sh", "./dev/bench", benchmarks),
 ]
 
 
-def rule_of(section: str, language: str, text: str) -> Callable:
-    for rule_section, rule_language, line, rule in RULES:
-        if section == rule_section and language == rule_language and line in text:
+def rule_of(doc: str, section: str, language: str, text: str) -> Callable:
+    for rule_doc, rule_section, rule_language, line, rule in RULES:
+        if (doc, section, language) == (rule_doc, rule_section, rule_language) and line in text:
             return rule
-    pytest.fail(f"README.md, {section!r}: a {language or 'plain'} block that no rule of test_readme.py runs:\n"
-                f"{text}")
+    pytest.fail(f"{doc}, {section!r}: a {language or 'plain'} block that no rule of test_readme.py runs:\n{text}")
 
 
-@pytest.mark.parametrize("section, language, text", readme_blocks(),
-                         ids=[f"{s}:{i}" for i, (s, _, _) in enumerate(readme_blocks())])
-def test_every_code_block_of_the_readme_runs_as_written(section, language, text, tmp_path, db):
-    rule_of(section, language, text)(text, tmp_path, db)
+@pytest.mark.parametrize("doc, section, language, text", readme_blocks(),
+                         ids=[f"{d}:{s}:{i}" for i, (d, s, _, _) in enumerate(readme_blocks())])
+def test_every_code_block_of_the_readme_runs_as_written(doc, section, language, text, tmp_path, db):
+    rule_of(doc, section, language, text)(text, tmp_path, db)
+
+
+# ---------------------------------------------------------------------------
+# Links between the pages
+# ---------------------------------------------------------------------------
+
+def prose_of(doc: str) -> str:
+    """The document without its fenced code blocks."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        return re.sub(r"^```.*?^```$", "", f.read(), flags=re.S | re.M)
+
+
+def anchors_of(doc: str) -> Set[str]:
+    """The anchors GitHub gives the headings of a document: lower case, punctuation
+    dropped, spaces as hyphens, and -1, -2... after a repeated one."""
+    anchors: Set[str] = set()
+    for heading in re.findall(r"^#+ (.*)$", prose_of(doc), re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        taken = anchor
+        for n in range(1, 100):
+            if taken not in anchors:
+                break
+            taken = f"{anchor}-{n}"
+        anchors.add(taken)
+    return anchors
+
+
+def links_of(doc: str) -> List[str]:
+    """The targets of the relative links and images of a document's prose."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", prose_of(doc))
+    return [target for target in targets if not re.match(r"[a-z]+:", target)]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_points_at_a_file_and_a_heading_that_exist(doc):
+    assert links_of("README.md"), "the link pattern finds no link"
+    for target in links_of(doc):
+        path, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+        assert os.path.exists(os.path.join(REPO, linked)), f"{doc}: {target} names no file"
+        if anchor:
+            assert anchor in anchors_of(linked), f"{doc}: {target} names no heading of {linked}"

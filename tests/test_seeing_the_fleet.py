@@ -484,7 +484,7 @@ def test_the_page_logs_in_as_an_operator_never_as_a_manager_or_a_superuser(proje
 def test_the_readmes_page_runs_as_typed_with_the_manager_as_another_role(project, db, make_role):
     """README's SQL and commands as typed, in its layout: the manager and the page
     in one directory, each with its own role in files named after its script."""
-    sql = readme_block("Seeing the fleet", "sql")
+    sql = readme_block("Running the page", "sql", doc="docs/page.md")
     password = re.search(r"PASSWORD '([^']+)'", sql).group(1)
     conn = db.connect()
     conn.execute_simple(sql)
@@ -500,7 +500,7 @@ def test_the_readmes_page_runs_as_typed_with_the_manager_as_another_role(project
         with_manager(project)
         shutil.copy(os.path.join(REPO, "uniphant.py"), project.root)  # vendored, as README's commands have it
         shutil.copy(os.path.join(REPO, "uniphant_fleet.py"), project.root)
-        done = subprocess.run(["bash", "-e", "-c", readme_block("Seeing the fleet", "sh")], cwd=project.root,
+        done = subprocess.run(["bash", "-e", "-c", readme_block("Running the page", "sh", doc="docs/page.md")], cwd=project.root,
                               env=dict(project.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
                                        os.environ["PATH"]), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
