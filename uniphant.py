@@ -1110,7 +1110,7 @@ class AlreadyRunning(UniphantError):
 
 # What a role refused a privilege of uniphant's is told.
 _GRANT_HINT = ("the database's owner gives a role its part with uniphant.grant_role() "
-               "(README, \"Database privileges\")")
+               "(docs/trust-model.md, \"Database privileges\")")
 
 
 class _ConnectionLost(UniphantError):
@@ -1450,7 +1450,7 @@ def _connect_failure(error: BaseException, timeout: Optional[float]) -> Tuple[st
             code, message = sql_error_of(answer)
             if code == "53300":
                 message += (" (the server's max_connections is reached: raise it, or put PgBouncer "
-                            "in transaction mode between workers and server: README, \"Sizing\")")
+                            "in transaction mode between workers and server: docs/benchmarks.md, \"Sizing\")")
             return message, code.startswith("28") or code == "3D000"
         answer = answer.__context__
     cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
@@ -1791,7 +1791,7 @@ def _take_lease(config: Config, connection, granted: float) -> None:
     import socket
 
     _logger(config).warning("stale_after %g s is above the longest lease the database grants; "
-                            "running with %g s (README, \"Configuration\")", config["stale_after"], granted)
+                            "running with %g s (docs/configuration.md)", config["stale_after"], granted)
     config["stale_after"] = granted
     wire = wire_of(connection)
     if wire is not None and wire.sock.family != socket.AF_UNIX:
@@ -2716,7 +2716,7 @@ def run(config: Config, connection, worker_function: WorkerFunction, pid_file: s
     if connection.parameter_statuses.get("is_superuser") == "on":
         logger.warning("connected as a superuser: each such worker takes one of the connections "
                        "the server keeps for administrators (superuser_reserved_connections); "
-                       "give workers a role of their own (README, \"Database privileges\")")
+                       "give workers a role of their own (docs/trust-model.md, \"Database privileges\")")
     code = EXIT_FAILURE
     try:
         code, connection = _run_loop(config, worker_config, connection, worker_function, logger)

@@ -162,7 +162,7 @@ def _token(config: Config) -> Optional[bytes]:
     where, secret = _defined_at(config, "web_token")
     if not secret:
         raise ConfigError(f"{where}: web_token is a credential, taken only from a secrets.conf, which its "
-                          f"owner alone may read (README, \"Seeing the fleet\"), not from where others read it")
+                          f"owner alone may read (docs/page.md), not from where others read it")
     if len(token) < 16 or not all(33 <= ord(c) < 127 for c in token):
         raise ConfigError(f"{where}: bad value for web_token: expected 16 or more printable ASCII characters "
                           f"and no spaces (make one with: python -c \"import secrets; "
@@ -187,7 +187,7 @@ def _check_role(connection) -> str:
     if superuser or manager:
         raise UniphantError(f"the page's role {role} {'is a superuser' if superuser else 'has the manager part'}: "
                             f"give the page a role of its own, with the worker and operator parts "
-                            f"(README, \"Seeing the fleet\")")
+                            f"(docs/page.md, \"Running the page\")")
     if not operator:
         raise UniphantError(f"the page's role {role} lacks the operator part: the schema's owner gives it "
                             f"with SELECT uniphant.grant_role('{role}', 'operator'), once this release's "
