@@ -9,11 +9,13 @@ import shutil
 import subprocess
 import sys
 import uuid
+from typing import List
 
+import pg8000.dbapi
 import pytest
 
 from conftest import fleet, host_of, running
-from test_uniphant import REPO, Project, assert_clean_error, wait_for
+from test_uniphant import REPO, Project, assert_clean_error, load_sql, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -34,6 +36,13 @@ def readme_block(section: str, language: str) -> str:
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         text = f.read().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.search(rf"```{language}\n(.*?)```", text, re.S).group(1)
+
+
+def readme_blocks_of(section: str, language: str) -> List[str]:
+    """Every code block of that language in the README's section, in order."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
 def vendored(tmp_path, db) -> Project:
@@ -64,7 +73,7 @@ def vendored(tmp_path, db) -> Project:
 def readme_roles(db):
     """The roles of README's "Database privileges", made by its SQL as typed."""
     conn = db.connect()
-    conn.execute_simple(readme_block("Database privileges", "sql"))
+    conn.execute_simple("".join(readme_blocks_of("Database privileges", "sql")))
     conn.close()
     yield
     for role in ("app_worker", "app_manager", "app_operator"):
@@ -170,3 +179,42 @@ def test_the_schema_owner_needs_no_superuser(tmp_path, cluster):
         project.cleanup()
         cluster._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f"DROP ROLE {worker_role}",
                        f"DROP ROLE {owner}")
+
+
+def test_the_privileges_sql_runs_as_typed_with_a_non_superuser_owner(cluster):
+    """README, "Database privileges": the block marked for a role with CREATEROLE
+    runs as one, every other block as the owner the README recommends, which has
+    neither SUPERUSER nor CREATEROLE."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, creator = f"owner_{suffix}", f"creator_{suffix}"
+    database = cluster.database(f"privileges_{suffix}", schema=False)
+    name = database.env["PGDATABASE"]
+    cluster._admin(f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOCREATEROLE PASSWORD 'owner-secret'",
+                   f"CREATE ROLE {creator} LOGIN NOSUPERUSER CREATEROLE PASSWORD 'creator-secret'",
+                   f'ALTER DATABASE "{name}" OWNER TO {owner}')
+    try:
+        load_sql(database.connect(user=owner, password="owner-secret"), os.path.join(REPO, "schema.sql"))
+        for block in readme_blocks_of("Database privileges", "sql"):
+            as_creator = block.startswith("-- as a role with CREATEROLE\n")
+            conn = database.connect(user=creator if as_creator else owner,
+                                    password="creator-secret" if as_creator else "owner-secret")
+            try:
+                conn.execute_simple(block)
+            finally:
+                conn.close()
+        assert database.value("SELECT has_function_privilege('app_worker', 'uniphant.keepalive()', 'EXECUTE') "
+                              "AND has_table_privilege('app_operator', 'uniphant.fleet', 'SELECT')")
+    finally:
+        cluster._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+                       *(f"DROP ROLE IF EXISTS {role}" for role in ("app_worker", "app_manager", "app_operator",
+                                                                     creator, owner)))
+
+
+def test_grant_role_of_a_missing_role_says_which_and_what_to_run(db):
+    missing = f"app_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(pg8000.dbapi.DatabaseError) as refused:
+        db.rows("SELECT uniphant.grant_role(%s, 'worker')", missing)
+    message = refused.value.args[0]["M"]
+    assert message == (f'role "{missing}" does not exist: CREATE ROLE {missing} LOGIN PASSWORD \'...\' first '
+                       f"(as a role with CREATEROLE)"), message
+    assert not db.rows("SELECT FROM uniphant.role_grants WHERE role = %s", missing)

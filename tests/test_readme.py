@@ -215,14 +215,14 @@ def rolling_deploy(block: str, tmp_path, db) -> None:
 def privileges(block: str, tmp_path, db) -> None:
     """test_install.py runs the privileges SQL as typed, and a fleet of its three roles."""
     with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
-        assert 'readme_block("Database privileges", "sql")' in f.read()
+        assert 'readme_blocks_of("Database privileges", "sql")' in f.read()
 
 
 def page_as_typed(block: str, tmp_path, db) -> None:
     """test_seeing_the_fleet.py runs the page's SQL and commands as typed, in its layout."""
     with open(os.path.join(REPO, "tests", "test_seeing_the_fleet.py"), encoding="utf-8") as f:
         tests = f.read()
-    assert 'readme_block("Seeing the fleet", "sql")' in tests and 'readme_block("Seeing the fleet", "sh")' in tests
+    assert 'readme_blocks_of("Seeing the fleet", "sql")' in tests and 'readme_block("Seeing the fleet", "sh")' in tests
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
         assert os.path.basename(name) in tests, f"test_seeing_the_fleet.py does not build {name}"
 
@@ -279,6 +279,7 @@ RULES: List[Tuple[str, str, str, Callable]] = [
     ("The fleet: desired state in SQL, a manager per host", "sql", "uniphant.add_worker", sql),
     ("The fleet: desired state in SQL, a manager per host", "sh", "python uniphant.py ps", manager_and_ops),
     ("Changing the fleet", "sh", "--rolling", rolling_deploy),
+    ("Running the page", "sql", "CREATE ROLE app_page", page_as_typed),
     ("Running the page", "sql", "grant_role('app_page'", page_as_typed),
     ("Running the page", "text", "web.uniphant.conf", page_as_typed),
     ("Running the page", "sh", "add uniphant.web", page_as_typed),
@@ -288,6 +289,7 @@ RULES: List[Tuple[str, str, str, Callable]] = [
     ("PostgreSQL high availability", "", "database connection restored after", runtime_words),
     ("PostgreSQL high availability", "", "no writable server answered", runtime_words),
     ("A failover, and never two copies", "", "an old primary", runtime_words),
+    ("Database privileges", "sql", "CREATE ROLE", privileges),
     ("Database privileges", "sql", "grant_role", privileges),
     ("Benchmarks", "sh", "./dev/bench", benchmarks),
 ]
