@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import uuid
 from typing import List
 
@@ -218,3 +219,43 @@ def test_grant_role_of_a_missing_role_says_which_and_what_to_run(db):
     assert message == (f'role "{missing}" does not exist: CREATE ROLE {missing} LOGIN PASSWORD \'...\' first '
                        f"(as a role with CREATEROLE)"), message
     assert not db.rows("SELECT FROM uniphant.role_grants WHERE role = %s", missing)
+
+
+def readme_opening_command() -> str:
+    """The command the README's opening paragraph runs a worker with."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        opening = f.read().split("\n## ", 1)[0]
+    return " ".join(re.search(r"`(python [^`]*<uuid>[^`]*)`", opening).group(1).split())
+
+
+def python_without_uniphant(tmp_path) -> str:
+    """The bin directory of a Python with pg8000 but no uniphant, as a project that
+    vendors it has: this environment's puts uniphant's repository on the path."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # A directory named in a .pth file is on the path, but .pth files in it are not read.
+    (next(venv.glob("lib/python*/site-packages")) / "dependencies.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n")
+    return str(venv / "bin")
+
+
+def test_the_readmes_opening_command_runs_a_worker_in_a_vendored_project(tmp_path, db, readme_roles):
+    command = readme_opening_command()
+    named = re.search(r"workers[\w./]*", command).group(0)
+    script = named if named.endswith(".py") else named.replace(".", "/") + ".py"
+    worker_type = script[len("workers/"):-len(".py")].replace("/", ".")
+    project = vendored(tmp_path, db)
+    project.write(script, HELLO)
+    worker = str(uuid.uuid4())
+    child = subprocess.Popen(["bash", "-c", "exec " + command.replace("<uuid>", worker)], cwd=project.root,
+                             env=dict(project.env, PATH=python_without_uniphant(tmp_path) + os.pathsep +
+                                      os.environ["PATH"]),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "runtime" in project.log(worker, worker_type) or child.poll() is not None,
+                 what="the worker's first call")
+        assert child.poll() is None, child.communicate()
+        assert f"runtime {project.path('uniphant.py')}" in project.log(worker, worker_type)
+    finally:
+        child.terminate()
+        child.communicate(timeout=15)
