@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
-from typing import Optional
+from typing import Dict, Optional
 
 import pytest
 
@@ -31,6 +33,14 @@ pytest_plugins = ["test_uniphant"]
 
 _server: Optional[pgserver.Server] = None
 _server_error = ""
+
+# Every process the session starts (its test processes, servers, workers,
+# managers, pages, browsers, and their daemons, which leave the process tree)
+# inherits this mark in its environment; whichever process set it looks for
+# the mark in every process when the session ends.
+SESSION_MARK = "UNIPHANT_TEST_SESSION"
+_marked_here = SESSION_MARK not in os.environ
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
 
 
 @pytest.hookimpl(trylast=True)
@@ -56,9 +66,46 @@ def pytest_runtest_setup(item) -> None:
         pytest.fail(f"the test server could not be started: {_server_error}", pytrace=False)
 
 
-def pytest_sessionfinish() -> None:
+def marked_processes(mark: str) -> Dict[int, str]:
+    """PID -> command line of each process whose environment holds SESSION_MARK=mark."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                marked = f"{SESSION_MARK}={mark}".encode() in f.read().split(b"\0")
+            if marked:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    found[int(name)] = " ".join(f.read().decode(errors="replace").split())
+        except OSError:
+            continue  # gone, or another user's
+    return found
+
+
+@pytest.hookimpl(trylast=True)  # after xdist has ended its test processes, and they their servers
+def pytest_sessionfinish(session) -> None:
+    """Remove this process's server; then, in the process that marked the session,
+    fail it if any process it started outlives it: kill each, and name it."""
     if _server is not None:
         _server.destroy()
+    if not _marked_here:
+        return
+    mark = os.environ[SESSION_MARK]
+    deadline = time.monotonic() + 5  # a process killed at the end of the last test may still be exiting
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = marked_processes(mark)
+    for pid in survivors:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if survivors:
+        lines = "".join(f"\n  PID {pid}: {command}" for pid, command in sorted(survivors.items()))
+        print(f"\nFAILED: {len(survivors)} processes the test session started outlived it "
+              f"(killed now):{lines}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # ---------------------------------------------------------------------------

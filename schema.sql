@@ -1453,6 +1453,10 @@ BEGIN
     IF kind IS NULL OR kind NOT IN ('worker', 'manager', 'operator') THEN
         RAISE EXCEPTION 'kind must be worker, manager or operator, not %', kind USING ERRCODE = '22023';
     END IF;
+    IF role <> 'PUBLIC' AND NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = grant_role.role) THEN
+        RAISE EXCEPTION 'role "%" does not exist: CREATE ROLE % LOGIN PASSWORD ''...'' first (as a role with CREATEROLE)',
+            role, quote_ident(role) USING ERRCODE = '42704';
+    END IF;
     INSERT INTO uniphant.role_grants VALUES (role, kind) ON CONFLICT DO NOTHING;
     EXECUTE 'GRANT USAGE ON SCHEMA uniphant TO ' || grantee;
     FOREACH object IN ARRAY uniphant.privileges_of(kind) LOOP

@@ -272,13 +272,19 @@ def ssl_server():
 
 
 class Project:
-    """A project root with workers/, a HOME of its own, and helpers to run workers."""
+    """A project root with workers/, a HOME of its own, and helpers to run workers.
+
+    Every project built is cleaned up when its test ends (every_project_cleaned),
+    however the test built it."""
+
+    built: List["Project"] = []
 
     def __init__(self, root: str, home: str, env: Dict[str, str]) -> None:
         self.root = root
         self.home = home
         self.env = env
         self.children: List[subprocess.Popen] = []
+        Project.built.append(self)
         self.write("workers/test/probe.py", PROBE)
 
     def path(self, relative: str) -> str:
@@ -349,6 +355,7 @@ class Project:
             if child.poll() is None:
                 child.kill()
             child.communicate()
+        self.children.clear()
 
 
 def worker_env(database_env: Dict[str, str], home: str) -> Dict[str, str]:
@@ -356,6 +363,15 @@ def worker_env(database_env: Dict[str, str], home: str) -> Dict[str, str]:
     env.update(database_env)
     env.update(HOME=home, PYTHONPATH=REPO)
     return env
+
+
+@pytest.fixture(autouse=True)
+def every_project_cleaned():
+    """Kill what the test's projects left running when it ends: also those a test
+    built for a second host or another server, and those of a failed test."""
+    yield
+    while Project.built:
+        Project.built.pop().cleanup()
 
 
 @pytest.fixture

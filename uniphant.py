@@ -3005,6 +3005,18 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
+def _prove_successor(config: Config) -> None:
+    """restart, before it ends the running process: the new configuration connects
+    and registers the host, as the new process will first; if it cannot, the
+    restart fails with why, and the running process goes on untouched."""
+    try:
+        close_quietly(_connect_for(config, lambda c: register_host(config, c)))
+    except Exception as e:
+        if not isinstance(e, UniphantError) and not type(e).__module__.startswith("pg8000"):
+            raise
+        raise UniphantError(f"{explain(e)}; {_describe(config)} goes on running, untouched") from None
+
+
 def main(worker_function: WorkerFunction) -> None:
     """The command line of a worker script: <worker_id> {start,restart,stop,status} [-f].
 
@@ -3034,6 +3046,7 @@ def main(worker_function: WorkerFunction) -> None:
                           parent_pid=os.getppid() if foreground else None)
             pid_file = get_pid_file_path(config)
             if command == "restart" and get_pid_for_running_process(pid_file) is not None:
+                _prove_successor(config)
                 # A worker that can hand over gets its handover signal: its successor takes over.
                 handover = getattr(worker_function, "handover_signal", None)
                 _stop(config, pid_file, handover and _signal_number(handover))

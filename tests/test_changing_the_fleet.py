@@ -235,6 +235,26 @@ def test_restarting_the_manager_keeps_its_workers_and_takes_up_its_new_code(proj
     assert stopped.returncode == 0 and live_count(db, "app.echo") == 0
 
 
+def test_a_restart_whose_new_manager_cannot_connect_keeps_the_old_one(project, db, password_role):
+    role, password = password_role
+    db.rows("SELECT uniphant.grant_role(%s, 'manager')", role)
+    secrets = project.write(".uniphant/secrets/workers/uniphant/secrets.conf", f"PGPASSWORD={password}\n",
+                            mode=0o600, base=project.home)
+    echo(project)
+    manager = with_manager(project, f"PGUSER={role}\nPGHOST=127.0.0.1\nPGPORT={db.env['PGPORT']}\n")
+    db.value("SELECT scale('app.echo', 2, %s::uuid)", host_of(project))
+    wait_for(lambda: all_running(db, "app.echo", 2), what="two workers")
+    before = running(db, manager)
+    with open(secrets, "w", encoding="utf-8") as f:
+        f.write("PGPASSWORD=a-wrong-password\n")
+    restarted = project.run(manager, "restart", script="workers/uniphant/manager.py")
+    assert running(db, manager) == before == project.running_pid(manager, "uniphant.manager")
+    assert_clean_error(restarted, 1, "password authentication failed", "goes on running, untouched")
+    db.value("SELECT scale('app.echo', 3, %s::uuid)", host_of(project))
+    wait_for(lambda: all_running(db, "app.echo", 3), what="the old manager, still at work, starting a third")
+    assert "leaving" not in project.log(manager, "uniphant.manager")
+
+
 def roll(project, db, worker_type: str, n: int) -> None:
     """A rolling restart, one at a time, and its end."""
     assert ops(project, "restart", worker_type, "--rolling").returncode == 0

@@ -8,13 +8,15 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import uuid
 from typing import List, Tuple
 
+import pg8000.dbapi
 import pytest
 
-from conftest import host_of, running
-from test_uniphant import REPO, Project, assert_clean_error, wait_for
+from conftest import fleet, host_of, running
+from test_uniphant import REPO, Project, assert_clean_error, load_sql, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -202,3 +204,82 @@ def test_the_schema_owner_needs_no_superuser(tmp_path, cluster):
         project.cleanup()
         cluster._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f"DROP ROLE {worker_role}",
                        f"DROP ROLE {owner}")
+
+
+def test_the_privileges_sql_runs_as_typed_with_a_non_superuser_owner(cluster):
+    """README, "Database privileges": the block marked for a role with CREATEROLE
+    runs as one, every other block as the owner the README recommends, which has
+    neither SUPERUSER nor CREATEROLE."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, creator = f"owner_{suffix}", f"creator_{suffix}"
+    database = cluster.database(f"privileges_{suffix}", schema=False)
+    name = database.env["PGDATABASE"]
+    cluster._admin(f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOCREATEROLE PASSWORD 'owner-secret'",
+                   f"CREATE ROLE {creator} LOGIN NOSUPERUSER CREATEROLE PASSWORD 'creator-secret'",
+                   f'ALTER DATABASE "{name}" OWNER TO {owner}')
+    try:
+        load_sql(database.connect(user=owner, password="owner-secret"), os.path.join(REPO, "schema.sql"))
+        for block in readme_blocks("A first fleet", "sql"):
+            as_creator = block.startswith("-- as a role with CREATEROLE\n")
+            conn = database.connect(user=creator if as_creator else owner,
+                                    password="creator-secret" if as_creator else "owner-secret")
+            try:
+                conn.execute_simple(block)
+            finally:
+                conn.close()
+        assert database.value("SELECT has_function_privilege('app_worker', 'uniphant.keepalive()', 'EXECUTE') "
+                              "AND has_table_privilege('app_operator', 'uniphant.fleet', 'SELECT')")
+    finally:
+        cluster._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+                       *(f"DROP ROLE IF EXISTS {role}" for role in ("app_worker", "app_manager", "app_operator",
+                                                                     creator, owner)))
+
+
+def test_grant_role_of_a_missing_role_says_which_and_what_to_run(db):
+    missing = f"app_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(pg8000.dbapi.DatabaseError) as refused:
+        db.rows("SELECT uniphant.grant_role(%s, 'worker')", missing)
+    message = refused.value.args[0]["M"]
+    assert message == (f'role "{missing}" does not exist: CREATE ROLE {missing} LOGIN PASSWORD \'...\' first '
+                       f"(as a role with CREATEROLE)"), message
+    assert not db.rows("SELECT FROM uniphant.role_grants WHERE role = %s", missing)
+
+
+def readme_opening_command() -> str:
+    """The command the README's opening paragraph runs a worker with."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        opening = f.read().split("\n## ", 1)[0]
+    return " ".join(re.search(r"`(python [^`]*<uuid>[^`]*)`", opening).group(1).split())
+
+
+def python_without_uniphant(tmp_path) -> str:
+    """The bin directory of a Python with pg8000 but no uniphant, as a project that
+    vendors it has: this environment's puts uniphant's repository on the path."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # A directory named in a .pth file is on the path, but .pth files in it are not read.
+    (next(venv.glob("lib/python*/site-packages")) / "dependencies.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n")
+    return str(venv / "bin")
+
+
+def test_the_readmes_opening_command_runs_a_worker_in_a_vendored_project(tmp_path, db, readme_roles):
+    command = readme_opening_command()
+    named = re.search(r"workers[\w./]*", command).group(0)
+    script = named if named.endswith(".py") else named.replace(".", "/") + ".py"
+    worker_type = script[len("workers/"):-len(".py")].replace("/", ".")
+    project = vendored(tmp_path, db)
+    project.write(script, HELLO)
+    worker = str(uuid.uuid4())
+    child = subprocess.Popen(["bash", "-c", "exec " + command.replace("<uuid>", worker)], cwd=project.root,
+                             env=dict(project.env, PATH=python_without_uniphant(tmp_path) + os.pathsep +
+                                      os.environ["PATH"]),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "runtime" in project.log(worker, worker_type) or child.poll() is not None,
+                 what="the worker's first call")
+        assert child.poll() is None, child.communicate()
+        assert f"runtime {project.path('uniphant.py')}" in project.log(worker, worker_type)
+    finally:
+        child.terminate()
+        child.communicate(timeout=15)

@@ -221,7 +221,7 @@ def page_as_typed(block: str, tmp_path, db) -> None:
     """test_seeing_the_fleet.py runs the page's SQL and commands as typed, in its layout."""
     with open(os.path.join(REPO, "tests", "test_seeing_the_fleet.py"), encoding="utf-8") as f:
         tests = f.read()
-    assert 'readme_block("Running the page", "sql", doc="docs/page.md")' in tests
+    assert 'readme_blocks("Running the page", "sql", doc="docs/page.md")' in tests
     assert 'readme_block("Running the page", "sh", doc="docs/page.md")' in tests
     for name in re.findall(r"[\w/.-]+\.(?:py|conf)\b", block):
         assert os.path.basename(name) in tests, f"test_seeing_the_fleet.py does not build {name}"
@@ -285,6 +285,7 @@ RULES: List[Tuple[str, str, str, str, Callable]] = [
     ("docs/fleet.md", FLEET, "sql", "uniphant.add_worker", sql),
     ("docs/fleet.md", FLEET, "sh", "python uniphant.py ps", manager_and_ops),
     ("docs/changing-the-fleet.md", "Changing the fleet", "sh", "--rolling", rolling_deploy),
+    ("docs/page.md", "Running the page", "sql", "CREATE ROLE app_page", page_as_typed),
     ("docs/page.md", "Running the page", "sql", "grant_role('app_page'", page_as_typed),
     ("docs/page.md", "Running the page", "text", "web.uniphant.conf", page_as_typed),
     ("docs/page.md", "Running the page", "sh", "add uniphant.web", page_as_typed),

@@ -26,7 +26,7 @@ import pgserver  # dev/pgserver.py, on the path by conftest.py
 import uniphant
 from conftest import another_host, fleet, host_of, ops, running, with_manager
 from test_uniphant import REPO, assert_clean_error, session_of, wait_for, write_worker
-from test_install import readme_block
+from test_install import readme_block, readme_blocks
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -484,7 +484,7 @@ def test_the_page_logs_in_as_an_operator_never_as_a_manager_or_a_superuser(proje
 def test_the_readmes_page_runs_as_typed_with_the_manager_as_another_role(project, db, make_role):
     """README's SQL and commands as typed, in its layout: the manager and the page
     in one directory, each with its own role in files named after its script."""
-    sql = readme_block("Running the page", "sql", doc="docs/page.md")
+    sql = "".join(readme_blocks("Running the page", "sql", doc="docs/page.md"))
     password = re.search(r"PASSWORD '([^']+)'", sql).group(1)
     conn = db.connect()
     conn.execute_simple(sql)
