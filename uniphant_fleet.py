@@ -64,7 +64,8 @@ from uniphant import (
     wire_of,
     worker_types_under,
     get_pid_for_running_process,
-    read_config_files,
+    read_operator_config,
+    resembling,
 )
 
 TYPE_CHECKING = False
@@ -965,9 +966,15 @@ def add_worker(connection, worker_type: str, host_id: Optional[str], words: List
         connection, "SELECT uniphant.add_worker($1, $2::uuid, $3::jsonb)::text, EXISTS (SELECT 1 FROM "
         "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
         "AND m.host_id = coalesce($2::uuid, m.host_id))", (checked_type(worker_type), host_id, settings_of(words)))
+    if provided:
+        return worker_id, ""
     where = f"host {host_id}" if host_id else "any host"
-    return worker_id, "" if provided else (f"no live manager on {where} has a script of worker type "
-                                           f"{worker_type}: the worker waits until one does")
+    known = [row[0] for row in query_rows(connection, "SELECT DISTINCT unnest(worker_types) FROM "
+                                          "uniphant.live_managers() ORDER BY 1")]
+    meant = resembling(worker_type, known)
+    return worker_id, (f"no live manager on {where} has a script of worker type {worker_type}: the worker "
+                       f"waits until one does" + (f"; did you mean {printable(meant)}? (python uniphant.py "
+                                                  f"stop {worker_id} removes it)" if meant else ""))
 
 
 def scale(connection, worker_type: str, n: Any, host_id: Optional[str]) -> str:
@@ -1001,12 +1008,14 @@ def roll(connection, worker_type: str, batch: Any) -> str:
 # Ops commands: python uniphant.py {ps,add,scale,stop,restart}
 # ---------------------------------------------------------------------------
 
-_OPS_HELP = """usage: python uniphant.py {ps,add,scale,set,stop,restart,pause,resume} ...
+_OPS_HELP = """usage: python uniphant.py [-v] {ps,add,scale,set,stop,restart,pause,resume} ...
 
 The fleet from the command line, as thin layers over schema.sql's functions.
-Connection settings as for every uniphant process: the uniphant.conf of the
-project root (the nearest directory above the current one that holds
-`workers`), ~/.uniphant/secrets/secrets.conf, then the environment.
+Connection settings: the uniphant.conf of the project root (the nearest
+directory above the current one that holds `workers`), then the operator's
+own ~/.uniphant/operator.conf (or the file UNIPHANT_OPERATOR_CONF names),
+which no worker reads, then the environment.  -v: say which server was used
+(it is said anyway when that was not a primary).
 
 commands:
   ps [ID|TYPE] [--host HOST] [--state STATE] [--json]
@@ -1043,8 +1052,7 @@ def _ops_config(warnings: List[str]) -> Config:
             break
     config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=new_uuid(),
                           state_dir=root and state_dir_of(root))
-    if root is not None:
-        config.update(read_config_files(config, warnings))
+    config.update(read_operator_config(config, warnings))
     return config
 
 
@@ -1164,8 +1172,34 @@ def _wait_for_the_fleet(connection) -> None:
     connection.notifications.clear()
 
 
+# The least width ps cuts DETAIL and LAST EXIT to, however narrow the terminal.
+_CUT_WIDTH = 12
+
+
+def _cut(text: str, width: int) -> str:
+    """text, or as much of it as fits width with an ellipsis (the whole is in ps ID)."""
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "\u2026"
+
+
+def _fit(table: List[tuple], columns: int) -> List[tuple]:
+    """table with its DETAIL (second last) and LAST EXIT (last) columns cut so that
+    each line fits columns characters, as far as _CUT_WIDTH allows."""
+    fixed = sum(max(len(row[i]) for row in table) + 2 for i in range(len(table[0]) - 2))
+    detail = max(len(row[-2]) for row in table)
+    last = max(len(row[-1]) for row in table)
+    room = columns - fixed - 2
+    if detail + last <= room:
+        return table
+    last_width = max(min(last, room - min(detail, room // 2)), _CUT_WIDTH)
+    detail_width = max(room - last_width, _CUT_WIDTH)
+    return [table[0]] + [(*row[:-2], _cut(row[-2], detail_width), _cut(row[-1], last_width)) for row in table[1:]]
+
+
 def _print_table(rows: List[Dict[str, Any]]) -> None:
-    """ps's table: every text from the database shown printable; the last column unpadded."""
+    """ps's table: every text from the database shown printable; the last column
+    unpadded; within the terminal's width (shutil.get_terminal_size)."""
+    import shutil
+
     table = [("WORKER", "TYPE", "STATE", "HOST", "HOST ID", "PLACED", "PID", "SINCE", "RESTARTS", "DETAIL",
               "LAST EXIT")]
     for row in rows:
@@ -1176,6 +1210,7 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
             row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
             "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
             str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
+    table = _fit(table, shutil.get_terminal_size().columns)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -1424,17 +1459,17 @@ def _reads_only(argv: List[str]) -> bool:
     return argv[0] == "ps" and "--watch" not in argv
 
 
-def _ops_connect(prog: str, config: Config, reading: bool):
+def _ops_connect(prog: str, config: Config, reading: bool, verbose: bool):
     """The ops command's connection.  Unless PGTARGETSESSIONATTRS says otherwise, a
     command that only reads takes any server when no writable one answers; it says
-    on stderr which server it read from."""
+    on stderr which server it read from when that was not a primary (or verbose)."""
     attrs = pg_setting(config, "PGTARGETSESSIONATTRS")
     connection = connect_to_server(config, attrs or "read-write", fallback=reading and not attrs)
     wire = wire_of(connection)
     for refusal in wire.passed_over:
         print(f"{prog}: warning: refused {printable(refusal)}", file=sys.stderr)
-    if reading and wire.kind == "a primary":
-        print(f"{prog}: read from {wire.where}, a primary", file=sys.stderr)
+    if verbose and (wire.kind == "a primary" or not reading):
+        print(f"{prog}: connected to {wire.where}, {wire.kind}", file=sys.stderr)
     elif reading and wire.kind != "a primary":
         fell_back = "" if attrs else "no writable server answered: "
         print(f"{prog}: warning: {fell_back}read from {wire.where}, {wire.kind}: "
@@ -1445,6 +1480,8 @@ def _ops_connect(prog: str, config: Config, reading: bool):
 def ops_main(argv: List[str]) -> None:
     """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
     prog = "uniphant.py"
+    verbose = "-v" in argv[:1]
+    argv = argv[1:] if verbose else argv
     if argv[:1] in (["-h"], ["--help"]):
         print_or_leave_quietly(_OPS_HELP)
         sys.exit(EXIT_OK)
@@ -1463,7 +1500,7 @@ def ops_main(argv: List[str]) -> None:
         act = parse(argv[1:], config)  # a command done without the database gives its exit code
         if isinstance(act, int):
             sys.exit(act)
-        connection = _ops_connect(prog, config, _reads_only(argv))
+        connection = _ops_connect(prog, config, _reads_only(argv), verbose)
         try:
             code = act(connection)
         finally:

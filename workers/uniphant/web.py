@@ -707,8 +707,8 @@ def _act(connection, verb: str, body: Dict[str, Any]) -> str:
         words = body.get("settings") or []
         if not isinstance(words, list):
             raise _Refused(400, "settings: expected a list of KEY=VALUE")
-        worker_id, _ = uniphant_fleet.add_worker(connection, worker_type, _host_id(body), words)
-        return f"added worker {worker_id} of {worker_type}"
+        worker_id, warning = uniphant_fleet.add_worker(connection, worker_type, _host_id(body), words)
+        return f"added worker {worker_id} of {worker_type}" + (f"; warning: {warning}" if warning else "")
     if verb == "scale":
         return uniphant_fleet.scale(connection, worker_type, body.get("n"), _host_id(body))
     worker_id = _text(body, "worker_id")
