@@ -1213,32 +1213,28 @@ def _wait_for_the_fleet(connection) -> None:
     connection.notifications.clear()
 
 
-# The least width ps cuts DETAIL and LAST EXIT to, however narrow the terminal.
-_CUT_WIDTH = 12
-
-
 def _cut(text: str, width: int) -> str:
     """text, or as much of it as fits width with an ellipsis (the whole is in ps ID)."""
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "\u2026"
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "\u2026"[:width]
 
 
 def _fit(table: List[tuple], columns: int) -> List[tuple]:
     """table with its DETAIL (second last) and LAST EXIT (last) columns cut so that
-    each line fits columns characters, as far as _CUT_WIDTH allows."""
+    each line fits columns characters where the other columns leave room; DETAIL
+    keeps at least half of that room if it needs it."""
     fixed = sum(max(len(row[i]) for row in table) + 2 for i in range(len(table[0]) - 2))
     detail = max(len(row[-2]) for row in table)
     last = max(len(row[-1]) for row in table)
-    room = columns - fixed - 2
+    room = max(columns - fixed - 2, 0)
     if detail + last <= room:
         return table
-    last_width = max(min(last, room - min(detail, room // 2)), _CUT_WIDTH)
-    detail_width = max(room - last_width, _CUT_WIDTH)
-    return [table[0]] + [(*row[:-2], _cut(row[-2], detail_width), _cut(row[-1], last_width)) for row in table[1:]]
+    detail_width = min(detail, max(room // 2, room - last))
+    return [(*row[:-2], _cut(row[-2], detail_width), _cut(row[-1], room - detail_width)) for row in table]
 
 
 def _print_table(rows: List[Dict[str, Any]]) -> None:
     """ps's table: every text from the database shown printable; the last column
-    unpadded; within the terminal's width (shutil.get_terminal_size)."""
+    unpadded; on a terminal, within its width (shutil.get_terminal_size)."""
     import shutil
 
     table = [("WORKER", "TYPE", "STATE", "HOST", "HOST ID", "PLACED", "PID", "SINCE", "RESTARTS", "DETAIL",
@@ -1251,10 +1247,14 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
             row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
             "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
             str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
-    table = _fit(table, shutil.get_terminal_size().columns)
+    # Piped to a program (not a terminal, and no COLUMNS), every line is whole.
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() or os.environ.get("COLUMNS") else None
+    if columns is not None:
+        table = _fit(table, columns)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for row in table:  # cut at the terminal's edge where even the other columns do not fit
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+        print(line if columns is None else _cut(line, columns))
 
 
 def _print_worker(row: Dict[str, Any]) -> None:
