@@ -1517,8 +1517,8 @@ def _ops_connect(prog: str, config: Config, reading: bool, verbose: bool):
     wire = wire_of(connection)
     for refusal in wire.passed_over:
         print(f"{prog}: warning: refused {printable(refusal)}", file=sys.stderr)
-    if verbose and (wire.kind == "a primary" or not reading):
-        print(f"{prog}: connected to {wire.where}, {wire.kind}", file=sys.stderr)
+    if verbose and wire.kind == "a primary":
+        print(f"{prog}: {'read from' if reading else 'connected to'} {wire.where}, a primary", file=sys.stderr)
     elif reading and wire.kind != "a primary":
         fell_back = "" if attrs else "no writable server answered: "
         print(f"{prog}: warning: {fell_back}read from {wire.where}, {wire.kind}: "

@@ -454,7 +454,7 @@ def test_ps_into_a_reader_that_has_gone_ends_quietly(project, db):
     read_end, write_end = os.pipe()
     reader = subprocess.Popen(["head", "-n", "1"], stdin=read_end, stdout=subprocess.PIPE)
     os.close(read_end)
-    ps = subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), "ps"], cwd=project.root,
+    ps = subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), "-v", "ps"], cwd=project.root,
                         env=project.env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     os.close(write_end)
     assert reader.communicate(timeout=10)[0].startswith(b"WORKER")
