@@ -1247,8 +1247,8 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
             row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
             "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
             str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
-    # Piped to a program (not a terminal, and no COLUMNS), every line is whole.
-    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() or os.environ.get("COLUMNS") else None
+    # Piped to a program (not a terminal), every line is whole.
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
     if columns is not None:
         table = _fit(table, columns)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import subprocess
+import sys
 
 import pytest
 
 from conftest import fleet, host_of, ops, running, with_manager
-from test_uniphant import wait_for
+from test_uniphant import REPO, wait_for
 
 pytestmark = pytest.mark.own_database  # a manager acts on every worker its database holds
 
@@ -20,6 +23,29 @@ def operator_role(db, make_role) -> tuple:
     role, password = make_role("operator")
     db.rows("SELECT uniphant.grant_role(%s, 'operator')", role)
     return role, password
+
+
+def on_a_terminal(project, columns: int, *args: str) -> str:
+    """What python uniphant.py ARGS writes to a terminal columns wide (a pseudo-terminal)."""
+    main, terminal = pty.openpty()
+    try:
+        subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), *args], cwd=project.root,
+                       env=dict(project.env, COLUMNS=str(columns)), stdout=terminal, timeout=60, check=True)
+        os.close(terminal)
+        terminal, out = -1, b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out.decode().replace("\r\n", "\n")
+    finally:
+        os.close(main)
+        if terminal >= 0:
+            os.close(terminal)
 
 
 def test_the_ops_commands_read_the_operators_own_settings_which_no_worker_reads(project, db, make_role,
@@ -109,11 +135,9 @@ def test_ps_keeps_its_table_within_the_terminal_and_shows_the_whole_detail_for_a
     with_manager(project, "restart_delay=600\n")
     worker = ops(project, "add", "test.long", "--host", "here").stdout.strip()
     wait_for(lambda: (fleet(db, worker).get("last_exit") or "").endswith("x"), timeout=30, what="its exit")
-    project.env["COLUMNS"] = "120"
-    table = ops(project, "ps")
-    assert table.returncode == 0, table.stderr
-    assert all(len(line) <= 120 for line in table.stdout.splitlines()), table.stdout
-    assert "\u2026" in table.stdout
+    table = on_a_terminal(project, 120, "ps")
+    assert all(len(line) <= 120 for line in table.splitlines()), table
+    assert "\u2026" in table
     assert long in ops(project, "ps", worker).stdout
 
 

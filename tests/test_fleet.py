@@ -439,7 +439,7 @@ def test_ops_commands_add_scale_restart_and_stop_workers(project, db):
     (["scale", "test.probe", "lots"], 2, "N must be a whole number"),
     (["add", "test/probe"], 2, "is not a worker type"),
     (["stop", str(uuid.uuid4())], 1, "no such worker"),
-    (["restart", "no.such.type"], 1, "no running or done worker"),
+    (["restart", "no.such.type"], 1, "no running, done or backing-off worker"),
     (["ps", "a.b", "c.d"], 2, "unexpected argument 'c.d'"),
     (["scale", "test.probe", "3", "4"], 2, "unexpected argument '4'"),
     (["stop", "test.probe", "test.other"], 2, "unexpected argument 'test.other'"),
