@@ -99,7 +99,7 @@ $$;
 -- The version of these objects; the runtime refuses a database whose version
 -- is older than the one it needs, and says to load this file.
 CREATE OR REPLACE FUNCTION uniphant.schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS 'SELECT 3';
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS 'SELECT 4';
 
 -- The generation of the server a session reached (README, "PostgreSQL high
 -- availability"), so that a process can refuse an old primary that comes back
@@ -338,6 +338,9 @@ WHERE h.id = m.host_id AND h.manager_role IS NULL;
 -- manager is responsible for the worker (NULL: nobody yet).
 -- log_tail: the last lines a worker logged before its last run ended other
 -- than on request (up to 20 lines, 4 KB, control characters escaped).
+-- warnings: what its configuration's reading warned of at its last start (a
+-- misspelt key, say), as it told its manager.  restart_requested: a restart
+-- asked for while it waited in backoff, which its manager's next plan takes.
 CREATE TABLE IF NOT EXISTS uniphant.worker_states (
     worker_id     uuid PRIMARY KEY,
     host_id       uuid,
@@ -349,7 +352,10 @@ CREATE TABLE IF NOT EXISTS uniphant.worker_states (
     next_start_at timestamptz,
     log_tail      text
 );
-ALTER TABLE uniphant.worker_states ADD COLUMN IF NOT EXISTS log_tail text;
+ALTER TABLE uniphant.worker_states
+    ADD COLUMN IF NOT EXISTS log_tail text,
+    ADD COLUMN IF NOT EXISTS warnings text,
+    ADD COLUMN IF NOT EXISTS restart_requested boolean NOT NULL DEFAULT false;
 
 -- What happened to each worker, as its managers reported it: a row for each
 -- state it entered (a start with its PID, an end with why).  The last 50 of
@@ -895,11 +901,21 @@ $$;
 -- forked or finds holding the worker's PID-file lock.  settings go to the
 -- worker's config; a paused or done worker is planned, and not started.
 -- Rolling restarts move on here too (advance_rolls, with the caller's
--- start_timeout in seconds).
+-- start_timeout in seconds).  restart_requested: a restart was asked for
+-- while the worker waited in backoff (restart_matching): start it now; the
+-- request is taken, once.
+DO $$
+BEGIN
+    IF NOT 'restart_requested' = ANY (coalesce((SELECT p.proargnames FROM pg_proc p
+            WHERE p.oid = to_regprocedure('uniphant.manager_plan(uuid, double precision)')), '{restart_requested}')) THEN
+        DROP FUNCTION uniphant.manager_plan(uuid, double precision);  -- an earlier release's plan
+    END IF;
+END
+$$;
 CREATE OR REPLACE FUNCTION uniphant.manager_plan(host_id uuid, start_timeout double precision)
 RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boolean,
                row_pid integer, row_live boolean, restarts integer,
-               settings jsonb, paused boolean, done boolean, rolling boolean)
+               settings jsonb, paused boolean, done boolean, rolling boolean, restart_requested boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
@@ -909,6 +925,7 @@ DECLARE
     kind     record;
     target   integer;
     mine     integer;
+    asked    uuid[];
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('uniphant.manager_plan'));
     IF uniphant.managed_host() IS DISTINCT FROM here THEN
@@ -969,6 +986,9 @@ BEGIN
         RAISE EXCEPTION 'start_timeout must be from 1 to 86400 seconds' USING ERRCODE = '22023';
     END IF;
     PERFORM uniphant.advance_rolls(start_timeout);
+    WITH taken AS (UPDATE uniphant.worker_states s SET restart_requested = false
+                   WHERE s.host_id = here AND s.restart_requested RETURNING s.worker_id)
+    SELECT coalesce(array_agg(t.worker_id), '{}') INTO asked FROM taken t;
     RETURN QUERY
     WITH planned AS (
         SELECT w.worker_id, w.worker_type, coalesce(s.restarts, 0) AS restarts, w.settings,
@@ -981,11 +1001,12 @@ BEGIN
            NOT EXISTS (SELECT 1 FROM uniphant.processes p WHERE p.worker_id = pl.worker_id
                        AND p.host_id IS DISTINCT FROM here AND uniphant.process_live(p)
                        AND (p.proven OR NOT coalesce(p.host_id = ANY (live), false))),
-           p.pid, uniphant.process_live(p), pl.restarts, pl.settings, pl.paused, pl.done, pl.rolling
+           p.pid, uniphant.process_live(p), pl.restarts, pl.settings, pl.paused, pl.done, pl.rolling,
+           pl.worker_id = ANY (asked)
     FROM planned pl
     LEFT JOIN uniphant.processes p ON p.worker_id = pl.worker_id AND p.host_id = here
     UNION ALL
-    SELECT p.worker_id, p.worker_type, false, false, p.pid, true, 0, '{}'::jsonb, false, false, false
+    SELECT p.worker_id, p.worker_type, false, false, p.pid, true, 0, '{}'::jsonb, false, false, false, false
     FROM uniphant.processes p
     WHERE p.host_id = here AND uniphant.process_live(p)
       AND p.id NOT IN (SELECT m.process_id FROM uniphant.managers m)
@@ -1001,7 +1022,9 @@ RETURNS TABLE (worker_id uuid, worker_type text, wanted boolean, startable boole
                row_pid integer, row_live boolean, restarts integer,
                settings jsonb, paused boolean, done boolean, rolling boolean)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT * FROM uniphant.manager_plan($1, 30);
+    SELECT p.worker_id, p.worker_type, p.wanted, p.startable, p.row_pid, p.row_live, p.restarts, p.settings,
+           p.paused, p.done, p.rolling
+    FROM uniphant.manager_plan($1, 30) p;
 $$;
 
 -- A manager records what happened to a worker it is planned to run (state
@@ -1012,9 +1035,11 @@ $$;
 -- of `done` repeats what the desired state said (done_at): it never marks a
 -- worker done, which could undo a resume or restart made since.
 DROP FUNCTION IF EXISTS uniphant.report_worker(uuid, text, integer, integer, text, double precision);
+DROP FUNCTION IF EXISTS uniphant.report_worker(uuid, text, integer, integer, text, double precision, text);
 CREATE OR REPLACE FUNCTION uniphant.report_worker(
     worker_id uuid, state text, pid integer DEFAULT NULL, restarts integer DEFAULT 0,
-    last_exit text DEFAULT NULL, next_start_in double precision DEFAULT NULL, log_tail text DEFAULT NULL)
+    last_exit text DEFAULT NULL, next_start_in double precision DEFAULT NULL, log_tail text DEFAULT NULL,
+    warnings text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
@@ -1039,12 +1064,13 @@ BEGIN
     IF EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
                AND w.host_id = here) THEN
         INSERT INTO uniphant.worker_states AS s
-            (worker_id, host_id, state, pid, restarts, last_exit, next_start_at, log_tail)
+            (worker_id, host_id, state, pid, restarts, last_exit, next_start_at, log_tail, warnings)
         VALUES (report_worker.worker_id, here, report_worker.state, report_worker.pid,
                 report_worker.restarts, left(report_worker.last_exit, 500),
-                now() + make_interval(secs => report_worker.next_start_in), left(report_worker.log_tail, 4096))
+                now() + make_interval(secs => report_worker.next_start_in), left(report_worker.log_tail, 4096),
+                left(report_worker.warnings, 4096))
         ON CONFLICT ON CONSTRAINT worker_states_pkey DO UPDATE
-        SET host_id = EXCLUDED.host_id, state = EXCLUDED.state, pid = EXCLUDED.pid,
+        SET host_id = EXCLUDED.host_id, state = EXCLUDED.state, pid = EXCLUDED.pid, warnings = EXCLUDED.warnings,
             restarts = EXCLUDED.restarts, last_exit = EXCLUDED.last_exit,
             next_start_at = EXCLUDED.next_start_at, log_tail = coalesce(EXCLUDED.log_tail, s.log_tail),
             since = CASE WHEN s.state = EXCLUDED.state THEN s.since ELSE now() END;
@@ -1055,6 +1081,7 @@ BEGIN
             last_exit = left(report_worker.last_exit, 500),
             next_start_at = now() + make_interval(secs => report_worker.next_start_in),
             log_tail = coalesce(left(report_worker.log_tail, 4096), s.log_tail),
+            warnings = left(report_worker.warnings, 4096),
             since = CASE WHEN s.state = report_worker.state THEN s.since ELSE now() END
         WHERE s.worker_id = report_worker.worker_id AND s.host_id = here
           AND EXISTS (SELECT 1 FROM uniphant.workers w WHERE w.worker_id = report_worker.worker_id
@@ -1305,15 +1332,25 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- A restart ends the worker's process (its row deleted): its manager starts
--- it again at once, without backoff.  A done worker is started again.  One
--- body for a worker (by its id) or every worker of a type; how many it
--- restarts (their processes ended, or done).
+-- it again at once, without backoff.  A done worker is started again, and so
+-- is one waiting in backoff, now (restart_requested, for its manager's plan).
+-- One body for a worker (by its id) or every worker of a type; how many it
+-- restarts (their processes ended, done, or waiting).
 CREATE OR REPLACE FUNCTION uniphant.restart_matching(worker_id uuid, worker_type text) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     ended   integer;
     revived integer;
+    hurried integer;
 BEGIN
+    WITH waiting AS (UPDATE uniphant.worker_states s SET restart_requested = true FROM uniphant.workers w
+                     WHERE w.worker_id = s.worker_id AND s.state = 'backoff' AND w.paused_at IS NULL
+                       AND (w.worker_id = restart_matching.worker_id OR w.worker_type = restart_matching.worker_type)
+                     RETURNING 1)
+    SELECT count(*)::integer INTO hurried FROM waiting;
+    IF hurried > 0 THEN
+        PERFORM pg_notify('uniphant_fleet', '');
+    END IF;
     WITH back AS (UPDATE uniphant.workers w SET done_at = NULL
                   WHERE (w.worker_id = restart_matching.worker_id OR w.worker_type = restart_matching.worker_type)
                     AND w.done_at IS NOT NULL RETURNING 1)
@@ -1323,7 +1360,7 @@ BEGIN
                     AND (w.worker_id = restart_matching.worker_id OR w.worker_type = restart_matching.worker_type)
                   RETURNING 1)
     SELECT count(*)::integer INTO ended FROM gone;
-    RETURN ended + revived;
+    RETURN ended + revived + hurried;
 END
 $$;
 
@@ -1384,7 +1421,7 @@ WITH lm AS (
     FROM uniphant.processes p
 ), placed AS (
     SELECT w.*, s.host_id AS state_host, s.state AS reported, s.pid AS state_pid, s.since,
-           s.restarts, s.last_exit, s.next_start_at, s.log_tail, r.halted AS roll_halted,
+           s.restarts, s.last_exit, s.next_start_at, s.log_tail, s.warnings, r.halted AS roll_halted,
            r.waiting AS roll_waiting,
            CASE
                WHEN w.done_at IS NOT NULL THEN 'done'
@@ -1419,7 +1456,7 @@ SELECT pl.worker_id, pl.worker_type, pl.state,
            WHEN 'paused' THEN CASE WHEN p.pid IS NOT NULL THEN 'its process is stopping' END
            WHEN 'rolling' THEN coalesce(pl.roll_waiting, 'restarting in a rolling restart')
        END, 'rolling restart halted: ' || pl.roll_halted) AS detail,
-       pl.settings, pl.paused_at, pl.done_at, pl.log_tail
+       pl.settings, pl.paused_at, pl.done_at, pl.log_tail, pl.warnings
 FROM placed pl
 LEFT JOIN live p ON p.worker_id = pl.worker_id AND p.live AND p.vouched
 LEFT JOIN uniphant.hosts hp ON hp.id = p.host_id
@@ -1429,7 +1466,7 @@ UNION ALL
 SELECT p.worker_id, p.worker_type,
        CASE WHEN m.host_id IS NOT NULL THEN 'manager' ELSE 'not wanted' END,
        h.name, p.host_id, false, CASE WHEN p.vouched THEN p.pid END, p.started_at, 0, NULL, NULL,
-       p.heartbeat_at, NULL, NULL, NULL, NULL, NULL
+       p.heartbeat_at, NULL, NULL, NULL, NULL, NULL, NULL
 FROM live p
 LEFT JOIN uniphant.hosts h ON h.id = p.host_id
 LEFT JOIN uniphant.managers m ON m.process_id = p.id
@@ -1498,7 +1535,7 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         (7, 'manager', 'EXECUTE ON FUNCTION uniphant.set_worker_types(text[])'),
         (8, 'manager', 'EXECUTE ON FUNCTION uniphant.manager_plan(uuid)'),
         (9, 'manager', 'EXECUTE ON FUNCTION uniphant.report_worker(uuid, text, integer, integer, text, '
-                       'double precision, text)'),
+                       'double precision, text, text)'),
         (10, 'manager', 'EXECUTE ON FUNCTION uniphant.clear_process(uuid, integer)'),
         (11, 'manager', 'EXECUTE ON FUNCTION uniphant.desired_workers(uuid[])'),
         (12, 'manager', 'EXECUTE ON FUNCTION uniphant.prove_process(uuid, integer)'),

@@ -69,8 +69,8 @@ __all__ = [
 # (workers/uniphant/web.py) use nothing else of this file.
 EXTENSION_API = [
     # configuration: its defaults, each key with where it was defined, and its values
-    "RUNTIME_DEFAULTS", "config_sources", "read_config_files", "desired_settings", "pg_setting",
-    "is_whole", "shorten", "printable", "explain", "shown_settings",
+    "RUNTIME_DEFAULTS", "config_sources", "read_config_files", "read_operator_config", "desired_settings",
+    "pg_setting", "is_whole", "shorten", "printable", "explain", "shown_settings", "resembling",
     # names: UUIDs, worker types and the files of a worker
     "canonical_uuid", "new_uuid", "is_worker_type", "TYPE_LENGTH", "TYPE_PARTS", "scripts_of_type",
     "worker_types_under", "state_dir_of", "pid_file_of", "log_file_of", "read_host_id", "open_own_file",
@@ -100,7 +100,7 @@ ONE_PER_HOST = "a script that runs once per host (a manager) is never a desired 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 # The version of schema.sql this file needs (uniphant.schema_version()).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class UniphantError(Exception):
@@ -325,15 +325,21 @@ def _one_slip_apart(a: str, b: str) -> bool:
     return longer[first + 1:] == shorter[first:]
 
 
+def resembling(word: str, known: List[str]) -> Optional[str]:
+    """The first of known that word is one slip away from (a letter more, less, other
+    or swapped; another case), else None (also when word is one of them)."""
+    if word in known:
+        return None
+    return next((k for k in known if k.lower() == word.lower() or _one_slip_apart(k, word)), None)
+
+
 def _resembles(key: str) -> Optional[str]:
     """The key uniphant reads that key is one slip away from (a letter more, less,
     other or swapped; another case; libpq's connection-string name), else None."""
-    known = (*_RUNTIME_KEYS, *_CONNECTION_KEYS)
-    if key in known:
-        return None
-    if key.lower() in _CONNINFO_NAMES:
+    known = [*_RUNTIME_KEYS, *_CONNECTION_KEYS]
+    if key not in known and key.lower() in _CONNINFO_NAMES:
         return _CONNINFO_NAMES[key.lower()]
-    return next((k for k in known if k.lower() == key.lower() or _one_slip_apart(k, key)), None)
+    return resembling(key, known)
 
 
 def _settings(entries: List[Tuple[str, str, str]],
@@ -478,6 +484,22 @@ def read_config_files(config: Config, warnings: Optional[List[str]] = None,
     <name>.uniphant.conf beside it) and of the secrets files, and the desired
     settings given; a key that looks misspelt is noted in warnings."""
     return _settings(config_sources(config, desired), warnings)
+
+
+# Where an operator's settings live (README, "Operators' settings"), unless
+# UNIPHANT_OPERATOR_CONF names another file: no worker reads it.
+OPERATOR_CONF = os.path.join("~", ".uniphant", "operator.conf")
+
+
+def read_operator_config(config: Config, warnings: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The ops commands' settings: the uniphant.conf of config's root_dir, then the
+    operator's own file, private as a secrets file is (never the workers'
+    secrets.conf, which every worker of the OS user reads too)."""
+    path = os.environ.get("UNIPHANT_OPERATOR_CONF") or os.path.expanduser(OPERATOR_CONF)
+    entries = _config_entries(os.path.join(config["root_dir"], "uniphant.conf")) if config["root_dir"] else []
+    if not path.startswith("~"):  # no home to find it in
+        entries += _config_entries(path, private=True)
+    return _settings(entries, warnings)
 
 
 def _decoded_settings(text: Optional[str]) -> Dict[str, Any]:
@@ -856,6 +878,7 @@ class _Runtime:
         self.ending: Optional[Ending] = None    # why the run ended, for the manager
         self.generations: Dict[int, int] = {}    # newest timeline seen of each cluster (system identifier)
         self.generation_file: Optional[Tuple[int, int, int]] = None  # _file_identity() as last kept
+        self.config_warnings: List[str] = []     # a managed worker's, for its manager (worker_states.warnings)
 
 
 _runtime = _Runtime()
@@ -976,7 +999,9 @@ def setup_config() -> Config:
     config.update(read_config_files(config, warnings, _runtime.settings))
     for warning in warnings:
         _warn(warning)
-        if not _runtime.managed:  # a managed worker's stderr is the manager's: its log says it
+        if _runtime.managed:  # its stderr is the manager's log: ps and the page show them instead
+            _runtime.config_warnings.append(warning)
+        else:
             print(f"{os.path.basename(sys.argv[0])}: warning: {warning}", file=sys.stderr)
     for key in _CONNECTION_CHECKS:
         pg_setting(config, key)  # a bad value in the environment fails here, before anything starts
@@ -1483,12 +1508,14 @@ def _login(config: Config, host: str, port: int, user: str, database: str, sslmo
     except ConnectError:
         raise
     except Exception as e:
+        who = f"as user {printable(user)!r} to database {printable(database)!r}"
         if password is None and _asks_for_password(e):
             raise ConnectError(
-                f"the server asks for a password and none is configured: set PGPASSWORD "
-                f"(in a secrets.conf, say) or add a line for this server to "
+                f"{who}: the server asks for a password and none is configured: set PGPASSWORD "
+                f"(in a secrets.conf, say) or add a line for this server, database and user to "
                 f"{_pgpass_path(config) or 'a PGPASSFILE'}", permanent=True) from None
-        raise ConnectError(*_connect_failure(e, timeout)) from None
+        why, permanent = _connect_failure(e, timeout)
+        raise ConnectError(f"{who}: {why}" if permanent else why, permanent) from None
     wire.sock.settimeout(None)  # the timeout is for connecting, not for the worker's queries
     statuses = connection.parameter_statuses
     wire.identity = (statuses.get("application_name"), statuses.get("session_authorization"))
@@ -2119,8 +2146,8 @@ def stop_running_process(pid_file: str, timeout: float = 10.0, sig: Optional[int
 # the manager that forked it), one line each: a word, then its fields, the
 # last of which is any text (on one line).  `ready PID STOP_TIMEOUT`: it has
 # registered; `error WHY`: it could not start; `exit CODE WHY`: its run ended
-# (the codes: see Ending).
-_REPORT_FIELDS = {"ready": 2, "error": 1, "exit": 2}
+# (the codes: see Ending); `warning TEXT`: one of its configuration's warnings.
+_REPORT_FIELDS = {"ready": 2, "error": 1, "exit": 2, "warning": 1}
 
 
 def _report_line(word: str, *fields: Any) -> bytes:
@@ -2988,6 +3015,8 @@ def _start(config: Config, worker_function: WorkerFunction, pid_file: str) -> in
         close_quietly(connection)
         raise
     _register(config, connection, worker_function)
+    for warning in _runtime.config_warnings:
+        report_to_manager("warning", warning)
     report_to_manager("ready", os.getpid(), config["stop_timeout"])
     return run(config, connection, worker_function, pid_file)
 

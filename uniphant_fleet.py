@@ -64,7 +64,8 @@ from uniphant import (
     wire_of,
     worker_types_under,
     get_pid_for_running_process,
-    read_config_files,
+    read_operator_config,
+    resembling,
 )
 
 TYPE_CHECKING = False
@@ -143,6 +144,7 @@ class _Child:
         self.stop_timeout = RUNTIME_DEFAULTS["stop_timeout"]
         self.ending = ""                     # the code of why its run ended, as it said (see Ending)
         self.words = ""                      # and the words
+        self.warnings: List[str] = []        # its configuration's, as it told them
         self.unread = b""
         self.kill_at: Optional[float] = None  # when its process group gets SIGKILL
         self.ended_by = ""                   # why the manager ended it, if it did
@@ -188,6 +190,8 @@ class _Child:
                 self.ready, self.stop_timeout = True, float(fields[1])
             elif word == "error":
                 self.words = fields[0]
+            elif word == "warning" and len(self.warnings) < _WARNINGS_KEPT:
+                self.warnings.append(printable(fields[0]))
             elif word == "exit":
                 self.ending, self.words = fields
 
@@ -195,6 +199,10 @@ class _Child:
         os.close(self.pidfd)
         if self.report_fd is not None:
             os.close(self.report_fd)
+
+
+# The most configuration warnings a manager keeps of one run of a worker.
+_WARNINGS_KEPT = 20
 
 
 class _Slot:
@@ -217,6 +225,7 @@ class _Slot:
         self.log_tail: Optional[str] = None  # the last lines of a run that failed, not yet reported
         self.requested = False               # its last run ended on request: the next start is no restart
         self.settings = "{}"                 # its desired settings (JSON, read by its process), for its config
+        self.warnings: Optional[str] = None  # its configuration's warnings at its last start, one a line
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
         self.move(STARTING)
 
@@ -301,7 +310,8 @@ class _Manager:
             self._check_host(connection)
             self.next_check = time.monotonic() + _PLAN_EVERY
         rows = query_rows(connection, "SELECT worker_id::text, worker_type, wanted, startable, row_pid, row_live, "
-                     "restarts, settings::text, paused, done, rolling FROM uniphant.manager_plan($1::uuid, $2)",
+                     "restarts, settings::text, paused, done, rolling, restart_requested "
+                     "FROM uniphant.manager_plan($1::uuid, $2)",
                      (self.config["host_id"], float(self.config["start_timeout"])))
         self.next_plan = time.monotonic() + _PLAN_EVERY
         planned = {row[0] for row in rows if row[2]}
@@ -310,7 +320,7 @@ class _Manager:
                 self._unwant(slot, "no longer wanted on this host")
         rolling = False
         for (worker_id, worker_type, wanted, startable, row_pid, row_live, restarts, settings, paused, done,
-             in_roll) in rows:
+             in_roll, restart_requested) in rows:
             slot = self.slots.get(worker_id)
             if slot is None:
                 if not wanted and not is_worker_type(worker_type):
@@ -328,6 +338,8 @@ class _Manager:
             slot.settings = settings or "{}"
             rolling = rolling or in_roll
             self._hold(slot, DONE if done else PAUSED if paused else None)
+            if restart_requested and slot.state == BACKOFF:
+                self._hurry(slot)
             if slot.child is None and slot.state in (STARTING, MOVING):
                 target = STARTING if startable else MOVING
                 if slot.state != target:
@@ -349,6 +361,14 @@ class _Manager:
             if slot.child is not None and slot.child.kill_at is None:
                 self.logger.info("stopping worker %s (%s): %s", slot.worker_id, slot.worker_type, held)
                 self._stop(slot.child)
+
+    def _hurry(self, slot: _Slot) -> None:
+        """A worker waiting in backoff that an operator restarted starts now, with its
+        failures forgotten (it was fixed, say), and no restart counted."""
+        self.logger.info("worker %s (%s): restarted on request while in backoff: starting it now",
+                         slot.worker_id, printable(slot.worker_type))
+        slot.move(STARTING)
+        slot.due, slot.failures, slot.requested = 0.0, 0, True
 
     def _tell_worker_types(self, connection) -> None:
         """Tell the database which worker types this root has scripts for, when that
@@ -462,14 +482,14 @@ class _Manager:
         for fd in children:
             poller.register(fd, select.POLLIN)
         for slot in children.values():
-            slot.child.read_reports()
+            self._read_reports(slot, slot.child)
             if slot.child.ready and slot.state == STARTING:
                 slot.move(RUNNING)
         for fd, _ in poller.poll(0):
             slot = children[fd]
             child, slot.child = slot.child, None
             status = os.waitpid(child.pid, 0)[1] if child.forked else None
-            child.read_reports()
+            self._read_reports(slot, child)
             child.close()
             child.kill_group()  # what it left behind in its group goes with it
             requested = child.ending == Ending.ROW_DELETED and not child.ended_by
@@ -479,6 +499,14 @@ class _Manager:
                 continue
             slot.log_tail = _log_tail(self._log_file(slot), child.started_at)
             self._ended(slot, _how_it_ended(child, status), False, child.started)
+
+    @staticmethod
+    def _read_reports(slot: _Slot, child: _Child) -> None:
+        """Take in what a child reported; a forked one's warnings become its worker's
+        (an adopted one reports nothing: the last reported stay)."""
+        child.read_reports()
+        if child.forked:
+            slot.warnings = "\n".join(child.warnings) or None
 
     def _ended(self, slot: _Slot, how: str, at_once: bool, started: float) -> None:
         """A run of slot's worker ended (how), or its start failed: forget it if it is
@@ -627,11 +655,11 @@ class _Manager:
             state = slot.state
             facts = None if state is None else (
                 state, slot.child.pid if slot.child else None, slot.restarts, slot.last_exit,
-                slot.due if state == BACKOFF else None)
+                slot.due if state == BACKOFF else None, slot.warnings)
             if facts != slot.reported:
                 changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
                                               slot.last_exit, max(slot.due - now, 0.0) if facts and
-                                              state == BACKOFF else None, slot.log_tail)))
+                                              state == BACKOFF else None, slot.log_tail, slot.warnings)))
         # A process it forked or found holding the lock is a running copy: its row says so
         # at once, so that no planner takes the worker for gone while this one stops it.
         vouch = [slot for slot in self.slots.values()
@@ -639,7 +667,7 @@ class _Manager:
         if not changed and not vouch:
             return
         in_one_transaction(connection, lambda: [
-            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)", params)
+            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7, $8)", params)
             for _, _, params in changed] + [
             query_row(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (slot.worker_id, slot.child.pid))
             for slot in vouch])
@@ -938,7 +966,7 @@ VERBS: Dict[str, _Verb] = {
     "stop": _Verb("SELECT uniphant.remove_worker($1::uuid)::int", "SELECT uniphant.remove_workers($1)",
                   "no such worker in workers: {}"),
     "restart": _Verb("SELECT uniphant.restart_worker($1::uuid)::int", "SELECT uniphant.restart_workers($1)",
-                     "no running or done worker {}"),
+                     "no running, done or backing-off worker {}"),
     "pause": _Verb("SELECT uniphant.pause_worker($1::uuid)::int", "SELECT uniphant.pause_workers($1)",
                    "no running worker to pause: {}"),
     "resume": _Verb("SELECT uniphant.resume_worker($1::uuid)::int", "SELECT uniphant.resume_workers($1)",
@@ -965,9 +993,15 @@ def add_worker(connection, worker_type: str, host_id: Optional[str], words: List
         connection, "SELECT uniphant.add_worker($1, $2::uuid, $3::jsonb)::text, EXISTS (SELECT 1 FROM "
         "uniphant.live_managers() m WHERE $1 = ANY (m.worker_types) "
         "AND m.host_id = coalesce($2::uuid, m.host_id))", (checked_type(worker_type), host_id, settings_of(words)))
+    if provided:
+        return worker_id, ""
     where = f"host {host_id}" if host_id else "any host"
-    return worker_id, "" if provided else (f"no live manager on {where} has a script of worker type "
-                                           f"{worker_type}: the worker waits until one does")
+    known = [row[0] for row in query_rows(connection, "SELECT DISTINCT unnest(worker_types) FROM "
+                                          "uniphant.live_managers() ORDER BY 1")]
+    meant = resembling(worker_type, known)
+    return worker_id, (f"no live manager on {where} has a script of worker type {worker_type}: the worker "
+                       f"waits until one does" + (f"; did you mean {printable(meant)}? (python uniphant.py "
+                                                  f"stop {worker_id} removes it)" if meant else ""))
 
 
 def scale(connection, worker_type: str, n: Any, host_id: Optional[str]) -> str:
@@ -979,10 +1013,21 @@ def scale(connection, worker_type: str, n: Any, host_id: Optional[str]) -> str:
     return f"{worker_type}: {n} workers {where} ({done})"
 
 
-def set_settings(connection, worker_id: str, words: List[str]) -> str:
-    """Give a worker the settings of KEY=VALUE words (and no others): it restarts."""
-    if not query_row(connection, "SELECT uniphant.set_worker_settings($1::uuid, $2::jsonb)",
-                     (worker_id, settings_of(words)))[0]:
+# A worker's settings, its keys in unset removed, then the new ones merged in
+# (all of them replaced, with $4), in the one statement that writes them.
+_SET_SQL = ("SELECT uniphant.set_worker_settings($1::uuid, CASE WHEN $4 THEN '{}'::jsonb ELSE coalesce(("
+            "SELECT f.settings FROM uniphant.fleet f WHERE f.worker_id = $1::uuid AND f.settings IS NOT NULL "
+            "LIMIT 1), '{}'::jsonb) END - $3::text[] || $2::jsonb)")
+
+
+def set_settings(connection, worker_id: str, words: List[str], replace: bool = False,
+                 unset: Tuple[str, ...] = ()) -> str:
+    """Merge the settings of KEY=VALUE words into a worker's, after removing the keys
+    of unset (replace: the words are all its settings): it restarts."""
+    new = settings_of(words)
+    if any(not isinstance(key, str) or not key for key in unset):
+        raise UsageError("--unset takes a setting's KEY")
+    if not query_row(connection, _SET_SQL, (worker_id, new, list(unset), replace))[0]:
         raise Refused(f"no such worker in workers: {worker_id}")
     return f"set: worker {worker_id} restarts with its new settings"
 
@@ -1001,12 +1046,14 @@ def roll(connection, worker_type: str, batch: Any) -> str:
 # Ops commands: python uniphant.py {ps,add,scale,stop,restart}
 # ---------------------------------------------------------------------------
 
-_OPS_HELP = """usage: python uniphant.py {ps,add,scale,set,stop,restart,pause,resume} ...
+_OPS_HELP = """usage: python uniphant.py [-v] {ps,add,scale,set,stop,restart,pause,resume} ...
 
 The fleet from the command line, as thin layers over schema.sql's functions.
-Connection settings as for every uniphant process: the uniphant.conf of the
-project root (the nearest directory above the current one that holds
-`workers`), ~/.uniphant/secrets/secrets.conf, then the environment.
+Connection settings: the uniphant.conf of the project root (the nearest
+directory above the current one that holds `workers`), then the operator's
+own ~/.uniphant/operator.conf (or the file UNIPHANT_OPERATOR_CONF names),
+which no worker reads, then the environment.  -v: say which server was used
+(it is said anyway when that was not a primary).
 
 commands:
   ps [ID|TYPE] [--host HOST] [--state STATE] [--json]
@@ -1018,7 +1065,9 @@ commands:
                               `here`: this project's), else for any host, with settings
                               for its config; prints its id
   scale TYPE N [--host HOST]  make it N workers of TYPE on HOST (else N any-host ones)
-  set ID [KEY=VALUE]...       give a worker these settings (and no others): it restarts
+  set ID [--replace] [--unset KEY]... [KEY=VALUE]...
+                              change a worker's settings, keeping the others (--unset:
+                              remove KEY; --replace: these and no others): it restarts
   stop ID|TYPE                remove a worker, or every worker of TYPE, from the
                               desired state: its manager stops it
   restart ID|TYPE [--rolling [--batch N]]
@@ -1043,8 +1092,7 @@ def _ops_config(warnings: List[str]) -> Config:
             break
     config: Config = dict(RUNTIME_DEFAULTS, root_dir=root, script_dir=root, process_id=new_uuid(),
                           state_dir=root and state_dir_of(root))
-    if root is not None:
-        config.update(read_config_files(config, warnings))
+    config.update(read_operator_config(config, warnings))
     return config
 
 
@@ -1097,10 +1145,11 @@ def _age(seconds: Optional[float]) -> str:
 
 # What ps shows of each row of uniphant.fleet, in this order (the JSON keys).
 _PS_COLUMNS = ("worker_id", "worker_type", "state", "host", "host_id", "pinned", "pid", "since_seconds",
-               "restarts", "last_exit", "next_start_in", "detail", "settings", "log_tail")
+               "restarts", "last_exit", "next_start_in", "detail", "settings", "log_tail", "warnings")
 _PS_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
            "extract(epoch FROM now() - since)::float8, restarts, last_exit, "
-           "extract(epoch FROM next_start_at - now())::float8, detail, settings::text, log_tail FROM uniphant.fleet "
+           "extract(epoch FROM next_start_at - now())::float8, detail, settings::text, log_tail, warnings "
+           "FROM uniphant.fleet "
            "WHERE ($1::uuid IS NULL OR worker_id = $1::uuid) AND ($2::text IS NULL OR worker_type = $2) "
            "AND ($3::text IS NULL OR host_id::text = $3 OR host = $3) AND ($4::text IS NULL OR state = $4) "
            "ORDER BY worker_type, host, worker_id")
@@ -1164,8 +1213,30 @@ def _wait_for_the_fleet(connection) -> None:
     connection.notifications.clear()
 
 
+def _cut(text: str, width: int) -> str:
+    """text, or as much of it as fits width with an ellipsis (the whole is in ps ID)."""
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "\u2026"[:width]
+
+
+def _fit(table: List[tuple], columns: int) -> List[tuple]:
+    """table with its DETAIL (second last) and LAST EXIT (last) columns cut so that
+    each line fits columns characters where the other columns leave room; DETAIL
+    keeps at least half of that room if it needs it."""
+    fixed = sum(max(len(row[i]) for row in table) + 2 for i in range(len(table[0]) - 2))
+    detail = max(len(row[-2]) for row in table)
+    last = max(len(row[-1]) for row in table)
+    room = max(columns - fixed - 2, 0)
+    if detail + last <= room:
+        return table
+    detail_width = min(detail, max(room // 2, room - last))
+    return [(*row[:-2], _cut(row[-2], detail_width), _cut(row[-1], room - detail_width)) for row in table]
+
+
 def _print_table(rows: List[Dict[str, Any]]) -> None:
-    """ps's table: every text from the database shown printable; the last column unpadded."""
+    """ps's table: every text from the database shown printable; the last column
+    unpadded; on a terminal, within its width (shutil.get_terminal_size)."""
+    import shutil
+
     table = [("WORKER", "TYPE", "STATE", "HOST", "HOST ID", "PLACED", "PID", "SINCE", "RESTARTS", "DETAIL",
               "LAST EXIT")]
     for row in rows:
@@ -1176,9 +1247,14 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
             row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
             "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
             str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
+    # Piped to a program (not a terminal), every line is whole.
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    if columns is not None:
+        table = _fit(table, columns)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for row in table:  # cut at the terminal's edge where even the other columns do not fit
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+        print(line if columns is None else _cut(line, columns))
 
 
 def _print_worker(row: Dict[str, Any]) -> None:
@@ -1196,6 +1272,8 @@ def _print_worker(row: Dict[str, Any]) -> None:
     for name, value in facts:
         if value not in (None, "", False):
             print(f"{name + ':':<12}{printable(str(value))}")
+    for number, warning in enumerate((row["warnings"] or "").splitlines()):
+        print(f"{'warnings:' if not number else '':<12}{printable(warning)}")
     if row["log_tail"]:
         print("last lines: (before its last run ended)")
         for line in row["log_tail"].splitlines():
@@ -1242,12 +1320,18 @@ def _ops_scale(args: List[str], config: Config) -> Callable[[Any], int]:
 
 
 def _ops_set(args: List[str], config: Config) -> Callable[[Any], int]:
-    positional, _ = _ops_arguments(args, (), ())
+    positional, options = _ops_arguments(args, ("--replace",), (), ("--unset",))
     worker_id = canonical_uuid(positional[0]) if positional else None
     if worker_id is None:
-        raise UsageError("set takes a worker id, then its settings as KEY=VALUE")
-    settings_of(positional[1:])
-    return lambda connection: _say(set_settings(connection, worker_id, positional[1:]))
+        raise UsageError("set takes a worker id, then settings as KEY=VALUE (and --unset KEY, --replace)")
+    words, unset, replace = positional[1:], tuple(options.get("--unset", [])), bool(options.get("--replace"))
+    if not (words or unset or replace):
+        raise UsageError("set: no settings given (KEY=VALUE to set, --unset KEY to remove, "
+                         "--replace alone to remove them all)")
+    if unset and replace:
+        raise UsageError("--unset goes without --replace, which removes every setting not given")
+    settings_of(words)
+    return lambda connection: _say(set_settings(connection, worker_id, words, replace, unset))
 
 
 def _ops_restart(args: List[str], config: Config) -> Callable[[Any], int]:
@@ -1424,17 +1508,17 @@ def _reads_only(argv: List[str]) -> bool:
     return argv[0] == "ps" and "--watch" not in argv
 
 
-def _ops_connect(prog: str, config: Config, reading: bool):
+def _ops_connect(prog: str, config: Config, reading: bool, verbose: bool):
     """The ops command's connection.  Unless PGTARGETSESSIONATTRS says otherwise, a
     command that only reads takes any server when no writable one answers; it says
-    on stderr which server it read from."""
+    on stderr which server it read from when that was not a primary (or verbose)."""
     attrs = pg_setting(config, "PGTARGETSESSIONATTRS")
     connection = connect_to_server(config, attrs or "read-write", fallback=reading and not attrs)
     wire = wire_of(connection)
     for refusal in wire.passed_over:
         print(f"{prog}: warning: refused {printable(refusal)}", file=sys.stderr)
-    if reading and wire.kind == "a primary":
-        print(f"{prog}: read from {wire.where}, a primary", file=sys.stderr)
+    if verbose and wire.kind == "a primary":
+        print(f"{prog}: {'read from' if reading else 'connected to'} {wire.where}, a primary", file=sys.stderr)
     elif reading and wire.kind != "a primary":
         fell_back = "" if attrs else "no writable server answered: "
         print(f"{prog}: warning: {fell_back}read from {wire.where}, {wire.kind}: "
@@ -1445,6 +1529,8 @@ def _ops_connect(prog: str, config: Config, reading: bool):
 def ops_main(argv: List[str]) -> None:
     """python uniphant.py COMMAND ...: exit 0, 1 when it failed, 2 for a bad command line."""
     prog = "uniphant.py"
+    verbose = "-v" in argv[:1]
+    argv = argv[1:] if verbose else argv
     if argv[:1] in (["-h"], ["--help"]):
         print_or_leave_quietly(_OPS_HELP)
         sys.exit(EXIT_OK)
@@ -1463,7 +1549,7 @@ def ops_main(argv: List[str]) -> None:
         act = parse(argv[1:], config)  # a command done without the database gives its exit code
         if isinstance(act, int):
             sys.exit(act)
-        connection = _ops_connect(prog, config, _reads_only(argv))
+        connection = _ops_connect(prog, config, _reads_only(argv), verbose)
         try:
             code = act(connection)
         finally:

@@ -439,7 +439,7 @@ def test_ops_commands_add_scale_restart_and_stop_workers(project, db):
     (["scale", "test.probe", "lots"], 2, "N must be a whole number"),
     (["add", "test/probe"], 2, "is not a worker type"),
     (["stop", str(uuid.uuid4())], 1, "no such worker"),
-    (["restart", "no.such.type"], 1, "no running or done worker"),
+    (["restart", "no.such.type"], 1, "no running, done or backing-off worker"),
     (["ps", "a.b", "c.d"], 2, "unexpected argument 'c.d'"),
     (["scale", "test.probe", "3", "4"], 2, "unexpected argument '4'"),
     (["stop", "test.probe", "test.other"], 2, "unexpected argument 'test.other'"),
@@ -454,7 +454,7 @@ def test_ps_into_a_reader_that_has_gone_ends_quietly(project, db):
     read_end, write_end = os.pipe()
     reader = subprocess.Popen(["head", "-n", "1"], stdin=read_end, stdout=subprocess.PIPE)
     os.close(read_end)
-    ps = subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), "ps"], cwd=project.root,
+    ps = subprocess.run([sys.executable, os.path.join(REPO, "uniphant.py"), "-v", "ps"], cwd=project.root,
                         env=project.env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     os.close(write_end)
     assert reader.communicate(timeout=10)[0].startswith(b"WORKER")

@@ -255,9 +255,10 @@ def test_ps_reads_from_a_standby_and_says_so(pair, projects):
         assert worker in {row["worker_id"] for row in json.loads(listed.stdout)}
         assert "read from" in listed.stderr
         both = projects("ps_both", standby, primary)
-        table = ops(both, "ps")
+        table = ops(both, "-v", "ps")
         assert table.returncode == 0
         assert table.stderr == f"uniphant.py: read from {where(primary)}, a primary\n"
+        assert ops(both, "ps").stderr == ""  # a primary, as expected: nothing to say
         # ps --watch listens, which a standby cannot: it takes a writable server.
         assert_clean_error(ops(only_standby, "ps", "--watch"), 1, "a standby (target_session_attrs=read-write)")
         # What the user sets is obeyed as given; and writes never go to a standby.
@@ -489,7 +490,7 @@ def test_a_fresh_start_refuses_the_old_primary_its_host_has_seen_superseded(proj
         assert value(old, "SELECT count(*) FROM uniphant.processes WHERE worker_id = %s::uuid", worker) == 0
         assert (f"refused {where(old)}: an old primary: timeline 1, but timeline 2 of this cluster has been "
                 f"seen; fence it") in host.log(worker)
-        table = ops(host, "ps")
+        table = ops(host, "-v", "ps")
         assert table.returncode == 0 and f"warning: refused {where(old)}: an old primary" in table.stderr
         assert f"read from {where(new)}, a primary" in table.stderr
         # The limit: a host that has never seen the new primary cannot tell the old one.

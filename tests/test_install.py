@@ -113,7 +113,8 @@ def test_a_vendored_project_runs_its_manager_and_workers_as_three_roles_with_no_
     try:
         started = as_typed(manager, project)
         assert started.returncode == 0, started.stderr
-        project.write(".pgpass", "*:*:*:app_operator:operator-secret\n", mode=0o600, base=project.home)
+        operator_conf = next(b for b in readme_blocks("A first fleet", "text") if "PGUSER=app_operator" in b)
+        project.write(".uniphant/operator.conf", operator_conf, mode=0o600, base=project.home)
         done = as_typed(operator, project)
         assert done.returncode == 0, done.stderr
         pinned = done.stdout.splitlines()[0]

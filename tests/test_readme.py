@@ -215,6 +215,7 @@ def first_fleet(block: str, tmp_path, db) -> None:
     with open(os.path.join(REPO, "tests", "test_install.py"), encoding="utf-8") as f:
         install = f.read()
     assert 'readme_blocks("A first fleet", "sql")' in install and 'readme_blocks("A first fleet", "sh")' in install
+    assert 'readme_blocks("A first fleet", "text")' in install
 
 
 def page_as_typed(block: str, tmp_path, db) -> None:
@@ -273,6 +274,7 @@ RULES: List[Tuple[str, str, str, str, Callable]] = [
     ("README.md", "A first fleet", "sql", "CREATE ROLE app_worker", first_fleet),
     ("README.md", "A first fleet", "sql", "grant_role('app_worker'", first_fleet),
     ("README.md", "A first fleet", "text", "myproject/", layout),
+    ("README.md", "A first fleet", "text", "PGUSER=app_operator", first_fleet),
     ("README.md", "A first fleet", "sh", "manager.py start", first_fleet),
     ("README.md", "A first fleet", "sh", "python uniphant.py ps", first_fleet),
     ("docs/development.md", "Other environments, and CI", "sh", "VENV=.venv-newest", covered_elsewhere),

@@ -58,8 +58,10 @@ _POLL_EVERY = 5.0
 _READ_GAP = 0.1
 # How long a scrape waits for its probe of the notification lag.
 _PROBE_WAIT = 2.0
-# An open event stream hears at least this often that the page is alive.
-_TICK_EVERY = 15.0
+# An open event stream hears at least this often how old the page's last read
+# of the fleet is: as often as it reads, so that its header can say `stale`
+# as soon as a read is late.
+_TICK_EVERY = _POLL_EVERY
 # Each open page holds a thread: a bound on them, and on what a request may send.
 _MAX_STREAMS = 64
 _MAX_BODY = 65536
@@ -243,7 +245,7 @@ def _read_fleet(cursor) -> Tuple[Dict[str, Any], float]:
 _WORKER_SQL = ("SELECT worker_id::text, worker_type, state, host, host_id::text, pinned, pid, "
                "extract(epoch FROM since)::float8, restarts, last_exit, "
                "extract(epoch FROM next_start_at)::float8, detail, settings::text, "
-               "extract(epoch FROM heartbeat_at)::float8, paused_at IS NOT NULL, log_tail "
+               "extract(epoch FROM heartbeat_at)::float8, paused_at IS NOT NULL, log_tail, warnings "
                "FROM uniphant.fleet WHERE worker_id = %s::uuid")
 _HISTORY_SQL = ("SELECT extract(epoch FROM at)::float8, state, pid, last_exit, host_id::text "
                 "FROM uniphant.worker_events WHERE worker_id = %s::uuid ORDER BY id DESC LIMIT %s")
@@ -257,7 +259,7 @@ def _read_worker(cursor, config: Config, worker_id: str) -> Optional[Dict[str, A
     row = cursor.fetchone()
     if row is None:
         return None
-    worker = _fleet_row(row, ("heartbeat_at", "paused", "log_tail"))
+    worker = _fleet_row(row, ("heartbeat_at", "paused", "log_tail", "warnings"))
     cursor.execute(_HISTORY_SQL, (worker_id, _HISTORY))
     worker["history"] = [dict(zip(("at", "state", "pid", "last_exit", "host_id"), event))
                          for event in cursor.fetchall()]
@@ -551,7 +553,8 @@ class _Page:
         self.connection = None  # the one the step listens on
         # What every event tells the page about its server (JSON).
         self.about = json.dumps({"actions": token is not None, "database": database,
-                                 "host_id": config["host_id"], "host": config["host_name"]})
+                                 "host_id": config["host_id"], "host": config["host_name"],
+                                 "refresh": _POLL_EVERY, "tick": _TICK_EVERY})
         self.server: Optional[_Server] = None
         self.loopback = False
         self.hosts: FrozenSet[str] = frozenset()  # web_hosts
@@ -707,8 +710,8 @@ def _act(connection, verb: str, body: Dict[str, Any]) -> str:
         words = body.get("settings") or []
         if not isinstance(words, list):
             raise _Refused(400, "settings: expected a list of KEY=VALUE")
-        worker_id, _ = uniphant_fleet.add_worker(connection, worker_type, _host_id(body), words)
-        return f"added worker {worker_id} of {worker_type}"
+        worker_id, warning = uniphant_fleet.add_worker(connection, worker_type, _host_id(body), words)
+        return f"added worker {worker_id} of {worker_type}" + (f"; warning: {warning}" if warning else "")
     if verb == "scale":
         return uniphant_fleet.scale(connection, worker_type, body.get("n"), _host_id(body))
     worker_id = _text(body, "worker_id")
@@ -1303,7 +1306,8 @@ function renderWorker(w) {
     ["placed", w.state === "not wanted" ? "" : w.pinned ? "pinned to its host" : "on any host with its script"],
     ["PID", w.pid === null ? "" : String(w.pid)], ["since", ago(w.since)], ["restarts", String(w.restarts)],
     ["last exit", printable(w.last_exit)], ["next start", until(w.next_start_at)],
-    ["heartbeat", w.heartbeat_at ? el("span", {}, ago(w.heartbeat_at), " ago") : ""], ["settings", settings]];
+    ["heartbeat", w.heartbeat_at ? el("span", {}, ago(w.heartbeat_at), " ago") : ""], ["settings", settings],
+    ["warnings", w.warnings ? el("span", {"class": "warnings"}, ...w.warnings.split("\n").map((line) => el("div", {}, printable(line)))) : ""]];
   const list = el("dl");
   for (const [name, value] of facts) {
     if (value === "" || value === null) continue;
@@ -1373,19 +1377,40 @@ function setUpActions() {
 function live(text, kind) { $("#live").replaceChildren(el("span", {"class": "state " + kind}, text)); }
 
 let refusals = 0;  // in a row: each doubles the wait before the next try
+// The stream's last word (when, by this browser's clock, and how old the server's
+// read of the fleet was then), while it is open.
+let heard = null;
+
+// The header: `stale` once the last read is older than the server's refresh (a
+// second or two of grace), or the stream has been silent for longer than a tick.
+function freshness() {
+  if (heard === null || !about.refresh) return;
+  const silent = (Date.now() - heard.at) / 1000;
+  const late = heard.age > about.refresh + 2 || silent > about.tick + 2;
+  live(late ? "stale" : "live", late ? "bad" : "good");
+}
+
+function hear(seconds) {
+  heard = {"at": Date.now(), "age": seconds};
+  stale(seconds);
+  freshness();
+}
 
 function connect() {
   const events = new EventSource("/events");
-  events.onopen = () => { refusals = 0; live("live", "good"); };
+  events.onopen = () => { refusals = 0; heard = {"at": Date.now(), "age": 0}; live("live", "good"); };
   // A lost stream the browser tries again itself; one refused (an answer, but no stream) it gives up.
-  events.onerror = () => { if (events.readyState === EventSource.CLOSED) refused(); else live("reconnecting", "bad"); };
+  events.onerror = () => {
+    heard = null;
+    if (events.readyState === EventSource.CLOSED) refused(); else live("reconnecting", "bad");
+  };
   events.addEventListener("about", (e) => { about = JSON.parse(e.data); $("#database").textContent = printable(about.database); setUpActions(); });
-  events.addEventListener("tick", (e) => stale(JSON.parse(e.data).age));
+  events.addEventListener("tick", (e) => hear(JSON.parse(e.data).age));
   events.onmessage = (e) => {
     const message = JSON.parse(e.data);
     offset = message.now * 1000 - Date.now();
     fleet = message.fleet;
-    stale(message.age);
+    hear(message.age);
     render();
   };
 }
@@ -1412,6 +1437,8 @@ async function refused() {
   live("refused: " + printable(why) + "; trying again in " + Math.round(delay) + " s", "bad");
   setTimeout(connect, delay * 1000);
 }
+
+setInterval(freshness, 1000);
 
 function stale(seconds) {
   $("#banner").hidden = seconds < 15;
