@@ -413,17 +413,23 @@ def test_the_demo_runs_the_example_worker_and_ctrl_c_removes_everything(warm_che
     assert_the_demo_left_nothing(demo, server_tmp)
 
 
-@pytest.mark.parametrize("moment", ["venv", "pip", "initdb", "pg_ctl"])
+def _server_log_opened(server_tmp: str) -> bool:
+    # pg_ctl start opens the log (initdb's standalone server writes a postmaster.pid too)
+    return any(os.path.exists(os.path.join(server_tmp, d, "server.log")) for d in os.listdir(server_tmp))
+
+
+@pytest.mark.parametrize("moment", ["venv", "pip", "initdb", "pg_ctl start"])
 def test_ctrl_c_while_the_demo_prepares_leaves_nothing(fresh_demo, tmp_path, server_tmp, moment):
     root = demo_checkout(tmp_path / "checkout")
-    if moment in ("initdb", "pg_ctl"):
+    if moment in ("initdb", "pg_ctl start"):
         os.symlink(os.path.join(fresh_demo[0], ".venv-demo"), os.path.join(root, ".venv-demo"))
     demo, output = start_demo(root, server_tmp)
+    running = {"venv": lambda: any(_runs(pid, "-m", "venv") for pid, _ in _group(demo.pid)),
+               "pip": lambda: any(_runs(pid, "-m", "pip") for pid, _ in _group(demo.pid)),
+               "initdb": lambda: any(program == "initdb" for _, program in programs_in(server_tmp)),
+               "pg_ctl start": lambda: _server_log_opened(server_tmp)}[moment]
     try:
-        wait_for(lambda: any(program == moment for _, program in programs_in(server_tmp))
-                 if moment in ("initdb", "pg_ctl") else
-                 any(_runs(pid, "-m", moment) for pid, _ in _group(demo.pid)),
-                 timeout=120, what=f"{moment} to run")
+        wait_for(running, timeout=120, what=f"{moment} to run")
     finally:
         status = ctrl_c(demo)
     assert status == 130, output.all()
