@@ -22,7 +22,8 @@ Server of its own on its own port and socket directory, which ``promote()``
 makes a primary.  When the server cannot be
 made or started, ServerError says why in the server's own words.
 
-Run a command against a fresh server with the schema loaded::
+Run a command against a fresh server with the schema loaded, as a login role
+with the worker part (app_worker; app_owner owns the schema)::
 
     python dev/pgserver.py [--embedded] -- COMMAND [ARG ...]
 """
@@ -48,6 +49,8 @@ from typing import Dict, Iterator, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPERUSER = "postgres"
+OWNER = "app_owner"  # owns uniphant's objects in the command's database
+WORKER = "app_worker"  # the command's role: the worker part, not a superuser
 LOG_TAIL = 20  # lines of the server log a failed start quotes
 
 
@@ -500,11 +503,34 @@ class Server:
                 what = f"schema.sql could not be loaded into database {name}"
                 load_sql(self.connect(name), os.path.join(REPO, "schema.sql"))
         except pg8000.dbapi.Error as e:
-            fields = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
-            if not fields:
-                raise ServerError(f"{what}: {e}") from None
-            where = f", at character {fields['P']}" if "P" in fields else ""
-            raise ServerError(f"{what}: {fields.get('M')} (SQLSTATE {fields.get('C')}{where})") from None
+            raise ServerError(f"{what}: {_server_message(e)}") from None
+
+    def create_worker_database(self, name: str) -> Dict[str, str]:
+        """A database as the README's "Database privileges" sets one up: schema.sql loaded
+        by OWNER, and WORKER, a login role with the worker part; the environment of WORKER."""
+        import pg8000.dbapi
+
+        try:
+            conn = self.connect()
+            try:
+                for role in (OWNER, WORKER):
+                    conn.cursor().execute(f'CREATE ROLE "{role}" LOGIN')
+                conn.cursor().execute(f'CREATE DATABASE "{name}" OWNER "{OWNER}"')
+            finally:
+                conn.close()
+        except pg8000.dbapi.Error as e:
+            raise ServerError(f"database {name} could not be created: {_server_message(e)}") from None
+        try:
+            load_sql(self.connect(name, user=OWNER), os.path.join(REPO, "schema.sql"))
+            conn = self.connect(name, user=OWNER)
+            try:
+                conn.cursor().execute("SELECT uniphant.grant_role(%s, 'worker')", (WORKER,))
+            finally:
+                conn.close()
+        except pg8000.dbapi.Error as e:
+            raise ServerError(f"schema.sql could not be loaded into database {name}: "
+                              f"{_server_message(e)}") from None
+        return dict(self.env(name), PGUSER=WORKER)
 
 
 class PgBouncer:
@@ -568,6 +594,15 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.rstrip("\n").splitlines())
 
 
+def _server_message(error: Exception) -> str:
+    """A pg8000 error as the server put it: message, SQLSTATE and position."""
+    fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
+    if not fields:
+        return str(error)
+    where = f", at character {fields['P']}" if "P" in fields else ""
+    return f"{fields.get('M')} (SQLSTATE {fields.get('C')}{where})"
+
+
 def _log_tail(path: str) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -621,6 +656,10 @@ def _run_command(command: List[str], env: Dict[str, str]) -> int:
             child.wait()
 
 
+def _step(what: str) -> None:
+    print(f"pgserver: {what}", file=sys.stderr, flush=True)
+
+
 def main(argv: List[str]) -> int:
     embedded = bool(argv) and argv[0] == "--embedded"
     if embedded:
@@ -632,14 +671,17 @@ def main(argv: List[str]) -> int:
         signal.signal(signum, signal.default_int_handler)  # end as Ctrl-C does, server removed
     try:
         with Server(embedded_bindir() if embedded else None) as server:
+            _step(f"starting a throwaway PostgreSQL in {server.dir} (initdb, pg_ctl start)")
             try:
                 server.init().start()
             except ServerError as e:
                 raise ServerError(f"the throwaway PostgreSQL could not be started: {e}") from None
-            server.create_database("uniphant")
+            _step(f"creating database uniphant: schema.sql loaded by its owner {OWNER}, "
+                  f"login role {WORKER} given the worker part")
+            env = server.create_worker_database("uniphant")
             print(f"PostgreSQL from {server.bindir} on {server.dir} port {server.port}, "
-                  "database uniphant", file=sys.stderr)
-            return _run_command(argv[1:], dict(os.environ, **server.env("uniphant")))
+                  f"database uniphant, role {WORKER}", file=sys.stderr)
+            return _run_command(argv[1:], dict(os.environ, **env))
     except ServerError as e:
         print(f"pgserver: {e}", file=sys.stderr)
         return 1

