@@ -2,7 +2,7 @@
 manager and, where the machine runs systemd, as transient units (systemd-run),
 back to back in one run.
 
-    python bench/peer.py [--runs 3] [--sizes 200,1000] [--window 21]
+    python bench/peer.py [--runs 3] [--sizes 200,1000] [--window 21] [--peers uniphant,...]
 
 Starts a throwaway durable PostgreSQL (dev/pgserver.py; fsync and
 synchronous_commit on, as bench/fleet.py does) and for each size N and each run
@@ -67,7 +67,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 from fleet import (PYTHON, REPO, STAMPS, BenchError, _cpu, _end_processes_in, _fleet_root, _machine,
-                   _memory_mb, _revision, _stat, _wait_exits, _wait_until, pgserver)
+                   _children, _memory_mb, _revision, _server_cpu, _stat, _wait_exits, _wait_until, pgserver)
 from lifecycle import IDLE
 
 TYPE = "bench.idle"
@@ -80,6 +80,8 @@ MEASURES: List[Tuple[str, str, str, int]] = [
     ("worker_pss", "PSS per worker", "MB", 1),
     ("kill_restart", "kill -9 of a worker -> replacement registered", "ms", 0),
     ("stop_all", "one DELETE / stop all -> every process gone", "ms", 0),
+    ("start_cpu", "CPU of the start (supervisor, workers, PostgreSQL)", "s", 2),
+    ("stop_cpu", "CPU of the stop (supervisor, workers, PostgreSQL)", "s", 2),
     ("workers_cpu", "idle CPU of all workers", "%", 2),
     ("supervisor_cpu", "idle CPU of the supervising process", "%", 2),
     ("supervisor_pss", "PSS of the supervising process", "MB", 1),
@@ -204,6 +206,16 @@ class Peer:
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
 
+    def cpu(self, workers: List[int]) -> Tuple[float, float]:
+        """CPU seconds so far of (the supervisor with the workers it reaped, and the
+        workers; PostgreSQL less the benchmark's own session): what a step costs,
+        whatever else loads the machine meanwhile."""
+        with open(os.path.join(self.server.data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        own = self.value("SELECT pg_backend_pid()")
+        return (_cpu(self.supervisor_pid(), reaped=True) + sum(map(_cpu, workers)),
+                _server_cpu(postmaster, own))
+
     # -- the run -------------------------------------------------------------
 
     def setup(self) -> None:
@@ -239,10 +251,14 @@ class Peer:
             return last if count >= self.n else None
 
         timeout = 60 + self.n * 0.5
+        cpu0 = self.cpu([])
         started, clock = time.time(), time.monotonic()
         command = self.start_all()
         last = _wait_until(registered, timeout, f"all {self.n} workers to register", every=0.05)
         self.add("start_all", last - started)
+        cpu1 = self.cpu(list(self.pids().values()))
+        self.add("start_cpu", sum(cpu1) - sum(cpu0))
+        self.details["start_cpu_s"] = {"supervisor_and_workers": cpu1[0] - cpu0[0], "postgresql": cpu1[1] - cpu0[1]}
         if command is not None:
             self.details["start_command_s"] = _finish(command, "the start command", timeout) - clock
         def live() -> Optional[Dict[str, int]]:
@@ -287,15 +303,23 @@ class Peer:
         timeout = 60 + self.n * 0.1
         pidfds: Dict[int, str] = {}
         try:
-            for worker, pid in self.pids().items():
+            workers = self.pids()
+            for worker, pid in workers.items():
                 pidfds[os.pidfd_open(pid)] = worker
+            cpu0 = self.cpu(list(workers.values()))
             started = time.monotonic()
             command = self.stop_all()
             exited = _wait_exits(pidfds, timeout)
+            # A worker's CPU counts in its supervisor's once reaped.
+            _wait_until(lambda: not set(_children(self.supervisor_pid())) & set(workers.values()), 30,
+                        "the supervisor to reap its workers")
+            cpu1 = self.cpu([])
         finally:
             for fd in pidfds:
                 os.close(fd)
         self.add("stop_all", (max(exited.values()) - started) * 1000)
+        self.add("stop_cpu", sum(cpu1) - sum(cpu0))
+        self.details["stop_cpu_s"] = {"supervisor_and_workers": cpu1[0] - cpu0[0], "postgresql": cpu1[1] - cpu0[1]}
         if command is not None:
             self.details["stop_command_ms"] = (_finish(command, "the stop command", timeout) - started) * 1000
 
@@ -551,6 +575,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sizes", default="200", help="numbers of idle workers, comma-separated (default 200)")
     parser.add_argument("--window", type=float, default=None,
                         help="seconds of the idle window (default: one heartbeat period, 0.35 stale_after)")
+    parser.add_argument("--peers", default="supervisord,uniphant,systemd",
+                        help="which supervisors, comma-separated (default all: supervisord,uniphant,systemd)")
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -564,8 +590,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)  # end as Ctrl-C does: everything cleaned up
 
-    scope, skipped = _systemd()
-    kinds: List[Type[Peer]] = [Supervisord, Uniphant]
+    chosen = {key.strip() for key in args.peers.split(",") if key.strip()}
+    if not chosen or chosen - {kind.key for kind in (Supervisord, Uniphant, Systemd)}:
+        parser.error("--peers: a comma-separated list of supervisord, uniphant, systemd")
+    scope, skipped = _systemd() if Systemd.key in chosen else (None, "not chosen (--peers)")
+    kinds: List[Type[Peer]] = [kind for kind in (Supervisord, Uniphant) if kind.key in chosen]
     if scope is not None:
         Systemd.scope = scope
         kinds.append(Systemd)
