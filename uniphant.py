@@ -231,7 +231,8 @@ _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "restart_delay_max": (60.0, _number(0, above=True)),
     "restart_reset_after": (600.0, _number(0)),
     "start_timeout": (30.0, _number(1)),
-    "starts_per_second": (20.0, _number(0, above=True, maximum=1000, unit="starts a second")),
+    # A cap an operator may set; without one the host's cores and load pace starts.
+    "starts_per_second": (1000.0, _number(0, above=True, maximum=1000, unit="starts a second")),
     "file_retention": (604800.0, _number(0, maximum=366 * 86400)),
     # A worker type's: restart a worker that exited 0 (always), or take it as finished.
     "restart": ("always", _choice(("always", "on-failure"), str.lower)),

@@ -95,6 +95,13 @@ _FLEET_CHANNEL = "uniphant_fleet"
 _PLAN_GAP = 0.05
 # How often to look for files of workers gone from the desired state.
 _TIDY_EVERY = 3600.0
+# Starting a worker costs the host a fork, an import and a database session:
+# at most this many starts per core are under way at once (forked, not yet
+# registered), half as many while the load average exceeds the cores.
+_STARTS_PER_CORE = 2
+# Restarts after a failure are paced besides: a fleet that crashes together
+# comes back at most this many a second (jittered), whatever the host takes.
+_FAILED_RESTARTS_PER_SECOND = 20.0
 # How often a manager plans while a worker of its host is in a rolling
 # restart's batch (schema.sql: advance_rolls waits for a second of running).
 _ROLL_LOOK = 0.5
@@ -117,6 +124,15 @@ _MOVES: Dict[Optional[str], Tuple[Optional[str], ...]] = {
     DONE: (STARTING, None),                                  # finished; resumed, or restarted
 }
 _HELD = (PAUSED, DONE)
+
+
+def _start_limit() -> int:
+    """How many starts may be under way at once: _STARTS_PER_CORE for each core this
+    process may run on, half as many while the load average exceeds the cores."""
+    cores = len(os.sched_getaffinity(0))
+    limit = _STARTS_PER_CORE * cores
+    return max(1, limit // 2 if os.getloadavg()[0] > cores else limit)
+
 
 # This process's manager, once main(manage) has prepared it (see _prepare_manager).
 _manager: Optional[_Manager] = None
@@ -241,6 +257,7 @@ class _Manager:
         self.next_tidy = 0.0
         self.next_check = 0.0            # when to look at every process row of this host again
         self.next_start = 0.0            # starts are paced: starts_per_second, jittered
+        self.next_restart = 0.0          # and restarts after a failure: _FAILED_RESTARTS_PER_SECOND
         self.status_told = ""
         self.next_watchdog = 0.0
         self.worker_types: Optional[List[str]] = None  # what this root provides, as last told
@@ -272,7 +289,8 @@ class _Manager:
         if self.plan_asked:
             moments.append(self.planned_at + _PLAN_GAP)
         moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
-        moments += [max(slot.due, self.next_start) for slot in self._startable()]
+        if self._starting() < _start_limit():  # else a child's report of registering wakes it
+            moments += [self._may_start(slot) for slot in self._startable()]
         if watchdog_period():
             moments.append(self.next_watchdog)
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
@@ -512,19 +530,32 @@ class _Manager:
         delay = min(self.config["restart_delay"] * 2 ** (failures - 2), self.config["restart_delay_max"])
         return random.uniform(delay / 2, delay)
 
+    def _starting(self) -> int:
+        """How many of its children have not registered yet."""
+        return sum(1 for slot in self.slots.values() if slot.child is not None and not slot.child.ready)
+
+    def _may_start(self, slot: _Slot) -> float:
+        """When slot may start (time.monotonic), as far as the pace of starts allows."""
+        return max(slot.due, self.next_start, self.next_restart if slot.failures else 0.0)
+
     def _start_due(self, connection) -> None:
         import random
 
         now = time.monotonic()
         due = [slot for slot in self._startable() if slot.due <= now]
+        starting, limit = self._starting(), _start_limit()
         for slot in sorted(due, key=lambda s: s.due):
             if self._adopt(slot):
                 continue  # no fork, so no pacing: a new manager adopts a whole fleet at once
-            if self.next_start > now:
+            if starting >= limit or self._may_start(slot) > now:
                 continue
             self._start(connection, slot)
+            starting += 1
             pause = random.uniform(0.5, 1.5) / self.config["starts_per_second"]
             self.next_start = max(now, self.next_start) + pause
+            if slot.failures:
+                pause = random.uniform(0.5, 1.5) / _FAILED_RESTARTS_PER_SECOND
+                self.next_restart = max(now, self.next_restart) + pause
 
     def _start(self, connection, slot: _Slot) -> None:
         """Fork a worker of slot.  Whatever keeps it from starting (no script, a name
