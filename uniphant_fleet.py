@@ -93,6 +93,12 @@ _FLEET_CHANNEL = "uniphant_fleet"
 # costs a plan at once and at most one more after it, and a flood (any role
 # may NOTIFY any channel) at most one plan per gap.
 _PLAN_GAP = 0.05
+# The least time between two writes of worker_states: each notifies the
+# fleet's watchers, and PostgreSQL wakes every listening session of the
+# database (each worker listens on its own channel) for each notifying commit.
+# A burst of changes (a fleet starting or stopping) costs a write at once and
+# at most one a gap after it, instead of one per worker.
+_REPORT_GAP = 0.1
 # How often to look for files of workers gone from the desired state.
 _TIDY_EVERY = 3600.0
 # Starting a worker costs the host a fork, an import and a database session:
@@ -234,6 +240,8 @@ class _Slot:
         self.requested = False               # its last run ended on request: the next start is no restart
         self.settings = "{}"                 # its desired settings (JSON, read by its process), for its config
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
+        self.queued: Optional[tuple] = None    # the facts last seen, written or waiting
+        self.unwritten: List[Tuple[Optional[tuple], Optional[str]]] = []  # facts and log tails, in order
         self.move(STARTING)
 
     def move(self, state: Optional[str]) -> None:
@@ -259,6 +267,8 @@ class _Manager:
         self.next_start = 0.0            # starts are paced: starts_per_second, jittered
         self.next_restart = 0.0          # and restarts after a failure: _FAILED_RESTARTS_PER_SECOND
         self.status_told = ""
+        self.reported_at = -_REPORT_GAP  # when worker_states was last written (time.monotonic)
+        self.report_due: Optional[float] = None  # changes wait for the gap to pass
         self.next_watchdog = 0.0
         self.worker_types: Optional[List[str]] = None  # what this root provides, as last told
 
@@ -293,6 +303,8 @@ class _Manager:
             moments += [self._may_start(slot) for slot in self._startable()]
         if watchdog_period():
             moments.append(self.next_watchdog)
+        if self.report_due is not None:
+            moments.append(self.report_due)
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
         return min(moments), tuple(fds)
 
@@ -443,7 +455,7 @@ class _Manager:
 
     def _forget(self, slot: _Slot) -> None:
         slot.move(None)  # written as a deletion of its worker_states row
-        if slot.reported is None:
+        if slot.reported is None and not slot.unwritten:
             del self.slots[slot.worker_id]
 
     def _stop(self, child: _Child) -> None:
@@ -651,34 +663,44 @@ class _Manager:
 
     def _report(self, connection) -> None:
         """Write to worker_states what changed since the last write, and nothing else:
-        in one transaction, so that a burst of changes (a fleet starting or
-        stopping) costs the server one commit."""
-        now, changed = time.monotonic(), []
+        every change each pass saw, in order (the history keeps each), in one
+        transaction, at once and then at most one write a _REPORT_GAP, so that a
+        burst of changes (a fleet starting or stopping) costs the server few
+        commits."""
+        now = time.monotonic()
         for slot in self.slots.values():
             state = slot.state
             facts = None if state is None else (
                 state, slot.child.pid if slot.child else None, slot.restarts, slot.last_exit,
                 slot.due if state == BACKOFF else None)
-            if facts != slot.reported:
-                changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
-                                              slot.last_exit, max(slot.due - now, 0.0) if facts and
-                                              state == BACKOFF else None, slot.log_tail)))
+            if facts != slot.queued:
+                slot.unwritten.append((facts, slot.log_tail))
+                slot.queued, slot.log_tail = facts, None
+        changed = [slot for slot in self.slots.values() if slot.unwritten]
         # A process it forked or found holding the lock is a running copy: its row says so
         # at once, so that no planner takes the worker for gone while this one stops it.
         vouch = [slot for slot in self.slots.values()
                  if slot.child is not None and slot.child.ready and not slot.child.vouched]
+        self.report_due = None
+        if changed and now < self.reported_at + _REPORT_GAP:
+            self.report_due, changed = self.reported_at + _REPORT_GAP, []
         if not changed and not vouch:
             return
+        if changed:
+            self.reported_at = now
         in_one_transaction(connection, lambda: [
-            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)", params)
-            for _, _, params in changed] + [
+            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7)",
+                      (slot.worker_id, facts and facts[0], facts and facts[1], slot.restarts if facts is None
+                       else facts[2], slot.last_exit if facts is None else facts[3],
+                       max(facts[4] - now, 0.0) if facts and facts[4] is not None else None, tail))
+            for slot in changed for facts, tail in slot.unwritten] + [
             query_row(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (slot.worker_id, slot.child.pid))
             for slot in vouch])
         for slot in vouch:
             slot.child.vouched = True
-        for slot, facts, _ in changed:
-            slot.reported, slot.log_tail = facts, None
-            if facts is None:
+        for slot in changed:
+            slot.reported, slot.unwritten = slot.unwritten[-1][0], []
+            if slot.reported is None:
                 del self.slots[slot.worker_id]
 
     def _tell_systemd(self) -> None:
