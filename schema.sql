@@ -475,6 +475,11 @@ BEGIN
 END
 $$;
 
+-- The functions that run with enable_seqscan off run with jit off too: a table
+-- scanned anyway (uniphant.settings, one row) then costs more than
+-- jit_above_cost, and compiling it would cost each new session tens of
+-- milliseconds of the server's CPU, for statements that take microseconds.
+--
 -- Registers the calling session's process for worker_id, and returns the
 -- lease granted: stale_after, at most uniphant.max_lease(), which the process
 -- must heartbeat by.  At most one live process per worker, and one process
@@ -500,7 +505,7 @@ CREATE OR REPLACE FUNCTION uniphant.register_process(
     pooled      boolean DEFAULT false,
     gone_pid    integer DEFAULT NULL)
 RETURNS interval
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     me         uuid := uniphant.process_id();
     is_pooled  boolean := coalesce(register_process.pooled, false);
@@ -588,7 +593,7 @@ $$;
 -- statistics say (enable_seqscan off): with few rows, or statistics taken
 -- while the table was empty, the planner would otherwise scan the table.
 CREATE OR REPLACE FUNCTION uniphant.keepalive() RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     me uuid := uniphant.process_id();
 BEGIN
@@ -606,7 +611,7 @@ $$;
 -- a removal lost in a crash of the server leaves a row whose process has gone,
 -- which the next start takes over.
 CREATE OR REPLACE FUNCTION uniphant.disconnect() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     me uuid := uniphant.process_id();
 BEGIN
@@ -624,7 +629,7 @@ $$;
 -- else is refused (UN008), and changes nothing: a worker role cannot end a
 -- worker it does not run.  A session without a row has nothing to finish.
 CREATE OR REPLACE FUNCTION uniphant.finish() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     me   uuid := uniphant.process_id();
     mine uniphant.processes%ROWTYPE;

@@ -231,7 +231,8 @@ _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "restart_delay_max": (60.0, _number(0, above=True)),
     "restart_reset_after": (600.0, _number(0)),
     "start_timeout": (30.0, _number(1)),
-    "starts_per_second": (20.0, _number(0, above=True, maximum=1000, unit="starts a second")),
+    # A cap an operator may set; without one the host's cores and load pace starts.
+    "starts_per_second": (1000.0, _number(0, above=True, maximum=1000, unit="starts a second")),
     "file_retention": (604800.0, _number(0, maximum=366 * 86400)),
     # A worker type's: restart a worker that exited 0 (always), or take it as finished.
     "restart": ("always", _choice(("always", "on-failure"), str.lower)),
@@ -2248,7 +2249,9 @@ class _Watchdog:
 
     A thread, since the worker function may be anywhere (asleep, computing, in a
     C call).  It never touches the connection's protocol: it polls the socket
-    for a hang-up and watches the clock.
+    for a hang-up and watches the clock.  Nothing can happen before the lease's
+    deadline, so it sleeps until then: a call that ends before it costs the
+    thread no wake-up (an idle worker calls its function every interval).
     """
 
     def __init__(self, config: Config, logger: logging.Logger) -> None:
@@ -2266,8 +2269,14 @@ class _Watchdog:
         self._lock = threading.Condition()
         self.query_row: Optional[Tuple[int, int]] = None  # generation, fd
         self._generation = 0
+        self._wakes_at = 0.0     # when the thread looks next (time.monotonic; inf: when told)
+        self._watching = False   # it watches a call that has outlived the deadline
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         threading.Thread(target=self._watch, name="uniphant-watchdog", daemon=True).start()
+
+    def _deadline(self) -> float:
+        """When a call still running must be watched: its lease's grace is over then."""
+        return _runtime.lease.confirmed_at + self._grace
 
     def enter(self, wire: Optional[_Wire]) -> None:
         """A call of the worker function begins on wire's session.
@@ -2278,27 +2287,41 @@ class _Watchdog:
         with self._lock:
             self._generation += 1
             self.query_row = None if wire is None else (self._generation, os.dup(wire.fileno()))
-            self._lock.notify()
+            if self._wakes_at > self._deadline():
+                self._lock.notify()  # it sleeps past the deadline: no call was running then
 
     def leave(self) -> None:
         with self._lock:
             self._generation += 1
             call, self.query_row = self.query_row, None
-            self._lock.notify()
-        _poke(self._wake_w)
+            watching = self._watching
+            if watching:
+                self._lock.notify()
+        if watching:
+            _poke(self._wake_w)
         if call is not None:
             # The thread may still poll this number, even once reused: the wake-up
             # ends that poll, and the generation voids what it saw.
             os.close(call[1])
 
     def _watch(self) -> None:
+        import math
+
         while True:
             with self._lock:
-                while self.query_row is None:
-                    self._lock.wait()
+                now, deadline = time.monotonic(), self._deadline()
+                if now < deadline or self.query_row is None:
+                    self._wakes_at = deadline if now < deadline else math.inf
+                    self._lock.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
+                    continue
                 generation, fd = self.query_row
-            if self._pooled or self._hung_up(fd):
-                self._expire_unless_left(generation)
+                self._watching = True
+            try:
+                if self._pooled or self._hung_up(fd):
+                    self._expire_unless_left(generation)
+            finally:
+                with self._lock:
+                    self._watching = False
 
     def _hung_up(self, fd: int) -> bool:
         """Wait until the session's socket hangs up (true) or the call ends (false)."""
@@ -2314,7 +2337,7 @@ class _Watchdog:
         """Exit unless the call ends before the lease runs out (alive() renews it)."""
         with self._lock:
             while self._generation == generation:
-                remaining = _runtime.lease.confirmed_at + self._grace - time.monotonic()
+                remaining = self._deadline() - time.monotonic()
                 if remaining <= 0:
                     self._logger.critical(
                         "exiting: %s, and the call did not return in time to confirm the process "
@@ -2417,7 +2440,8 @@ def wait_for_wakeup(seconds: float, connection=None, also: Tuple[int, ...] = ())
             return False
         poller.register(wire.fileno(), select.POLLIN)
     events = poller.poll(int(seconds * 1000) + 1) if seconds > 0 else poller.poll(0)
-    _drain(signals.wakeup_fd)
+    if any(fd == signals.wakeup_fd for fd, _ in events):
+        _drain(signals.wakeup_fd)  # a byte written after the poll wakes the next one at once
     return any(fd in also for fd, _ in events)
 
 

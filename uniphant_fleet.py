@@ -94,8 +94,21 @@ _FLEET_CHANNEL = "uniphant_fleet"
 # costs a plan at once and at most one more after it, and a flood (any role
 # may NOTIFY any channel) at most one plan per gap.
 _PLAN_GAP = 0.05
+# The least time between two writes of worker_states: each notifies the
+# fleet's watchers, and PostgreSQL wakes every listening session of the
+# database (each worker listens on its own channel) for each notifying commit.
+# A burst of changes (a fleet starting or stopping) costs a write at once and
+# at most one a gap after it, instead of one per worker.
+_REPORT_GAP = 0.1
 # How often to look for files of workers gone from the desired state.
 _TIDY_EVERY = 3600.0
+# Starting a worker costs the host a fork, an import and a database session:
+# at most this many starts per core are under way at once (forked, not yet
+# registered), half as many while the load average exceeds the cores.
+_STARTS_PER_CORE = 2
+# Restarts after a failure are paced besides: a fleet that crashes together
+# comes back at most this many a second (jittered), whatever the host takes.
+_FAILED_RESTARTS_PER_SECOND = 20.0
 # How often a manager plans while a worker of its host is in a rolling
 # restart's batch (schema.sql: advance_rolls waits for a second of running).
 _ROLL_LOOK = 0.5
@@ -118,6 +131,15 @@ _MOVES: Dict[Optional[str], Tuple[Optional[str], ...]] = {
     DONE: (STARTING, None),                                  # finished; resumed, or restarted
 }
 _HELD = (PAUSED, DONE)
+
+
+def _start_limit() -> int:
+    """How many starts may be under way at once: _STARTS_PER_CORE for each core this
+    process may run on, half as many while the load average exceeds the cores."""
+    cores = len(os.sched_getaffinity(0))
+    limit = _STARTS_PER_CORE * cores
+    return max(1, limit // 2 if os.getloadavg()[0] > cores else limit)
+
 
 # This process's manager, once main(manage) has prepared it (see _prepare_manager).
 _manager: Optional[_Manager] = None
@@ -227,6 +249,8 @@ class _Slot:
         self.settings = "{}"                 # its desired settings (JSON, read by its process), for its config
         self.warnings: Optional[str] = None  # its configuration's warnings at its last start, one a line
         self.reported: Optional[tuple] = None  # the facts last written to worker_states
+        self.queued: Optional[tuple] = None    # the facts last seen, written or waiting
+        self.unwritten: List[Tuple[Optional[tuple], Optional[str]]] = []  # facts and log tails, in order
         self.move(STARTING)
 
     def move(self, state: Optional[str]) -> None:
@@ -250,7 +274,10 @@ class _Manager:
         self.next_tidy = 0.0
         self.next_check = 0.0            # when to look at every process row of this host again
         self.next_start = 0.0            # starts are paced: starts_per_second, jittered
+        self.next_restart = 0.0          # and restarts after a failure: _FAILED_RESTARTS_PER_SECOND
         self.status_told = ""
+        self.reported_at = -_REPORT_GAP  # when worker_states was last written (time.monotonic)
+        self.report_due: Optional[float] = None  # changes wait for the gap to pass
         self.next_watchdog = 0.0
         self.worker_types: Optional[List[str]] = None  # what this root provides, as last told
 
@@ -281,9 +308,12 @@ class _Manager:
         if self.plan_asked:
             moments.append(self.planned_at + _PLAN_GAP)
         moments += [c.started + self.config["start_timeout"] for c in children if not c.ready]
-        moments += [max(slot.due, self.next_start) for slot in self._startable()]
+        if self._starting() < _start_limit():  # else a child's report of registering wakes it
+            moments += [self._may_start(slot) for slot in self._startable()]
         if watchdog_period():
             moments.append(self.next_watchdog)
+        if self.report_due is not None:
+            moments.append(self.report_due)
         fds = [c.pidfd for c in children] + [c.report_fd for c in children if c.report_fd is not None]
         return min(moments), tuple(fds)
 
@@ -445,7 +475,7 @@ class _Manager:
 
     def _forget(self, slot: _Slot) -> None:
         slot.move(None)  # written as a deletion of its worker_states row
-        if slot.reported is None:
+        if slot.reported is None and not slot.unwritten:
             del self.slots[slot.worker_id]
 
     def _stop(self, child: _Child) -> None:
@@ -540,19 +570,32 @@ class _Manager:
         delay = min(self.config["restart_delay"] * 2 ** (failures - 2), self.config["restart_delay_max"])
         return random.uniform(delay / 2, delay)
 
+    def _starting(self) -> int:
+        """How many of its children have not registered yet."""
+        return sum(1 for slot in self.slots.values() if slot.child is not None and not slot.child.ready)
+
+    def _may_start(self, slot: _Slot) -> float:
+        """When slot may start (time.monotonic), as far as the pace of starts allows."""
+        return max(slot.due, self.next_start, self.next_restart if slot.failures else 0.0)
+
     def _start_due(self, connection) -> None:
         import random
 
         now = time.monotonic()
         due = [slot for slot in self._startable() if slot.due <= now]
+        starting, limit = self._starting(), _start_limit()
         for slot in sorted(due, key=lambda s: s.due):
             if self._adopt(slot):
                 continue  # no fork, so no pacing: a new manager adopts a whole fleet at once
-            if self.next_start > now:
+            if starting >= limit or self._may_start(slot) > now:
                 continue
             self._start(connection, slot)
+            starting += 1
             pause = random.uniform(0.5, 1.5) / self.config["starts_per_second"]
             self.next_start = max(now, self.next_start) + pause
+            if slot.failures:
+                pause = random.uniform(0.5, 1.5) / _FAILED_RESTARTS_PER_SECOND
+                self.next_restart = max(now, self.next_restart) + pause
 
     def _start(self, connection, slot: _Slot) -> None:
         """Fork a worker of slot.  Whatever keeps it from starting (no script, a name
@@ -648,34 +691,45 @@ class _Manager:
 
     def _report(self, connection) -> None:
         """Write to worker_states what changed since the last write, and nothing else:
-        in one transaction, so that a burst of changes (a fleet starting or
-        stopping) costs the server one commit."""
-        now, changed = time.monotonic(), []
+        every change each pass saw, in order (the history keeps each), in one
+        transaction, at once and then at most one write a _REPORT_GAP, so that a
+        burst of changes (a fleet starting or stopping) costs the server few
+        commits."""
+        now = time.monotonic()
         for slot in self.slots.values():
             state = slot.state
             facts = None if state is None else (
                 state, slot.child.pid if slot.child else None, slot.restarts, slot.last_exit,
                 slot.due if state == BACKOFF else None, slot.warnings)
-            if facts != slot.reported:
-                changed.append((slot, facts, (slot.worker_id, state, facts and facts[1], slot.restarts,
-                                              slot.last_exit, max(slot.due - now, 0.0) if facts and
-                                              state == BACKOFF else None, slot.log_tail, slot.warnings)))
+            if facts != slot.queued:
+                slot.unwritten.append((facts, slot.log_tail))
+                slot.queued, slot.log_tail = facts, None
+        changed = [slot for slot in self.slots.values() if slot.unwritten]
         # A process it forked or found holding the lock is a running copy: its row says so
         # at once, so that no planner takes the worker for gone while this one stops it.
         vouch = [slot for slot in self.slots.values()
                  if slot.child is not None and slot.child.ready and not slot.child.vouched]
+        self.report_due = None
+        if changed and now < self.reported_at + _REPORT_GAP:
+            self.report_due, changed = self.reported_at + _REPORT_GAP, []
         if not changed and not vouch:
             return
+        if changed:
+            self.reported_at = now
         in_one_transaction(connection, lambda: [
-            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7, $8)", params)
-            for _, _, params in changed] + [
+            query_row(connection, "SELECT uniphant.report_worker($1::uuid, $2, $3, $4, $5, $6, $7, $8)",
+                      (slot.worker_id, facts and facts[0], facts and facts[1], slot.restarts if facts is None
+                       else facts[2], slot.last_exit if facts is None else facts[3],
+                       max(facts[4] - now, 0.0) if facts and facts[4] is not None else None, tail,
+                       facts and facts[5]))
+            for slot in changed for facts, tail in slot.unwritten] + [
             query_row(connection, "SELECT uniphant.prove_process($1::uuid, $2)", (slot.worker_id, slot.child.pid))
             for slot in vouch])
         for slot in vouch:
             slot.child.vouched = True
-        for slot, facts, _ in changed:
-            slot.reported, slot.log_tail = facts, None
-            if facts is None:
+        for slot in changed:
+            slot.reported, slot.unwritten = slot.unwritten[-1][0], []
+            if slot.reported is None:
                 del self.slots[slot.worker_id]
 
     def _tell_systemd(self) -> None:

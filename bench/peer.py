@@ -2,7 +2,8 @@
 manager and, where the machine runs systemd, as transient units (systemd-run),
 back to back in one run.
 
-    python bench/peer.py [--runs 3] [--sizes 200,1000] [--window 21]
+    python bench/peer.py [--runs 3] [--sizes 200,1000] [--window 21] [--peers uniphant,...]
+                         [--pgbouncer POOL_SIZE]
 
 Starts a throwaway durable PostgreSQL (dev/pgserver.py; fsync and
 synchronous_commit on, as bench/fleet.py does) and for each size N and each run
@@ -38,6 +39,18 @@ fixed.  In order:
   of one core; then PSS (/proc/PID/smaps_rollup), the median over the workers.
 - kill -9 of a worker -> replacement registered: three workers in turn, each
   sample from just before the SIGKILL until the new row of its worker id.
+- DELETE of a process row -> its process gone: three other workers in turn
+  (each supervisor then starts it again, which is waited for).
+- In the idle window besides: PostgreSQL's CPU (the postmaster and its
+  children but the benchmark's session), and the heartbeat writes a second
+  (the process rows whose heartbeat_at falls in the window, over its length:
+  at one heartbeat period, each worker's one write).
+- The CPU that the start and the stop take: the supervisor with the workers it
+  reaped, the workers, and PostgreSQL, from /proc.
+
+With --pgbouncer POOL_SIZE the workers reach the server through PgBouncer in
+transaction mode (dev/pgserver.py's, a pool of POOL_SIZE server connections;
+their config says pooler=transaction), a manager directly.
 - one DELETE / stop all -> every process gone: `supervisorctl stop all`,
   `systemctl stop <slice>`, or `DELETE FROM uniphant.workers WHERE
   worker_type = 'bench.idle'`, until every worker's exit is seen through a
@@ -67,10 +80,12 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple, Type
 
 from fleet import (PYTHON, REPO, STAMPS, BenchError, _cpu, _end_processes_in, _fleet_root, _machine,
-                   _memory_mb, _revision, _stat, _wait_exits, _wait_until, pgserver)
+                   _children, _memory_mb, _revision, _server_cpu, _stat, _wait_exits, _wait_until, pgserver)
 from lifecycle import IDLE
 
 TYPE = "bench.idle"
+# With --pgbouncer, the PgBouncer (transaction mode) that the workers reach the server through.
+POOL: Optional[pgserver.PgBouncer] = None
 KILLS = 3  # workers killed one after the other, per supervisor and run
 BIN = os.path.dirname(PYTHON)  # supervisord and supervisorctl are installed beside the interpreter
 
@@ -80,6 +95,11 @@ MEASURES: List[Tuple[str, str, str, int]] = [
     ("worker_pss", "PSS per worker", "MB", 1),
     ("kill_restart", "kill -9 of a worker -> replacement registered", "ms", 0),
     ("stop_all", "one DELETE / stop all -> every process gone", "ms", 0),
+    ("row_stop", "DELETE of a process row -> its process gone", "ms", 0),
+    ("server_cpu", "idle CPU of PostgreSQL", "%", 2),
+    ("heartbeats", "idle heartbeat writes a second", "/s", 1),
+    ("start_cpu", "CPU of the start (supervisor, workers, PostgreSQL)", "s", 2),
+    ("stop_cpu", "CPU of the stop (supervisor, workers, PostgreSQL)", "s", 2),
     ("workers_cpu", "idle CPU of all workers", "%", 2),
     ("supervisor_cpu", "idle CPU of the supervising process", "%", 2),
     ("supervisor_pss", "PSS of the supervising process", "MB", 1),
@@ -204,13 +224,27 @@ class Peer:
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
 
+    def cpu(self, workers: List[int]) -> Tuple[float, float]:
+        """CPU seconds so far of (the supervisor with the workers it reaped, and the
+        workers; PostgreSQL less the benchmark's own session): what a step costs,
+        whatever else loads the machine meanwhile."""
+        with open(os.path.join(self.server.data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        own = self.value("SELECT pg_backend_pid()")
+        return (_cpu(self.supervisor_pid(), reaped=True) + sum(map(_cpu, workers)),
+                _server_cpu(postmaster, own))
+
     # -- the run -------------------------------------------------------------
 
     def setup(self) -> None:
         self.server.create_database(self.database)
         self.db = self.server.connect(self.database)
         self.db.execute_simple(STAMPS)
-        _fleet_root(self.root, {"workers/bench/idle.py": IDLE})
+        files = {"workers/bench/idle.py": IDLE}
+        if POOL is not None:  # the workers through the pool; a manager connects directly
+            files["workers/bench/uniphant.conf"] = (f"PGHOST={POOL.server.dir}\nPGPORT={POOL.port}\n"
+                                                    "pooler=transaction\n")
+        _fleet_root(self.root, files)
         self.prepare()
 
     def teardown(self) -> None:
@@ -239,10 +273,14 @@ class Peer:
             return last if count >= self.n else None
 
         timeout = 60 + self.n * 0.5
+        cpu0 = self.cpu([])
         started, clock = time.time(), time.monotonic()
         command = self.start_all()
         last = _wait_until(registered, timeout, f"all {self.n} workers to register", every=0.05)
         self.add("start_all", last - started)
+        cpu1 = self.cpu(list(self.pids().values()))
+        self.add("start_cpu", sum(cpu1) - sum(cpu0))
+        self.details["start_cpu_s"] = {"supervisor_and_workers": cpu1[0] - cpu0[0], "postgresql": cpu1[1] - cpu0[1]}
         if command is not None:
             self.details["start_command_s"] = _finish(command, "the start command", timeout) - clock
         def live() -> Optional[Dict[str, int]]:
@@ -255,13 +293,18 @@ class Peer:
     def measure_idle(self) -> None:
         workers = list(self.pids().values())
         supervisor = self.supervisor_pid()
-        cpu0 = (sum(map(_cpu, workers)), _cpu(supervisor))
-        started = time.monotonic()
+        cpu0 = (sum(map(_cpu, workers)), _cpu(supervisor), self.cpu([])[1])
+        since, started = self.value("SELECT now()"), time.monotonic()
         time.sleep(self.window)  # the measuring window
-        cpu1 = (sum(map(_cpu, workers)), _cpu(supervisor))
+        cpu1 = (sum(map(_cpu, workers)), _cpu(supervisor), self.cpu([])[1])
         elapsed = time.monotonic() - started
         self.add("workers_cpu", (cpu1[0] - cpu0[0]) / elapsed * 100)
         self.add("supervisor_cpu", (cpu1[1] - cpu0[1]) / elapsed * 100)
+        self.add("server_cpu", (cpu1[2] - cpu0[2]) / elapsed * 100)
+        # Each row's heartbeat_at is its last write: over a window of one heartbeat
+        # period every worker writes once, so the rows written in it are its writes.
+        self.add("heartbeats", self.value("SELECT count(*) FROM uniphant.processes WHERE worker_type = %s "
+                                          "AND heartbeat_at > %s", TYPE, since) / elapsed)
         sizes = [m for m in map(_memory_mb, workers) if m is not None]
         self.add("worker_pss", statistics.median(pss for _, pss in sizes))
         self.details["worker_rss_mb"] = statistics.median(rss for rss, _ in sizes)
@@ -283,19 +326,43 @@ class Peer:
                 30, "the replacement's process row")
             _wait_settled([replacement], 60)
 
+    def measure_row_stops(self) -> None:
+        """A deleted process row stops its process (each supervisor then starts the worker again)."""
+        for worker, pid in list(self.pids().items())[KILLS:2 * KILLS]:
+            pidfd = os.pidfd_open(pid)
+            try:
+                started = time.monotonic()
+                self.rows("DELETE FROM uniphant.processes WHERE worker_id = %s::uuid", worker)
+                exited = _wait_exits({pidfd: worker}, 30)[worker]
+            finally:
+                os.close(pidfd)
+            self.add("row_stop", (exited - started) * 1000)
+            replacement = _wait_until(lambda: self.value(
+                "SELECT pid FROM uniphant.processes WHERE worker_id = %s::uuid AND pid <> %s", worker, pid),
+                60, "the stopped worker's replacement")
+            _wait_settled([replacement], 60)
+
     def measure_stop(self) -> None:
         timeout = 60 + self.n * 0.1
         pidfds: Dict[int, str] = {}
         try:
-            for worker, pid in self.pids().items():
+            workers = self.pids()
+            for worker, pid in workers.items():
                 pidfds[os.pidfd_open(pid)] = worker
+            cpu0 = self.cpu(list(workers.values()))
             started = time.monotonic()
             command = self.stop_all()
             exited = _wait_exits(pidfds, timeout)
+            # A worker's CPU counts in its supervisor's once reaped.
+            _wait_until(lambda: not set(_children(self.supervisor_pid())) & set(workers.values()), 30,
+                        "the supervisor to reap its workers")
+            cpu1 = self.cpu([])
         finally:
             for fd in pidfds:
                 os.close(fd)
         self.add("stop_all", (max(exited.values()) - started) * 1000)
+        self.add("stop_cpu", sum(cpu1) - sum(cpu0))
+        self.details["stop_cpu_s"] = {"supervisor_and_workers": cpu1[0] - cpu0[0], "postgresql": cpu1[1] - cpu0[1]}
         if command is not None:
             self.details["stop_command_ms"] = (_finish(command, "the stop command", timeout) - started) * 1000
 
@@ -461,7 +528,8 @@ def run_peer(kind: Type[Peer], server: pgserver.Server, base: str, n: int, numbe
     try:
         peer.setup()
         steps = (("start all", peer.measure_start), ("idle window", peer.measure_idle),
-                 ("kill -9", peer.measure_kills), ("stop all", peer.measure_stop))
+                 ("kill -9", peer.measure_kills), ("row deleted", peer.measure_row_stops),
+                 ("stop all", peer.measure_stop))
         for name, step in steps:
             print(f"  N={n} run {number}, {peer.label}: {name}", file=sys.stderr, flush=True)
             step()
@@ -551,6 +619,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sizes", default="200", help="numbers of idle workers, comma-separated (default 200)")
     parser.add_argument("--window", type=float, default=None,
                         help="seconds of the idle window (default: one heartbeat period, 0.35 stale_after)")
+    parser.add_argument("--peers", default="supervisord,uniphant,systemd",
+                        help="which supervisors, comma-separated (default all: supervisord,uniphant,systemd)")
+    parser.add_argument("--pgbouncer", type=int, default=0, metavar="POOL_SIZE",
+                        help="the workers reach the server through PgBouncer in transaction mode, "
+                             "with a pool of POOL_SIZE server connections (default: directly)")
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -564,8 +637,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)  # end as Ctrl-C does: everything cleaned up
 
-    scope, skipped = _systemd()
-    kinds: List[Type[Peer]] = [Supervisord, Uniphant]
+    chosen = {key.strip() for key in args.peers.split(",") if key.strip()}
+    if not chosen or chosen - {kind.key for kind in (Supervisord, Uniphant, Systemd)}:
+        parser.error("--peers: a comma-separated list of supervisord, uniphant, systemd")
+    scope, skipped = _systemd() if Systemd.key in chosen else (None, "not chosen (--peers)")
+    kinds: List[Type[Peer]] = [kind for kind in (Supervisord, Uniphant) if kind.key in chosen]
     if scope is not None:
         Systemd.scope = scope
         kinds.append(Systemd)
@@ -583,6 +659,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f.write(f"max_connections = {max(300, max(sizes) + 60)}\n"
                         "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
             server.start()
+            if args.pgbouncer:
+                global POOL
+                POOL = pgserver.PgBouncer(server, pool_size=args.pgbouncer).start()
         except pgserver.ServerError as e:
             print(f"bench: the throwaway PostgreSQL could not be started: {e}", file=sys.stderr)
             return 1
@@ -602,6 +681,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         with pgserver.interrupts_deferred():
             _end_processes_in(base)
+            if POOL is not None:
+                POOL.stop()
             if server is not None:
                 server.destroy()
             shutil.rmtree(base, ignore_errors=True)
@@ -610,7 +691,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels = {kind.key: kind.label for kind in kinds}
     print(f"\nuniphant peer benchmark at {revision}; {machine['cpu']}, {machine['cores']} cores, "
           f"Python {machine['python']}, PostgreSQL {machine['postgresql']} ({machine['server']}); "
-          f"idle window {args.window:g} s")
+          f"idle window {args.window:g} s" + (f"; workers through PgBouncer (transaction mode, a pool of "
+                                             f"{args.pgbouncer})" if args.pgbouncer else ""))
     if scope is None:
         print(f"systemd-run: skipped, {skipped}")
     sizes_out = []
@@ -623,7 +705,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"machine": machine, "revision": revision,
-                   "settings": {"runs": args.runs, "sizes": sizes, "window_s": args.window, "kills": KILLS},
+                   "settings": {"runs": args.runs, "sizes": sizes, "window_s": args.window, "kills": KILLS,
+                                "pgbouncer_pool": args.pgbouncer or None},
                    "systemd": {"measured": scope is not None, "skipped": skipped}, "sizes": sizes_out},
                   f, indent=1)
     print(f"\nsamples: {os.path.relpath(out, REPO)}")
