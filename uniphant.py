@@ -2718,7 +2718,10 @@ def _teardown(config: Config, worker_config: Config, connection, worker_function
             logger.exception("the worker function's teardown hook failed")
     ending = _runtime.ending or Ending(Ending.UNIPHANT, "uniphant failed")
     finished = code == EXIT_OK and ending.code == Ending.EXIT and config["restart"] == "on-failure"
-    _leave(config, connection, logger, _FINISH if finished else _LEAVE)
+    if _runtime.lease.row_gone:  # keepalive() saw it deleted: there is nothing to remove
+        close_quietly(connection)
+    else:
+        _leave(config, connection, logger, _FINISH if finished else _LEAVE)
     _release_pid_file()
     _note_leftover_threads(logger)
     report_to_manager("exit", ending.code, ending.text)
