@@ -29,6 +29,8 @@
 
 BEGIN;
 SET LOCAL search_path = pg_catalog, pg_temp;
+-- What "already exists, skipping" says on every load after the first is no news.
+SET LOCAL client_min_messages = warning;
 
 DO $$
 BEGIN

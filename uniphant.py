@@ -3010,7 +3010,7 @@ def _stop(config: Config, pid_file: str, sig: Optional[int] = None) -> int:
               f"of {signal_name(sig or signal.SIGTERM)}: sent SIGKILL.", file=sys.stderr)
         if process_id is not None:
             _remove_row_of(config, process_id)
-    print(f"{_describe(config)} stopped.")
+    print(f"{_describe(config)} {'handed over to its successor' if sig else 'stopped'}.")
     return EXIT_OK
 
 

@@ -1054,7 +1054,7 @@ def add_worker(connection, worker_type: str, host_id: Optional[str], words: List
                                           "uniphant.live_managers() ORDER BY 1")]
     meant = resembling(worker_type, known)
     return worker_id, (f"no live manager on {where} has a script of worker type {worker_type}: the worker "
-                       f"waits until one does" + (f"; did you mean {printable(meant)}? (python uniphant.py "
+                       f"waits until one does (a manager sees a new script within 5 s)" + (f"; did you mean {printable(meant)}? (python uniphant.py "
                                                   f"stop {worker_id} removes it)" if meant else ""))
 
 
@@ -1100,7 +1100,7 @@ def roll(connection, worker_type: str, batch: Any) -> str:
 # Ops commands: python uniphant.py {ps,add,scale,stop,restart}
 # ---------------------------------------------------------------------------
 
-_OPS_HELP = """usage: python uniphant.py [-v] {ps,add,scale,set,stop,restart,pause,resume} ...
+_OPS_HELP = """usage: python uniphant.py [-v] {ps,add,scale,set,stop,restart,pause,resume,logs} ...
 
 The fleet from the command line, as thin layers over schema.sql's functions.
 Connection settings: the uniphant.conf of the project root (the nearest
@@ -1110,10 +1110,11 @@ which no worker reads, then the environment.  -v: say which server was used
 (it is said anyway when that was not a primary).
 
 commands:
-  ps [ID|TYPE] [--host HOST] [--state STATE] [--json]
+  ps [ID|TYPE] [--host HOST] [--state STATE] [--json] [--watch]
                               every desired worker and every other process (or those
                               chosen): state, host, PID, since when, restarts, why its
-                              last run ended; for an ID, all that is known of it
+                              last run ended; for an ID, all that is known of it;
+                              --watch: again at every change
   add TYPE [--host HOST] [--set KEY=VALUE]...
                               add a worker of TYPE, pinned to HOST (a host id, or
                               `here`: this project's), else for any host, with settings
@@ -1286,6 +1287,12 @@ def _fit(table: List[tuple], columns: int) -> List[tuple]:
     return [(*row[:-2], _cut(row[-2], detail_width), _cut(row[-1], room - detail_width)) for row in table]
 
 
+def _warned(row: Dict[str, Any]) -> str:
+    """A table's word that a worker's configuration has warnings, which ps ID shows."""
+    count = len((row["warnings"] or "").splitlines())
+    return f"{count} config warning{'s' if count != 1 else ''} (ps ID)" if count else ""
+
+
 def _print_table(rows: List[Dict[str, Any]]) -> None:
     """ps's table: every text from the database shown printable; the last column
     unpadded; on a terminal, within its width (shutil.get_terminal_size)."""
@@ -1300,7 +1307,7 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
         table.append(tuple(printable(cell) for cell in (
             row["worker_id"], row["worker_type"], state, row["host"] or "", (row["host_id"] or "")[:8],
             "pinned" if row["pinned"] else "any", str(row["pid"] or ""), _age(row["since_seconds"]),
-            str(row["restarts"]), row["detail"] or "", row["last_exit"] or "")))
+            str(row["restarts"]), row["detail"] or _warned(row), row["last_exit"] or "")))
     # Piped to a program (not a terminal), every line is whole.
     columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
     if columns is not None:

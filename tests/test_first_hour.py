@@ -82,6 +82,8 @@ def test_a_workers_configuration_warnings_show_in_ps(project, db):
     assert "'intervall' is not a key uniphant reads; did you mean 'interval'?" in shown
     as_json = json.loads(ops(project, "ps", worker, "--json").stdout)
     assert "did you mean 'interval'?" in as_json["warnings"]
+    table = ops(project, "ps").stdout
+    assert any(worker in line and "1 config warning (ps ID)" in line for line in table.splitlines()), table
 
 
 def test_adding_an_unknown_type_names_the_type_one_slip_away(project, db):
