@@ -2267,7 +2267,7 @@ class _Watchdog:
         self._grace = stale_after - _heartbeat_period(config) - 1.0 - max(0.5, stale_after / 10)
         self._logger = logger
         self._lock = threading.Condition()
-        self.query_row: Optional[Tuple[int, int]] = None  # generation, fd
+        self._call: Optional[Tuple[int, int]] = None  # generation, fd
         self._generation = 0
         self._wakes_at = 0.0     # when the thread looks next (time.monotonic; inf: when told)
         self._watching = False   # it watches a call that has outlived the deadline
@@ -2286,14 +2286,14 @@ class _Watchdog:
         """
         with self._lock:
             self._generation += 1
-            self.query_row = None if wire is None else (self._generation, os.dup(wire.fileno()))
+            self._call = None if wire is None else (self._generation, os.dup(wire.fileno()))
             if self._wakes_at > self._deadline():
                 self._lock.notify()  # it sleeps past the deadline: no call was running then
 
     def leave(self) -> None:
         with self._lock:
             self._generation += 1
-            call, self.query_row = self.query_row, None
+            call, self._call = self._call, None
             watching = self._watching
             if watching:
                 self._lock.notify()
@@ -2310,11 +2310,11 @@ class _Watchdog:
         while True:
             with self._lock:
                 now, deadline = time.monotonic(), self._deadline()
-                if now < deadline or self.query_row is None:
+                if now < deadline or self._call is None:
                     self._wakes_at = deadline if now < deadline else math.inf
                     self._lock.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
                     continue
-                generation, fd = self.query_row
+                generation, fd = self._call
                 self._watching = True
             try:
                 if self._pooled or self._hung_up(fd):

@@ -248,7 +248,7 @@ _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) (\S+)\[
 _IDS = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def printable(text: str, limit: int = 400) -> str:
+def _printable(text: str, limit: int = 400) -> str:
     """Text from a log or the database, safe for a terminal: control characters escaped."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -296,7 +296,7 @@ def _describe_process(pid: int) -> str:
             command = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
     except OSError:
         return "gone"
-    return f"state {state}, {printable(command, 160)}"
+    return f"state {state}, {_printable(command, 160)}"
 
 
 class Db:
@@ -341,9 +341,9 @@ def _lost(error: BaseException) -> bool:
     return str(fields.get("C", "")).startswith(("57P", "08"))
 
 
-def sql_error_of(error: BaseException) -> str:
+def _sql_error(error: BaseException) -> str:
     fields = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
-    return printable(f"{fields.get('M')} ({fields.get('C')})" if fields else str(error), 200)
+    return _printable(f"{fields.get('M')} ({fields.get('C')})" if fields else str(error), 200)
 
 
 class Root:
@@ -480,12 +480,12 @@ class Soak:
         for root in self.roots:
             with open(os.path.join(root.path, ".host_id")) as f:
                 root.host_id = f.read().strip()
-        self.wait_for_wakeup(lambda: self.db.value(SQL["live_managers"]) == ROOTS, SETUP_TIMEOUT,
+        self._wait(lambda: self.db.value(SQL["live_managers"]) == ROOTS, SETUP_TIMEOUT,
                    "the managers to register")
         self.db.rows(SQL["scale"], WORKER_TYPE, ANY_HOST)
         for root in self.roots:
             self.db.rows(SQL["scale_pinned"], WORKER_TYPE, PINNED, root.host_id)
-        self.wait_for_wakeup(lambda: not self.unsettled(), SETUP_TIMEOUT, "every desired worker to run")
+        self._wait(lambda: not self.unsettled(), SETUP_TIMEOUT, "every desired worker to run")
         self.timings["setup"] = time.monotonic() - started
 
     def _write_project(self, root: str) -> None:
@@ -497,7 +497,7 @@ class Soak:
         }
         _fleet_root(root, files)
 
-    def wait_for_wakeup(self, condition: Callable[[], Any], timeout: float, what: str) -> None:
+    def _wait(self, condition: Callable[[], Any], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             self.watch_managers()
@@ -558,8 +558,8 @@ class Soak:
 
     def _start_failed(self, root: Root, why: str) -> None:
         self.harness["manager starts that failed"] += 1
-        self.start_failures.append(f"t{self.now():+.1f} s {root.name}: {printable(why, 200)}")
-        self.note("manager start failed", f"{root.name}: {printable(why, 200)}")
+        self.start_failures.append(f"t{self.now():+.1f} s {root.name}: {_printable(why, 200)}")
+        self.note("manager start failed", f"{root.name}: {_printable(why, 200)}")
         self.schedule(SYSTEMD_RESTART, lambda: self._restart(root))
 
     def _manager_exited(self, root: Root, pid: int) -> None:
@@ -591,7 +591,7 @@ class Soak:
         except Exception as e:  # the server refused the statement, or the session broke
             if not type(e).__module__.startswith("pg8000") and not isinstance(e, OSError):
                 raise
-            done = f"failed: {sql_error_of(e)}"
+            done = f"failed: {_sql_error(e)}"
         if done is None:
             self.counts[kind] += 1
         else:
@@ -798,7 +798,7 @@ class Soak:
                 running = sum(1 for row in self.db.rows(SQL["fleet"]) if row[3] == "running")
                 state = f"{running} of {self.db.value(SQL['desired_count'])} desired workers running"
             except Exception as e:
-                state = f"cannot read the fleet: {sql_error_of(e)}"
+                state = f"cannot read the fleet: {_sql_error(e)}"
         managers = sum(1 for root in self.roots if root.manager_fd is not None)
         print(f"chaos: t{self.now():+.0f} s: {total} faults so far; {state}; {managers} of {ROOTS} managers up; "
               f"{len(self.unexpected_exits)} managers exited on their own", file=sys.stderr, flush=True)
@@ -819,7 +819,7 @@ class Soak:
         except Exception as e:
             if not _lost(e):
                 raise
-            return problems + [(f"the database: {sql_error_of(e)}", None)]
+            return problems + [(f"the database: {_sql_error(e)}", None)]
         if live_managers != ROOTS:
             problems.append((f"{live_managers} of {ROOTS} managers have a live process row", None))
         for worker_id, _, pinned_to, state, pid, host_id, last_exit in fleet:
@@ -828,7 +828,7 @@ class Soak:
             if state != "running" or pid is None:
                 problems.append((f"{what}: {state or 'not in fleet'}"
                                  + (f" on {self._name(host_id)}" if host_id else "")
-                                 + (f", last exit: {printable(last_exit, 120)}" if last_exit else ""), worker_id))
+                                 + (f", last exit: {_printable(last_exit, 120)}" if last_exit else ""), worker_id))
             elif root is None:
                 problems.append((f"{what}: running on an unknown host {host_id}", worker_id))
             elif _holder(root.pid_file(WORKER_TYPE, worker_id)) != pid:
@@ -1012,7 +1012,7 @@ class Soak:
             if name == "chaos-harness":
                 return "the harness"
             if name not in who:
-                return f"session {printable(name, 40)}"
+                return f"session {_printable(name, 40)}"
             worker_type, host_id, pid = who[name]
             return (f"the manager of {self._name(host_id)}, PID {pid}" if worker_type == MANAGER_TYPE
                     else f"process {_short(name)} (PID {pid} on {self._name(host_id)})")
@@ -1039,7 +1039,7 @@ class Soak:
                         stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))
                         t = self.at(stamp + int(match.group(2)) / 1000)
                         found.append((t, match.group(3), int(match.group(5)), match.group(6),
-                                      printable(raw.rstrip("\n"))))
+                                      _printable(raw.rstrip("\n"))))
         except OSError:
             pass
         return found
@@ -1075,7 +1075,7 @@ class Soak:
                             kind = re.sub(r"\d+(\.\d+)?", "N", _IDS.sub("<id>", message))
                             kind = f"{level} {'manager' if directory.endswith(MANAGER_TYPE) else 'worker'}: {kind}"
                             kinds[kind] = kinds.get(kind, 0) + 1
-        return sorted(((n, printable(k, 200)) for k, n in kinds.items()), reverse=True)
+        return sorted(((n, _printable(k, 200)) for k, n in kinds.items()), reverse=True)
 
     # -- the report ------------------------------------------------------------------------
 
