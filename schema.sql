@@ -160,7 +160,7 @@ BEGIN
             'sslcrl', 'sslcrldir', 'sslsni', 'requirepeer', 'ssl_min_protocol_version', 'ssl_max_protocol_version',
             'min_protocol_version', 'max_protocol_version', 'krbsrvname', 'gsslib', 'gssdelegation', 'service',
             'target_session_attrs', 'load_balance_hosts', 'pooler') THEN
-        RETURN named || ' says where or as whom the worker connects, which only its config files say';
+        RETURN named || ' says where or as whom the worker connects, which only its config files say (a password: a secrets.conf)';
     ELSIF key ~* '(password|passwd|passphrase|secret|token|passfile|credential|private|auth|cert|dsn|'
                  '(^|[_.-])(api|access|signing|encryption)?keys?($|[_.-]))' THEN
         RETURN named || ' looks like a credential, which every operator could read here: put it in a secrets.conf';

@@ -451,7 +451,7 @@ def _refuse_desired_key(key: str, where: str) -> None:
         raise ConfigError(f"{where}: {key!r} is reserved: uniphant sets it")
     if key.lower().startswith("pg") or key.lower() in _CONNECTION_WORDS:
         raise ConfigError(f"{where}: {key!r} says where or as whom the worker connects, "
-                          f"which only its config files say")
+                          f"which only its config files say (a password: a secrets.conf)")
     _refuse_credential(key, where)
 
 

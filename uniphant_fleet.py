@@ -1018,7 +1018,7 @@ class _Verb(NamedTuple):
 
 VERBS: Dict[str, _Verb] = {
     "stop": _Verb("SELECT uniphant.remove_worker($1::uuid)::int", "SELECT uniphant.remove_workers($1)",
-                  "no such worker in workers: {}"),
+                  "no such worker: {}"),
     "restart": _Verb("SELECT uniphant.restart_worker($1::uuid)::int", "SELECT uniphant.restart_workers($1)",
                      "no running, done or backing-off worker {}"),
     "pause": _Verb("SELECT uniphant.pause_worker($1::uuid)::int", "SELECT uniphant.pause_workers($1)",
@@ -1082,7 +1082,7 @@ def set_settings(connection, worker_id: str, words: List[str], replace: bool = F
     if any(not isinstance(key, str) or not key for key in unset):
         raise UsageError("--unset takes a setting's KEY")
     if not query_row(connection, _SET_SQL, (worker_id, new, list(unset), replace))[0]:
-        raise Refused(f"no such worker in workers: {worker_id}")
+        raise Refused(f"no such worker: {worker_id}")
     return f"set: worker {worker_id} restarts with its new settings"
 
 
