@@ -4,11 +4,11 @@
 -- own the objects.  Loading it again, or over an older release, is safe and
 -- keeps every row and every grant; a release that kept its objects in
 -- `public` is moved here whole.  Then give each role its part with one call
--- (README, "Database privileges"):
+-- (docs/trust-model.md, "Database privileges"):
 --
 --     SELECT uniphant.grant_role('app_worker', 'worker');
 --
--- Trust (README, "Trust model"): the API functions are SECURITY DEFINER and
+-- Trust (docs/trust-model.md, "Trust model"): the API functions are SECURITY DEFINER and
 -- run with search_path = pg_catalog, pg_temp, naming each object of ours with
 -- its schema, so nothing another role creates in `public` (or anywhere) can
 -- take their place.  This file runs under the same path for the same reason.
@@ -103,7 +103,7 @@ $$;
 CREATE OR REPLACE FUNCTION uniphant.schema_version() RETURNS integer
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS 'SELECT 4';
 
--- The generation of the server a session reached (README, "PostgreSQL high
+-- The generation of the server a session reached (docs/high-availability.md, "PostgreSQL high
 -- availability"), so that a process can refuse an old primary that comes back
 -- writable after a failover: the cluster's system identifier (the same on a
 -- primary and on every standby cloned from it) and the server's current
@@ -130,7 +130,7 @@ $$;
 
 -- What is wrong with one of a desired worker's settings, or NULL.  Settings
 -- describe what a worker does, never where or as whom it connects, nor which
--- process is which (README, "Trust model"): refused are the keys uniphant
+-- process is which (docs/trust-model.md, "Trust model"): refused are the keys uniphant
 -- sets itself (the reserved keys), every libpq connection key and every PG*
 -- environment name (in any case), `pooler`, and anything that looks like a
 -- credential, in its key or as a URI's password, which every operator could
@@ -674,7 +674,7 @@ CREATE TRIGGER processes_notify_stop AFTER DELETE ON uniphant.processes
     FOR EACH ROW EXECUTE FUNCTION uniphant.processes_notify_stop();
 
 -- ---------------------------------------------------------------------------
--- Fleet control (README, "The fleet"): what should run (workers), the managers
+-- Fleet control (docs/fleet.md, "The fleet"): what should run (workers), the managers
 -- that make it so, one per host, and what happened (worker_states).
 -- ---------------------------------------------------------------------------
 
@@ -1527,7 +1527,7 @@ $$;
 -- What each part may use: the one list of privileges.  A manager is a worker
 -- too; every part connects, and asks the server's generation as it does.  An
 -- operator reads every host and every manager that ever registered, so that a
--- manager that is down shows as such (README, "Seeing the fleet").
+-- manager that is down shows as such (docs/page.md, "Seeing the fleet").
 CREATE OR REPLACE FUNCTION uniphant.privileges_of(kind text) RETURNS text[]
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT array_agg(p.privilege ORDER BY p.n) FROM (VALUES

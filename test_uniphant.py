@@ -547,7 +547,7 @@ def register(conn, worker_id: str, host_id: str, stale_after: str = "5 seconds",
 # ===========================================================================
 # Configuration
 #
-# README, "Configuration": config files and secrets, runtime and connection settings as libpq reads
+# docs/configuration.md, "Configuration": config files and secrets, runtime and connection settings as libpq reads
 # them, and the host's identity.
 # ===========================================================================
 
@@ -800,7 +800,7 @@ def test_a_key_of_the_workers_own_is_not_taken_for_a_slip(project, db, worker_id
 # ===========================================================================
 # Signals
 #
-# README, "Signals": what each signal does to a worker, and descriptors.
+# docs/command-line.md, "Signals": what each signal does to a worker, and descriptors.
 # ===========================================================================
 
 def test_sighup_reopens_the_log_file_and_the_worker_runs_on(project, db, worker_id):
@@ -870,7 +870,7 @@ def test_worker_whose_connection_is_above_descriptor_1024_runs_and_stops(project
 # ===========================================================================
 # Command line
 #
-# README, "Command line": start, stop, restart and status, as a daemon and in the foreground; and
+# docs/command-line.md, "Command line": start, stop, restart and status, as a daemon and in the foreground; and
 # the waits the benchmark's figures rest on.
 # ===========================================================================
 
@@ -1413,7 +1413,7 @@ def test_a_worker_that_changes_its_configs_process_id_touches_no_other_row(proje
 # ===========================================================================
 # The SQL API
 #
-# README, "The SQL API": schema.sql, its functions, its upgrades, and what uniphant uses of pg8000.
+# docs/sql-api.md, "The SQL API": schema.sql, its functions, its upgrades, and what uniphant uses of pg8000.
 # ===========================================================================
 
 def test_schema_loads_twice_and_keeps_rows(cluster):
@@ -1589,7 +1589,7 @@ def test_register_process_refuses_a_staleness_above_a_day(db, worker_id):
 # ===========================================================================
 # One copy at a time
 #
-# README, "One copy at a time: the guarantee and its limits": the lease, its takeover rules, the
+# docs/sql-api.md, "One copy at a time: the guarantee and its limits": the lease, its takeover rules, the
 # watchdog, and who may act on a row.
 # ===========================================================================
 
@@ -1846,7 +1846,7 @@ def test_a_full_queue_of_the_workers_own_notifications_costs_no_queries(project,
 # ===========================================================================
 # Failure behaviour
 #
-# README, "Failure behaviour": crashes, outages, races and hostile input (pytest -m faults).
+# docs/failure-behaviour.md, "Failure behaviour": crashes, outages, races and hostile input (pytest -m faults).
 # ===========================================================================
 
 @pytest.mark.faults
@@ -2320,7 +2320,7 @@ def tcp_sockets(pid: int) -> list:
 # ===========================================================================
 # Restricted environments
 #
-# README, "Restricted environments": a read-only tree, logs on stdout only.
+# docs/configuration.md, "Restricted environments": a read-only tree, logs on stdout only.
 # ===========================================================================
 
 def tree(root: str) -> set:

@@ -57,14 +57,14 @@ if TYPE_CHECKING:
 
 __version__ = "0.3.0"
 
-# The supported API (README, "Python API"): what a worker script uses, and the
+# The supported API (docs/python-api.md, "Python API"): what a worker script uses, and the
 # exceptions a caller may catch.
 __all__ = [
     "main", "alive", "connect_to_database", "setup_config", "setup_logging",
     "register_host", "register_process", "keepalive", "disconnect",
     "UniphantError", "ConfigError", "ConnectError", "AlreadyRunning",
 ]
-# The extension API (README, "Python API"): what a worker-shaped extension of
+# The extension API (docs/python-api.md, "Python API"): what a worker-shaped extension of
 # uniphant needs beyond __all__; the fleet (uniphant_fleet.py) and the page
 # (workers/uniphant/web.py) use nothing else of this file.
 EXTENSION_API = [
@@ -217,7 +217,7 @@ def _choice(choices: Tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 
 # Each check returns the value to store, or raises ValueError saying what is wrong.
 # The runtime keys: their defaults and their checks; config files hold them as
-# text, `config` as checked values.  Six are the manager's (README, "The
+# text, `config` as checked values.  Six are the manager's (docs/fleet.md, "The
 # fleet"), `restart` is a worker type's ("Changing the fleet").
 _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
     "log_level": ("INFO", _choice(LOG_LEVELS, str.upper)),
@@ -239,7 +239,7 @@ _RUNTIME_KEYS: Dict[str, Tuple[Any, Callable[[str], Any]]] = {
 }
 RUNTIME_DEFAULTS: Dict[str, Any] = {key: default for key, (default, _) in _RUNTIME_KEYS.items()}
 
-# The connection keys uniphant checks; their defaults are libpq's (README, "Configuration").
+# The connection keys uniphant checks; their defaults are libpq's (docs/configuration.md, "Configuration").
 _CONNECTION_CHECKS: Dict[str, Callable[[str], Any]] = {
     "PGPORT": _port_list,
     "PGCONNECT_TIMEOUT": _connect_timeout,
@@ -487,7 +487,7 @@ def read_config_files(config: Config, warnings: Optional[List[str]] = None,
     return _settings(config_sources(config, desired), warnings)
 
 
-# Where an operator's settings live (README, "Operators' settings"), unless
+# Where an operator's settings live (docs/install.md, "Operators' settings"), unless
 # UNIPHANT_OPERATOR_CONF names another file: no worker reads it.
 OPERATOR_CONF = os.path.join("~", ".uniphant", "operator.conf")
 
@@ -738,7 +738,7 @@ def get_or_create_host_id(lock_file: str, host_id_file: str) -> str:
 
 # The newest server generation (timeline) this host has seen of each PostgreSQL
 # cluster (system identifier), one "<system identifier> <timeline>" line each,
-# in the state directory next to .host_id (README, "PostgreSQL high availability").
+# in the state directory next to .host_id (docs/high-availability.md, "PostgreSQL high availability").
 GENERATION_FILE = ".server_generation"
 
 
@@ -831,11 +831,11 @@ class _Signals:
         self.wakeup_fd: Optional[int] = None   # readable when a signal arrived
         self.parent_fd: Optional[int] = None   # a pidfd of the parent (foreground): readable when it exits
         self.poll_parent = False               # foreground without pidfds: look every _PARENT_POLL
-        self.handover: Optional[str] = None    # the worker function's handover signal (README, "Hooks")
+        self.handover: Optional[str] = None    # the worker function's handover signal (docs/python-api.md, "Hooks")
 
 
 class _Lease:
-    """The process row, held as a lease (README, "One copy at a time"): when to
+    """The process row, held as a lease (docs/sql-api.md, "One copy at a time"): when to
     renew it, and when it was last confirmed."""
 
     def __init__(self) -> None:
@@ -1950,7 +1950,7 @@ def _remove_row(config: Config, patience: float, leave: str = _LEAVE) -> bool:
 
 
 # What each catchable signal whose default action ends a process does to a
-# worker (README, "Signals").  Faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS)
+# worker (docs/command-line.md, "Signals").  Faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS)
 # keep their default: a process that got a real one cannot run on.
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGXCPU", "SIGPWR")
 _REOPEN_SIGNAL = "SIGHUP"
@@ -2245,7 +2245,7 @@ def _register(config: Config, connection, worker_function: WorkerFunction) -> No
 class _Watchdog:
     """Ends the process when it loses its database session while the worker
     function runs and cannot confirm its row before another host may take the
-    worker over (README, "One copy at a time").
+    worker over (docs/sql-api.md, "One copy at a time").
 
     A thread, since the worker function may be anywhere (asleep, computing, in a
     C call).  It never touches the connection's protocol: it polls the socket
@@ -2600,7 +2600,7 @@ def _serve(config: Config, worker_config: Config, connection, worker_function: W
            logger: logging.Logger) -> Ending:
     """Call the worker function until it must stop; return why.
 
-    It is called every interval, or, if it has a wakeup hook (README, "Hooks"),
+    It is called every interval, or, if it has a wakeup hook (docs/python-api.md, "Hooks"),
     whenever that says.  The schedule lives in the runtime state, so a
     reconnect does not bring the next call forward.
     """
@@ -2952,7 +2952,7 @@ def _parse_arguments(prog: str, argv: List[str], one_per_host: bool = False) -> 
 
 
 def _one_per_host_id(config: Config, create: bool) -> Optional[str]:
-    """The worker id of a worker that runs once per host (README, "Hooks"): derived
+    """The worker id of a worker that runs once per host (docs/python-api.md, "Hooks"): derived
     from this host's id and the worker type, so that no one has to choose one.
     None where the host has no id yet, and create is false."""
     import uuid

@@ -3,7 +3,7 @@ asks of it, and the operators' commands (`python uniphant.py ps|add|scale|...`).
 
 It stands on the runtime, uniphant.py, through its declared names only, and
 lives beside it: a project that runs workers by hand needs only uniphant.py;
-one that runs a fleet copies this file too (README, "Install").
+one that runs a fleet copies this file too (docs/install.md, "Install").
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ _ROLL_LOOK = 0.5
 # planner writes), and the moves between them, written down as supervisor
 # writes down its process states.  None: the manager has forgotten the worker.
 STARTING, RUNNING, BACKOFF, MOVING = "starting", "running", "backoff", "moving"
-PAUSED, DONE = "paused", "done"  # held: not started (README, "Changing the fleet")
+PAUSED, DONE = "paused", "done"  # held: not started (docs/changing-the-fleet.md, "Changing the fleet")
 SLOT_STATES = (STARTING, RUNNING, BACKOFF, MOVING, PAUSED, DONE)
 _MOVES: Dict[Optional[str], Tuple[Optional[str], ...]] = {
     None: (STARTING,),                                       # placed here
@@ -906,12 +906,12 @@ def _become_worker(script: str, worker_id: str, report_fd: int, settings: str, n
 
 
 def manage(config: Config, logger: logging.Logger, connection) -> None:
-    """The manager (README, "The fleet"), a worker function: one pass of making this
+    """The manager (docs/fleet.md, "The fleet"), a worker function: one pass of making this
     host run what the `workers` table asks of it, supervising those workers, and
     recording what happened.
 
     Run it as the worker function of a script (workers/uniphant/manager.py).
-    Its hooks (README, "Hooks") take the project root's manager lock and
+    Its hooks (docs/python-api.md, "Hooks") take the project root's manager lock and
     register the host's manager (prepare), say when the next pass is due
     (wakeup), and stop every worker it runs when the manager stops (teardown).
     Its state outlives a lost connection: after a reconnect it carries on.
@@ -993,7 +993,7 @@ def checked_count(value: Any, low: int, high: int, what: str) -> int:
 
 def settings_of(words: List[str]) -> str:
     """The JSON object of KEY=VALUE words; the database checks it, by the rule it
-    holds every desired worker's settings to (README, "Per-worker settings")."""
+    holds every desired worker's settings to (docs/changing-the-fleet.md, "Per-worker settings")."""
     import json
 
     settings: Dict[str, str] = {}

@@ -1,5 +1,5 @@
 """The changes benchmark: how the fleet takes a rolling restart and a manager
-upgrade (README, "Changing the fleet").
+upgrade (docs/changing-the-fleet.md, "Changing the fleet").
 
 Against a durable throwaway PostgreSQL (as bench/fleet.py), it measures, over
 --runs runs each:

@@ -1,4 +1,4 @@
-"""README, "Changing the fleet": rolling restarts, per-worker settings, pause,
+"""docs/changing-the-fleet.md, "Changing the fleet": rolling restarts, per-worker settings, pause,
 restart policies, a manager upgrade that keeps its workers, and deploying new
 worker code."""
 

@@ -1,6 +1,6 @@
 """The first hour of an operator: settings of their own, mistakes that show where
 they look, a restart that skips a backoff, settings changed key by key, and
-output that stays quiet and narrow (README, "Changing the fleet", "Operators'
+output that stays quiet and narrow (docs/changing-the-fleet.md, "Changing the fleet", "Operators'
 settings")."""
 
 from __future__ import annotations

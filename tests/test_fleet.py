@@ -1,4 +1,4 @@
-"""README, "The fleet": desired state in SQL, a manager per host that makes it
+"""docs/fleet.md, "The fleet": desired state in SQL, a manager per host that makes it
 so, and the ops command.  Each test has a database of its own, so that the
 managers of one test never see the workers of another; project roots play hosts.
 """

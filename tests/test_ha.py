@@ -1,4 +1,4 @@
-"""PostgreSQL high availability (README, "PostgreSQL high availability"): a primary
+"""PostgreSQL high availability (docs/high-availability.md, "PostgreSQL high availability"): a primary
 and a streaming standby made with pg_basebackup, both real servers of the test's
 own (dev/pgserver.py), one test per promise.
 

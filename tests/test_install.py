@@ -208,7 +208,7 @@ def test_the_schema_owner_needs_no_superuser(tmp_path, cluster):
 
 
 def test_the_privileges_sql_runs_as_typed_with_a_non_superuser_owner(cluster):
-    """README, "Database privileges": the block marked for a role with CREATEROLE
+    """docs/trust-model.md, "Database privileges": the block marked for a role with CREATEROLE
     runs as one, every other block as the owner the README recommends, which has
     neither SUPERUSER nor CREATEROLE."""
     suffix = uuid.uuid4().hex[:8]

@@ -1,4 +1,4 @@
-"""The layers (README, "Python API"): the fleet and the page stand on the
+"""The layers (docs/python-api.md, "Python API"): the fleet and the page stand on the
 runtime through its declared names only, and the runtime never imports them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""README, "Behind PgBouncer (transaction mode)": a fleet larger than the
+"""docs/pgbouncer.md, "Behind PgBouncer (transaction mode)": a fleet larger than the
 server's max_connections, through a pool."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""README, "Seeing the fleet": the page that workers/uniphant/web.py serves, run
+"""docs/page.md, "Seeing the fleet": the page that workers/uniphant/web.py serves, run
 by a manager as README's layout has it, in a real browser (headless Chromium);
 its safety rules; and its metrics, read by Prometheus' own parser."""
 

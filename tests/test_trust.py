@@ -1,4 +1,4 @@
-"""The trust model (README, "Trust model"): the database is input, not authority.
+"""The trust model (docs/trust-model.md, "Trust model"): the database is input, not authority.
 
 No row, from any role, makes a manager act on a process it did not fork or
 find holding a worker's PID-file lock in its own root; no role gains a

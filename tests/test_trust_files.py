@@ -1,4 +1,4 @@
-"""The files of a project root that uniphant reads back (README, "Trust model"):
+"""The files of a project root that uniphant reads back (docs/trust-model.md, "Trust model"):
 the host's `.server_generation`, whatever happens to it, never stops a process
 nor makes the host forget a failover; `logs` reads a worker's log as the page
 does, never through a symlink or a FIFO, and in bounded memory."""

@@ -1,4 +1,4 @@
-"""The trust model (README, "Trust model"): what a worker role's rows can hold.
+"""The trust model (docs/trust-model.md, "Trust model"): what a worker role's rows can hold.
 
 A worker role marks done only a worker that its host's manager started as the
 calling process; the server bounds every lease it grants; a session holds at

@@ -1,4 +1,4 @@
-"""The manager at the seams of the trust model (README, "Trust model" and "The
+"""The manager at the seams of the trust model (docs/trust-model.md, "Trust model" and "The
 fleet"): notifications are hints that cost a bounded number of plans, a row
 of a host with a live manager is a running copy only once that manager has
 found its PID holding the worker's PID-file lock, a worker run by hand keeps

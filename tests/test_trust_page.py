@@ -1,4 +1,4 @@
-"""README, "Seeing the fleet" and "Trust model": the page stays up, and stays
+"""docs/page.md, "Seeing the fleet" and "Trust model": the page stays up, and stays
 bounded, whatever its clients do and whatever the tables hold: it answers only
 its own host names, outlives a lost server, many slow clients and clients that
 go away, and tells a browser it refused why."""

@@ -1,4 +1,4 @@
-"""README, "Trust model": what an operator writes in a desired row is the
+"""docs/trust-model.md, "Trust model": what an operator writes in a desired row is the
 worker's data, never its connection, its identity or another worker's fate.
 Settings describe what a worker does, never where or as whom it connects; one
 rule, in SQL, checks them; a row no reader can decode fails its worker only;

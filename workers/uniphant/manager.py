@@ -1,4 +1,4 @@
-"""The fleet manager of this project root (README, "The fleet").
+"""The fleet manager of this project root (docs/fleet.md, "The fleet").
 
     python workers/uniphant/manager.py start       # also stop, status, restart; start -f under systemd
 
@@ -10,7 +10,7 @@ per project root: its worker id comes from the root's host id (or give one).
 import os
 import sys
 
-# A vendored uniphant.py lies in the project root, two directories up (README, "Install").
+# A vendored uniphant.py lies in the project root, two directories up (docs/install.md, "Install").
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from uniphant import main  # noqa: E402

@@ -1,4 +1,4 @@
-"""The fleet's web page and Prometheus metrics (README, "Seeing the fleet").
+"""The fleet's web page and Prometheus metrics (docs/page.md, "Seeing the fleet").
 
     python uniphant.py add uniphant.web --host here     # run by this host's manager
     python -m workers.uniphant.web <uuid> start -f       # or by hand, from the project root
@@ -39,7 +39,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple, TypeVar
 
-# A vendored uniphant.py lies in the project root, two directories up (README, "Install").
+# A vendored uniphant.py lies in the project root, two directories up (docs/install.md, "Install").
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import uniphant  # noqa: E402
@@ -181,7 +181,7 @@ _ROLE_SQL = ("SELECT current_user::text, rolsuper, "
 
 def _check_role(connection) -> str:
     """The database's name, once the page's role is found to be an operator's and
-    nothing more: never a superuser's, never a manager's (README, "Seeing the fleet")."""
+    nothing more: never a superuser's, never a manager's (docs/page.md, "Seeing the fleet")."""
     cursor = connection.cursor()
     cursor.execute(_ROLE_SQL)
     role, superuser, manager, operator, database = cursor.fetchone()
