@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import uuid
-from typing import Dict, List
+from typing import Any, Dict, Iterator, List, NamedTuple
 
 import pytest
 
@@ -392,12 +392,22 @@ def pid_of(server: pgserver.Server, worker: str):
     return value(server, "SELECT pid FROM uniphant.processes WHERE worker_id = %s::uuid", worker)
 
 
-@pytest.mark.faults
-def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_twice(projects):
-    """The split brain of a failover without fencing: the primary fails, the standby is
-    promoted, the old primary comes back writable (on its old timeline), and a
-    manager's session on the new primary is terminated, then every session, so
-    that each process reconnects with the old primary first in PGHOST."""
+class SplitBrain(NamedTuple):
+    """A failover without fencing, as unfenced_failover() leaves it."""
+    old: pgserver.Server
+    new: pgserver.Server
+    managers: Dict[Project, str]  # each host's project: its manager's worker id
+    workers: List[str]
+    restarted: Any  # when the old primary came back
+
+
+@contextlib.contextmanager
+def unfenced_failover(projects) -> Iterator[SplitBrain]:
+    """Two hosts' managers and six workers on a primary that fails; its standby
+    promoted, the fleet moved there; the old primary back writable on its old
+    timeline, every row there an hour stale, so that nothing but the timeline
+    keeps a manager from placing the workers there again, or a worker from
+    registering."""
     with own_pair() as (old, new):
         conf = f"stale_after={MANAGER_STALE_AFTER}\ninterval=0.2\n"
         first, second = projects("host1", old, new, conf=conf), projects("host2", old, new, conf=conf)
@@ -412,10 +422,31 @@ def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_t
         wait_for(lambda: live_sessions(new) == 8, timeout=30, what="the fleet on the new primary")
         old.start()
         restarted = value(old, "SELECT pg_postmaster_start_time()")
-        # The old primary comes back an hour later: every row there is stale, so
-        # nothing stops a manager from placing the workers again, nor a worker from
-        # registering.
         value(old, "UPDATE uniphant.processes SET heartbeat_at = heartbeat_at - interval '1 hour'")
+        yield SplitBrain(old, new, managers, workers, restarted)
+
+
+def assert_nothing_ran_on_the_old_primary_and_one_copy_at_a_time(failover: SplitBrain) -> None:
+    """No call and no process row on the old primary since it came back, and no
+    worker id ever had two processes at work at once, on either server."""
+    old, new, restarted = failover.old, failover.new, failover.restarted
+    assert value(old, "SELECT count(*) FROM calls WHERE at >= %s", restarted) == 0
+    assert value(old, "SELECT count(*) FROM uniphant.processes WHERE heartbeat_at >= %s OR started_at >= %s",
+                 restarted, restarted) == 0
+    calls = set(rows(old, "SELECT worker_id::text, pid, at FROM calls"))
+    calls |= set(rows(new, "SELECT worker_id::text, pid, at FROM calls"))
+    assert_one_copy_at_a_time(calls)
+
+
+@pytest.mark.faults
+def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_twice(projects):
+    """The split brain of a failover without fencing: the primary fails, the standby is
+    promoted, the old primary comes back writable (on its old timeline), and a
+    manager's session on the new primary is terminated, then every session, so
+    that each process reconnects with the old primary first in PGHOST."""
+    with unfenced_failover(projects) as failover:
+        old, new, managers, workers = failover.old, failover.new, failover.managers, failover.workers
+        first = next(iter(managers))
         refusal = (f"refused {where(old)}: an old primary: timeline 1, but timeline 2 of this cluster "
                    f"has been seen; fence it")
         # A manager's session ends: it reconnects, the old primary first in its list.
@@ -434,14 +465,7 @@ def test_an_old_primary_that_comes_back_writable_is_refused_and_no_worker_runs_t
         for w in workers:
             logs = [p.log(w, "test.recorder") for p in managers]
             assert any(refusal in log.partition("lost the database connection")[2] for log in logs), logs
-        # Nothing ran on the old primary since it came back ...
-        assert value(old, "SELECT count(*) FROM calls WHERE at >= %s", restarted) == 0
-        assert value(old, "SELECT count(*) FROM uniphant.processes WHERE heartbeat_at >= %s OR started_at >= %s",
-                     restarted, restarted) == 0
-        # ... and no worker id ever had two processes at work at once, on either server.
-        calls = set(rows(old, "SELECT worker_id::text, pid, at FROM calls"))
-        calls |= set(rows(new, "SELECT worker_id::text, pid, at FROM calls"))
-        assert_one_copy_at_a_time(calls)
+        assert_nothing_ran_on_the_old_primary_and_one_copy_at_a_time(failover)
         for w in workers:
             holders = [p.running_pid(w, "test.recorder") for p in managers]
             assert len([h for h in holders if h]) <= 1, holders

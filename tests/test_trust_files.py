@@ -17,8 +17,8 @@ from conftest import REPO, host_of, running, with_manager
 from test_uniphant import start_daemon
 from test_uniphant import read_until, wait_for
 from test_ha import projects  # noqa: F401  (a fixture)
-from test_ha import (MANAGER_STALE_AFTER, assert_one_copy_at_a_time, at_work, live_sessions, own_pair, pid_of, rows,
-                     value)
+from test_ha import (assert_nothing_ran_on_the_old_primary_and_one_copy_at_a_time, at_work, live_sessions, pid_of,
+                     unfenced_failover, value)
 
 
 def contents(path: str):
@@ -76,21 +76,9 @@ def test_an_unfenced_failover_is_remembered_when_the_generation_file_is_lost_and
     host's file is unusable knows the new timeline from the manager; the file
     removed is written back by the running processes; a manager then restarted
     refuses the old primary.  Nothing runs there, no worker runs twice."""
-    with own_pair() as (old, new):
-        conf = f"stale_after={MANAGER_STALE_AFTER}\ninterval=0.2\n"
-        first, second = projects("host1", old, new, conf=conf), projects("host2", old, new, conf=conf)
-        managers = {first: with_manager(first), second: with_manager(second)}
-        value(old, "SELECT uniphant.scale('test.recorder', 6)")
-        wait_for(lambda: value(old, "SELECT count(*) FROM uniphant.fleet WHERE state = 'running' "
-                                    "AND worker_type = 'test.recorder'") == 6, timeout=30, what="six workers")
-        workers = [str(w) for (w,) in rows(old, "SELECT worker_id FROM uniphant.workers")]
-        new.wait_for_replay(old)
-        old.stop("immediate")
-        new.promote()
-        wait_for(lambda: live_sessions(new) == 8, timeout=30, what="the fleet on the new primary")
-        old.start()
-        restarted = value(old, "SELECT pg_postmaster_start_time()")
-        value(old, "UPDATE uniphant.processes SET heartbeat_at = heartbeat_at - interval '1 hour'")
+    with unfenced_failover(projects) as failover:
+        new, managers, workers = failover.new, failover.managers, failover.workers
+        first = next(iter(managers))
         system = value(new, "SELECT system_identifier FROM uniphant.server_generation()")
         generation_file = first.path(".server_generation")
         # The file unusable (a directory, which no process can write back): a
@@ -111,12 +99,7 @@ def test_an_unfenced_failover_is_remembered_when_the_generation_file_is_lost_and
         with_manager(first)
         wait_for(lambda: live_sessions(new) == 8, timeout=30, what="the host's workers back on the new primary")
         wait_for(lambda: at_work(new, workers, split, calls=3), timeout=30, what="every worker at work")
-        assert value(old, "SELECT count(*) FROM calls WHERE at >= %s", restarted) == 0
-        assert value(old, "SELECT count(*) FROM uniphant.processes WHERE heartbeat_at >= %s OR started_at >= %s",
-                     restarted, restarted) == 0
-        calls = set(rows(old, "SELECT worker_id::text, pid, at FROM calls"))
-        calls |= set(rows(new, "SELECT worker_id::text, pid, at FROM calls"))
-        assert_one_copy_at_a_time(calls)
+        assert_nothing_ran_on_the_old_primary_and_one_copy_at_a_time(failover)
 
 
 def follow_log(project, worker: str) -> subprocess.Popen:
